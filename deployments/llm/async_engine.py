@@ -1,0 +1,149 @@
+"""Runs an LLMEngine on its own thread and streams each request's chunks to asyncio.
+
+The replica's event loop never runs the model: requests and aborts go into an inbox the engine
+thread drains between steps, and each step's outputs come back with one call_soon_threadsafe.
+A consumer that falls behind gets the queued chunks merged into one (fewer Ray messages per token).
+A stream that is closed early (client gone) aborts its sequences at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from typing import AsyncIterator
+
+from deployments.errors import OverloadedError
+from deployments.llm.engine import EngineRequest, LLMEngine
+from deployments.types import ChoiceDelta, GenerateChunk
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, *, max_in_flight_seqs: int, stream_interval_s: float = 0.0):
+        self.engine = engine
+        self.max_in_flight_seqs = max_in_flight_seqs
+        self.stream_interval_s = stream_interval_s
+        self._in_flight_seqs = 0
+        self._inbox: deque = deque()
+        self._wakeup = threading.Event()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_in_flight_seqs(self) -> int:
+        return self._in_flight_seqs
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[GenerateChunk]:
+        nseqs = len(req.prompts) * req.params.n
+        if self._in_flight_seqs + nseqs > self.max_in_flight_seqs:
+            raise OverloadedError("Too many requests are queued for this model; retry shortly.")
+        if not self.is_alive():
+            raise EngineDeadError("engine thread is not running")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[req.request_id] = (asyncio.get_running_loop(), queue)
+        self._in_flight_seqs += nseqs
+        self._post(("add", req))
+        done = False
+        try:
+            while not done:
+                chunk = await self._next(queue)
+                done = chunk.usage is not None
+                yield chunk
+        finally:
+            self._in_flight_seqs -= nseqs
+            self._queues.pop(req.request_id, None)
+            if not done:
+                self._post(("abort", req.request_id))
+
+    async def _next(self, queue: asyncio.Queue) -> GenerateChunk:
+        items = [await queue.get()]
+        if self.stream_interval_s > 0 and not _is_last(items[-1]):
+            await asyncio.sleep(self.stream_interval_s)
+        while not queue.empty() and not _is_last(items[-1]):
+            items.append(queue.get_nowait())
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+        return merge_chunks(items)
+
+    def _post(self, msg) -> None:
+        self._inbox.append(msg)
+        self._wakeup.set()
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        while True:
+            self._drain_inbox()
+            if not self.engine.has_work():
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a bug or device failure: fail the requests, keep serving
+                logger.exception("engine step failed; failing the requests in flight")
+                self._fail_all(exc)
+                continue
+            self._deliver([(req.request_id, chunk) for req, chunk in outputs])
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            op, arg = self._inbox.popleft()
+            if op == "add":
+                self.engine.add(arg)
+            else:
+                self.engine.abort(arg)
+
+    def _deliver(self, items) -> None:
+        by_loop: dict = {}
+        for rid, chunk in items:
+            target = self._queues.get(rid)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], chunk))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
+
+    def _fail_all(self, exc: Exception) -> None:
+        rids = list(self.engine.requests)
+        for rid in rids:
+            self.engine.abort(rid)
+        self._deliver([(rid, exc) for rid in rids])
+
+
+def _put_all(batch) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
+
+
+def _is_last(item) -> bool:
+    return isinstance(item, BaseException) or item.usage is not None
+
+
+def merge_chunks(chunks: list[GenerateChunk]) -> GenerateChunk:
+    """Joins consecutive chunks of one request: per choice, texts concatenate and logprobs extend."""
+    if len(chunks) == 1:
+        return chunks[0]
+    merged: dict[int, ChoiceDelta] = {}
+    for chunk in chunks:
+        for d in chunk.choices:
+            m = merged.get(d.index)
+            if m is None:
+                merged[d.index] = ChoiceDelta(d.index, d.text, list(d.logprobs) if d.logprobs is not None else None,
+                                              d.finish_reason, d.tool_calls)
+                continue
+            m.text += d.text
+            if d.logprobs is not None:
+                m.logprobs = (m.logprobs or []) + d.logprobs
+            m.finish_reason = d.finish_reason or m.finish_reason
+    return GenerateChunk(sorted(merged.values(), key=lambda d: d.index), chunks[-1].usage)

@@ -1,0 +1,23 @@
+"""Builds the real engine for a chat model config: device, dtype, weights, engine thread."""
+from __future__ import annotations
+
+from deployments.config import ChatModelConfig
+from deployments.llm.async_engine import AsyncLLMEngine
+from deployments.llm.engine import LLMEngine
+from deployments.llm.loader import load_causal_lm
+from deployments.torch_utils import pick_device, pick_dtype, set_threads
+
+
+def build_async_engine(cfg: ChatModelConfig):
+    """Returns (AsyncLLMEngine, tokenizer, max_model_len)."""
+    e = cfg.engine
+    set_threads(e.num_threads)
+    device = pick_device(e.device)
+    model, tokenizer = load_causal_lm(cfg.source, e, device, pick_dtype(e.dtype, device))
+    model_limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    max_model_len = min(e.max_model_len or model_limit, model_limit)
+    engine = LLMEngine(model, tokenizer, max_model_len=max_model_len, max_num_seqs=e.max_num_seqs,
+                       max_num_batched_tokens=e.max_num_batched_tokens)
+    async_engine = AsyncLLMEngine(engine, max_in_flight_seqs=e.max_num_seqs + e.max_waiting,
+                                  stream_interval_s=e.stream_interval_ms / 1000)
+    return async_engine, tokenizer, max_model_len

@@ -1,0 +1,79 @@
+"""Load a causal LM and its tokenizer from a resolved source.
+
+GGUF checkpoints are dequantized once by transformers (slow, ~16 s for SmolLM2-135M) and cached
+as safetensors (reload < 1 s). The cache is written to a temp folder and renamed into place,
+so replicas starting together never read a half-written copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from deployments.config import LLMEngineConfig
+from deployments.sources import ResolvedSource, resolve_source
+
+logger = logging.getLogger(__name__)
+
+
+def cache_root(cfg_dir: str | None) -> str:
+    return cfg_dir or os.environ.get("MODELHUB_CACHE") or os.path.expanduser("~/.cache/modelhub")
+
+
+def load_causal_lm(source: str, cfg: LLMEngineConfig, device: torch.device, dtype: torch.dtype):
+    """Returns (model, tokenizer), the model in eval mode on `device`."""
+    resolved = resolve_source(source)
+    if resolved.kind == "builtin":
+        raise ValueError(f"no builtin chat model named {resolved.path!r}")
+    path = dequantized_copy(resolved, cache_root(cfg.cache_dir)) if resolved.kind == "gguf" else resolved.path
+    kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision and resolved.kind == "hub":
+        kw["revision"] = cfg.revision
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device).eval()
+    if cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template
+    return model, tokenizer
+
+
+def dequantized_copy(resolved: ResolvedSource, root: str) -> str:
+    """Path of a safetensors copy of a GGUF checkpoint, made on first use."""
+    gguf = os.path.join(resolved.path, resolved.gguf_file)
+    st = os.stat(gguf)
+    key = hashlib.sha256(f"{os.path.realpath(gguf)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    dest = os.path.join(root, f"{os.path.splitext(resolved.gguf_file)[0]}-{key}")
+    if os.path.isfile(os.path.join(dest, "config.json")):
+        return dest
+    logger.info("dequantizing %s once into %s", gguf, dest)
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-")
+    try:
+        _write_dequantized(resolved, tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another replica won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _write_dequantized(resolved: ResolvedSource, out: str) -> None:
+    kw = {"gguf_file": resolved.gguf_file}
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kw)
+    quantized = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32, **kw)
+    config = AutoConfig.from_pretrained(resolved.path, **kw)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=False)
+    model.generation_config = quantized.generation_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

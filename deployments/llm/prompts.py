@@ -1,0 +1,112 @@
+"""Chat prompts: render OpenAI messages with the model's chat template, and tool calling.
+
+Tools are offered in the Hermes format (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`)
+that most open chat models are trained on: through the template when it knows `tools`, else as a
+system message. `tool_choice` takes effect by forcing the start of the reply: "required" forces a
+tool call, a named function forces that function. Replies are parsed back into `tool_calls`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any, Optional
+
+from deployments.errors import InvalidRequestError
+from deployments.types import ToolCall, ToolSpec
+
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: Optional[ToolSpec]) -> tuple[str, str]:
+    """Returns (prompt text, forced reply prefix). The prefix is part of the prompt and of the reply."""
+    template = tokenizer.chat_template or ""
+    if not template:
+        raise InvalidRequestError("This model has no chat template; use /v1/completions instead.", param="model")
+    messages = [_plain_message(m, native_tools=tools is not None and "tools" in template) for m in messages]
+    kwargs: dict[str, Any] = {}
+    if tools is not None:
+        if "tools" in template:
+            kwargs["tools"] = tools.tools
+        else:
+            messages = _with_tool_system_prompt(messages, tools.tools)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    except Exception as exc:  # jinja raises for message orders the template forbids
+        raise InvalidRequestError(f"The messages do not fit this model's chat template: {_short(exc)}",
+                                  param="messages") from None
+    prefix = _forced_prefix(tools)
+    return text + prefix, prefix
+
+
+def parse_tool_calls(text: str) -> tuple[Optional[str], list[ToolCall]]:
+    """Splits a reply into (content, tool calls). A block that is not valid JSON stays content."""
+    calls, spans = [], []
+    for match in _TOOL_CALL.finditer(text):
+        try:
+            obj = json.loads(match.group(1))
+            name, args = obj["name"], obj.get("arguments", obj.get("parameters", {}))
+        except (ValueError, KeyError, TypeError):
+            continue
+        if not isinstance(name, str):
+            continue
+        arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        calls.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, arguments))
+        spans.append(match.span())
+    if not calls:
+        return text, []
+    rest = "".join(text[a:b] for a, b in zip([0] + [e for _, e in spans], [s for s, _ in spans] + [len(text)]))
+    return (rest.strip() or None), calls
+
+
+def _forced_prefix(tools: Optional[ToolSpec]) -> str:
+    if tools is None or tools.choice == "auto":
+        return ""
+    if tools.choice == "required":
+        return '<tool_call>\n{"name": "'
+    return '<tool_call>\n{"name": ' + json.dumps(tools.choice) + ', "arguments": '
+
+
+def _with_tool_system_prompt(messages: list[dict], tools: list[dict]) -> list[dict]:
+    listing = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+    text = ("You may call one or more functions to help with the user query. The functions are:\n"
+            f"<tools>\n{listing}\n</tools>\n"
+            "To call a function, reply with a JSON object with its name and arguments inside "
+            '<tool_call></tool_call> tags, for example:\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>')
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}] + messages[1:]
+    return [{"role": "system", "content": text}] + messages
+
+
+def _plain_message(msg: dict[str, Any], native_tools: bool) -> dict[str, Any]:
+    """OpenAI message -> template message: text parts joined, tool calls kept or written out."""
+    role = "system" if msg["role"] == "developer" else msg["role"]
+    content = msg.get("content")
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content)
+    out: dict[str, Any] = {"role": role, "content": content or ""}
+    calls = msg.get("tool_calls") or []
+    if calls and native_tools:
+        out["tool_calls"] = [{"type": "function", "function": {
+            "name": c["function"]["name"], "arguments": _json_or_text(c["function"]["arguments"])}} for c in calls]
+    elif calls:
+        out["content"] += "".join(
+            "<tool_call>\n" + json.dumps({"name": c["function"]["name"],
+                                          "arguments": _json_or_text(c["function"]["arguments"])}) + "\n</tool_call>"
+            for c in calls)
+    if role == "tool" and not native_tools:
+        out = {"role": "tool", "content": f"<tool_response>\n{out['content']}\n</tool_response>"}
+    elif role == "tool":
+        out["tool_call_id"] = msg.get("tool_call_id")
+    return out
+
+
+def _json_or_text(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except ValueError:
+        return s
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

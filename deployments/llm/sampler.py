@@ -1,0 +1,92 @@
+"""Per-row sampling vectorised over the batch.
+
+Order, as in OpenAI/vLLM: logit_bias, presence/frequency penalties (over the sequence's output
+tokens), temperature, top_p, then a draw. Draws use the exponential-race trick
+(argmax p / E, E ~ Exp(1)); a seeded sequence draws E from its own generator, so its output does
+not depend on its batch mates. temperature == 0 is greedy.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from deployments.llm.sequence import Sequence
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.vocab_size = vocab_size
+        self.device = device
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """logits [B, V] (float32) for the next token of each sequence -> token ids [B]."""
+        logits = logits[:, : self.vocab_size].float()
+        self._apply_bias(logits, seqs)
+        self._apply_penalties(logits, seqs)
+        temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device)
+        greedy = temps == 0
+        if bool(greedy.all()):
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / temps.clamp(min=1e-5).unsqueeze(1), dim=-1)
+        top_p = [s.params.top_p for s in seqs]
+        if any(p < 1.0 for p in top_p):
+            probs = _top_p(probs, torch.tensor(top_p, device=logits.device))
+        noise = self._exponential(seqs, probs.shape)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    def _apply_bias(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        for row, s in enumerate(seqs):
+            if s.params.logit_bias:
+                ids = torch.tensor(list(s.params.logit_bias), device=logits.device)
+                vals = torch.tensor(list(s.params.logit_bias.values()), device=logits.device)
+                logits[row, ids] += vals
+                logits[row, ids[vals <= -100]] = float("-inf")   # -100 bans the token outright
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        rows = [i for i, s in enumerate(seqs)
+                if s.output_ids and (s.params.presence_penalty or s.params.frequency_penalty)]
+        if not rows:
+            return
+        counts = torch.zeros(len(rows), logits.shape[1], device=logits.device)
+        for k, row in enumerate(rows):
+            ids = torch.tensor(seqs[row].output_ids, device=logits.device)
+            counts[k].scatter_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))
+        freq = torch.tensor([seqs[r].params.frequency_penalty for r in rows], device=logits.device)
+        pres = torch.tensor([seqs[r].params.presence_penalty for r in rows], device=logits.device)
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] -= counts * freq.unsqueeze(1) + (counts > 0).float() * pres.unsqueeze(1)
+
+    def _exponential(self, seqs: list[Sequence], shape: torch.Size) -> torch.Tensor:
+        noise = torch.empty(shape, device=self.device).exponential_()
+        for row, s in enumerate(seqs):
+            if s.generator is not None:
+                noise[row] = torch.empty(shape[1], device=s.generator.device).exponential_(
+                    generator=s.generator).to(self.device)
+        return noise
+
+
+def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero out the tail beyond each row's nucleus (always keeping the most likely token)."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    outside = (sorted_p.cumsum(dim=-1) - sorted_p) > top_p.unsqueeze(1)
+    sorted_p = sorted_p.masked_fill(outside, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+
+
+def compute_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, Optional[tuple]]:
+    """Log-probabilities of the chosen tokens under the model (before sampling adjustments),
+    plus the top-k alternatives when k > 0."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return chosen, (logp.topk(k, dim=-1) if k > 0 else None)
+
+
+def make_generator(seed: Optional[int], device: torch.device) -> Optional[torch.Generator]:
+    if seed is None:
+        return None
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    return gen

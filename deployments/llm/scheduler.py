@@ -1,0 +1,52 @@
+"""Admission: which waiting prompt groups join the running batch at the next step.
+
+A group is one prompt with its `n` sequences (prefilled once, then forked). Groups join in
+arrival order while the batch stays within `max_num_seqs` rows and the KV budget
+(`max_num_batched_tokens`, padding included), and while this step's prefill work stays under
+`max_prefill_tokens` so running streams keep moving.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from deployments.llm.batch import RunningBatch
+from deployments.llm.sequence import Sequence
+
+
+@dataclass(eq=False)
+class PromptGroup:
+    request_id: str
+    prompt_ids: list[int]
+    seqs: list[Sequence]
+    want_prompt_logprobs: bool = False
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_prefill_tokens: int):
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting: deque[PromptGroup] = deque()
+
+    def add(self, group: PromptGroup) -> None:
+        self.waiting.append(group)
+
+    def abort(self, request_id: str) -> None:
+        self.waiting = deque(g for g in self.waiting if g.request_id != request_id)
+
+    def next_prefills(self, batch: RunningBatch) -> list[PromptGroup]:
+        picked: list[PromptGroup] = []
+        rows, width, prefill = len(batch), batch.width + 1, 0
+        while self.waiting:
+            group = self.waiting[0]
+            n, length = len(group.seqs), len(group.prompt_ids)
+            new_width = max(width, length + 1)
+            fits = (rows + n <= self.max_num_seqs
+                    and (rows + n) * new_width <= self.max_num_batched_tokens
+                    and prefill + length <= self.max_prefill_tokens)
+            if not fits and (picked or rows):   # an idle engine always takes the head, however big
+                break
+            picked.append(self.waiting.popleft())
+            rows, width, prefill = rows + n, new_width, prefill + length
+        return picked

@@ -1,0 +1,140 @@
+"""The chat/completions Serve deployment: a plain class the app builder wraps with serve.deployment.
+
+It turns GenerateRequests into engine requests (chat template, tokenization, context checks,
+tools) and streams GenerateChunks back. Torch and transformers load inside __init__ only, so
+importing this module (as the ingress builder does) stays light. No FastAPI here.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator, Callable, Optional
+
+from deployments.config import ChatModelConfig
+from deployments.errors import ContextLengthExceededError, InvalidRequestError
+from deployments.types import (Choice, ChoiceDelta, GenerateChunk, GenerateRequest, GenerateResult,
+                               ModelCard)
+
+
+class LLMServer:
+    def __init__(self, model_cfg: ChatModelConfig, *, engine_factory: Optional[Callable] = None):
+        from deployments.llm.factory import build_async_engine
+        self.cfg = model_cfg
+        self.engine, self.tokenizer, self.max_model_len = (engine_factory or build_async_engine)(model_cfg)
+        self.created = int(time.time())
+
+    @staticmethod
+    def default_options(cfg: ChatModelConfig) -> dict[str, Any]:
+        e = cfg.engine
+        return {"max_ongoing_requests": e.max_num_seqs + e.max_waiting, "max_queued_requests": 1024,
+                "num_replicas": 1, "ray_actor_options": {"num_cpus": 1},
+                "health_check_period_s": 10, "graceful_shutdown_timeout_s": 30}
+
+    def card(self) -> ModelCard:
+        return ModelCard(id=self.cfg.id, kind="chat", created=self.created, owned_by=self.cfg.owned_by,
+                         capabilities=["chat.completions", "completions", "tools", "logprobs", "streaming"],
+                         context_length=self.max_model_len)
+
+    def stats(self) -> dict[str, int]:
+        """Engine occupancy (for tests, dashboards and autoscaling decisions)."""
+        engine = self.engine.engine
+        return {"running": len(engine.batch), "waiting": sum(len(g.seqs) for g in engine.scheduler.waiting),
+                "in_flight_seqs": self.engine.num_in_flight_seqs}
+
+    async def check_health(self) -> None:
+        if not self.engine.is_alive():
+            raise RuntimeError("LLM engine thread died")
+
+    async def generate(self, req: GenerateRequest) -> GenerateResult:
+        """The whole result at once (one Ray round trip for non-streaming calls)."""
+        texts: dict[int, str] = {}
+        logprobs: dict[int, list] = {}
+        final: dict[int, ChoiceDelta] = {}
+        usage = None
+        async for chunk in self.generate_stream(req):
+            for d in chunk.choices:
+                texts[d.index] = texts.get(d.index, "") + d.text
+                if d.logprobs is not None:
+                    logprobs.setdefault(d.index, []).extend(d.logprobs)
+                if d.finish_reason is not None:
+                    final[d.index] = d
+            usage = chunk.usage or usage
+        choices = [Choice(i, texts.get(i, ""), final[i].finish_reason, logprobs.get(i) if req.sampling.logprobs is not None else None,
+                          final[i].tool_calls) for i in sorted(final)]
+        return GenerateResult(choices, usage)
+
+    async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        ereq, prefix = self._prepare(req)
+        stream = self.engine.generate(ereq)
+        if req.tools is None:
+            async for chunk in stream:
+                yield chunk
+            return
+        async for chunk in _with_tool_calls(stream, prefix):
+            yield chunk
+
+    # ------------------------------------------------------------------ request preparation
+
+    def _prepare(self, req: GenerateRequest):
+        from deployments.llm.engine import EngineRequest
+        from deployments.llm.prompts import render_chat
+        p = req.sampling
+        if p.n > self.cfg.engine.max_n:
+            raise InvalidRequestError(f"n={p.n} is above this model's limit of {self.cfg.engine.max_n}.", param="n")
+        prefix = ""
+        if req.messages is not None:
+            text, prefix = render_chat(self.tokenizer, req.messages, req.tools)
+            prompts, what = [self.tokenizer(text, add_special_tokens=False)["input_ids"]], "messages"
+        else:
+            prompts, what = [self._tokenize(x) for x in req.prompts or []], "prompt"
+        self._check_token_ids(p.logit_bias.keys(), "logit_bias")
+        max_tokens = [self._max_tokens(len(ids), p.max_tokens, what) for ids in prompts]
+        return EngineRequest(req.request_id, prompts, p, max_tokens), prefix
+
+    def _tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            ids = list(prompt)
+            self._check_token_ids(ids, "prompt")
+        if not ids:
+            raise InvalidRequestError("The prompt must not be empty.", param="prompt")
+        return ids
+
+    def _check_token_ids(self, ids, param: str) -> None:
+        vocab = len(self.tokenizer)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise InvalidRequestError(f"Invalid token id {bad[0]} in '{param}': ids must be in [0, {vocab - 1}].",
+                                      param=param, code="invalid_value")
+
+    def _max_tokens(self, prompt_len: int, asked: Optional[int], what: str) -> int:
+        limit = self.max_model_len
+        room = limit - prompt_len
+        if asked is None and room >= 1:
+            return room
+        wanted = prompt_len + (asked or 1)
+        if wanted > limit:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{wanted} tokens ({prompt_len} in the {what}, {asked or 1} in the completion). "
+                f"Please reduce the length of the {what} or completion.", param=what)
+        return asked
+
+
+async def _with_tool_calls(stream: AsyncIterator[GenerateChunk], prefix: str) -> AsyncIterator[GenerateChunk]:
+    """Holds each choice's text until it finishes, then reports tool calls or plain content."""
+    from deployments.llm.prompts import parse_tool_calls
+    held: dict[int, str] = {}
+    async for chunk in stream:
+        out = []
+        for d in chunk.choices:
+            held[d.index] = held.get(d.index, "") + d.text
+            if d.finish_reason is None:
+                if d.logprobs:
+                    out.append(ChoiceDelta(d.index, "", d.logprobs))
+                continue
+            content, calls = parse_tool_calls(prefix + held.pop(d.index))
+            reason = "tool_calls" if calls else d.finish_reason
+            out.append(ChoiceDelta(d.index, content or "", d.logprobs, reason, calls or None))
+        if out or chunk.usage is not None:
+            yield GenerateChunk(out, chunk.usage)

@@ -1,0 +1,161 @@
+"""Small picklable dataclasses that cross the DeploymentHandle between ingress and models.
+
+The ingress converts OpenAI wire models into these; the engines never see OpenAI types and the
+ingress never sees tensors. Must not import torch, FastAPI or Ray.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+Prompt = Union[str, list[int]]
+
+
+# ----------------------------------------------------------------------------- LLM
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings, with OpenAI's meanings."""
+
+    max_tokens: Optional[int] = None      # None: as many as fit in the context window
+    temperature: float = 1.0              # 0 means greedy
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    n: int = 1
+    logprobs: Optional[int] = None        # None: off; k >= 0: chosen token plus k alternatives
+    echo: bool = False                    # completions: return the prompt before the output
+
+
+@dataclass
+class ToolSpec:
+    """What the model is told about tools, and what it is forced to do with them."""
+
+    tools: list[dict[str, Any]]           # OpenAI `tools` entries ({"type": "function", "function": {...}})
+    choice: Union[Literal["auto", "required"], str] = "auto"  # or the name of a forced function
+
+
+@dataclass
+class GenerateRequest:
+    """One chat or completions call. Chat sends `messages`; completions send `prompts`."""
+
+    request_id: str
+    sampling: SamplingParams
+    messages: Optional[list[dict[str, Any]]] = None
+    prompts: Optional[list[Prompt]] = None
+    tools: Optional[ToolSpec] = None
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]] = field(default_factory=list)
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str   # JSON text
+
+
+@dataclass
+class ChoiceDelta:
+    """New output of one choice since the previous chunk."""
+
+    index: int
+    text: str = ""
+    logprobs: Optional[list[TokenLogprob]] = None
+    finish_reason: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    text_offset: int = 0                  # completions logprobs: offset of `text` in the choice's text
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class GenerateChunk:
+    """What one streamed step yields: the deltas of the choices that moved, and usage at the end."""
+
+    choices: list[ChoiceDelta]
+    usage: Optional[Usage] = None
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: Optional[list[TokenLogprob]] = None
+    tool_calls: Optional[list[ToolCall]] = None
+
+
+@dataclass
+class GenerateResult:
+    choices: list[Choice]
+    usage: Usage
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+@dataclass
+class EmbedRequest:
+    inputs: list[Prompt]                  # strings or token-id lists
+    dimensions: Optional[int] = None
+
+
+@dataclass
+class EmbedResult:
+    """`embeddings` is a float32 numpy array of shape (len(inputs), dim)."""
+
+    embeddings: Any
+    prompt_tokens: int
+
+
+# ----------------------------------------------------------------------------- images
+
+@dataclass
+class ImageRequest:
+    prompt: str
+    n: int
+    width: int
+    height: int
+    seed: Optional[int] = None
+    negative_prompt: Optional[str] = None
+    num_inference_steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+
+
+@dataclass
+class ImageResult:
+    pngs: list[bytes]
+
+
+# ----------------------------------------------------------------------------- model cards
+
+@dataclass
+class ModelCard:
+    """What /v1/models shows about a model beyond id/object/created/owned_by."""
+
+    id: str
+    kind: Literal["chat", "embedding", "image"]
+    created: int
+    owned_by: str = "modelhub"
+    capabilities: list[str] = field(default_factory=list)
+    context_length: Optional[int] = None
+    embedding_dimensions: Optional[int] = None
+    image_sizes: Optional[list[str]] = None
+    max_images: Optional[int] = None

@@ -1,0 +1,42 @@
+"""The ingress deployment and build_app(args): the typed application builder serve_config.yaml
+points at (`import_path: ingress.app:build_app`).
+
+One Serve deployment per configured model, each scaled on its own, plus a small image store;
+the ingress routes by `model` through DeploymentHandles. Never imports torch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from deployments.builder import image_store_deployment, model_deployment
+from deployments.config import AppConfig, parse_app_config
+from ingress.api import create_api
+from ingress.backends import HandleClient, ModelEntry, ModelRegistry
+
+INGRESS_DEFAULTS: dict[str, Any] = {
+    "num_replicas": 1, "max_ongoing_requests": 1024, "max_queued_requests": 4096,
+    "ray_actor_options": {"num_cpus": 0.1},
+}
+
+
+class IngressServer:
+    def __init__(self, config: dict[str, Any], handles: dict[str, Any], image_store: Any):
+        cfg = AppConfig.model_validate(config)
+        registry = ModelRegistry({m.id: ModelEntry(m, HandleClient(handles[m.id])) for m in cfg.models})
+        self._api = create_api(registry, image_store=image_store, api_keys_env=cfg.ingress.api_keys_env,
+                               log_prompts=cfg.ingress.log_prompts, public_url=cfg.ingress.public_url)
+
+    def __serve_build_asgi_app__(self):
+        return self._api
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Validates `args` (unknown keys fail here, naming the key) and binds the application."""
+    cfg = parse_app_config(args)
+    handles = {m.id: model_deployment(m) for m in cfg.models}
+    store = image_store_deployment(cfg.ingress.image_url_ttl_s)
+    opts = cfg.ingress.deployment.serve_options(INGRESS_DEFAULTS)
+    ingress = serve.deployment(serve.ingress()(IngressServer), name="Ingress", **opts)
+    return ingress.bind(cfg.model_dump(mode="json"), handles, store)

@@ -1,0 +1,101 @@
+"""The model registry: model id -> config and a client that calls the model's deployment.
+
+`HandleClient` wraps a Ray Serve DeploymentHandle; tests pass fakes with the same methods, so
+the whole HTTP layer runs without Ray. A caller that goes away cancels the downstream call.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional, Protocol
+
+from deployments.config import ModelConfig
+from deployments.errors import InvalidRequestError, ModelNotFoundError
+from deployments.types import (EmbedRequest, EmbedResult, GenerateChunk, GenerateRequest, GenerateResult,
+                               ImageRequest, ImageResult, ModelCard)
+
+
+class ModelClient(Protocol):
+    async def card(self) -> ModelCard: ...
+    async def generate(self, req: GenerateRequest) -> GenerateResult: ...
+    def generate_stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]: ...
+    async def embed(self, req: EmbedRequest) -> EmbedResult: ...
+    async def images(self, req: ImageRequest) -> ImageResult: ...
+
+
+class HandleClient:
+    def __init__(self, handle: Any):
+        self.handle = handle
+        self._streaming = handle.options(stream=True)
+
+    async def card(self) -> ModelCard:
+        return await _call(self.handle.card.remote())
+
+    async def generate(self, req: GenerateRequest) -> GenerateResult:
+        return await _call(self.handle.generate.remote(req))
+
+    async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        gen = self._streaming.generate_stream.remote(req)
+        done = False
+        try:
+            async for chunk in gen:
+                yield chunk
+            done = True
+        finally:
+            if not done:
+                gen.cancel()
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        return await _call(self.handle.embed.remote(req))
+
+    async def images(self, req: ImageRequest) -> ImageResult:
+        return await _call(self.handle.generate.remote(req))
+
+
+async def _call(response: Any) -> Any:
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
+
+
+@dataclass
+class ModelEntry:
+    cfg: ModelConfig
+    client: Any
+
+
+_KIND_ENDPOINT = {"chat": "chat and completions", "embedding": "embeddings", "image": "image generation"}
+
+
+class ModelRegistry:
+    def __init__(self, entries: dict[str, ModelEntry]):
+        self.entries = entries
+        self._cards: Optional[list[ModelCard]] = None
+
+    def get(self, model_id: Optional[str], kind: str) -> ModelEntry:
+        if model_id is None:   # images may omit `model`: take the first image model
+            model_id = next((k for k, e in self.entries.items() if e.cfg.kind == kind), None)
+            if model_id is None:
+                raise ModelNotFoundError(f"No {kind} model is configured.", param="model")
+        entry = self.entries.get(model_id)
+        if entry is None:
+            raise ModelNotFoundError(f"The model `{model_id}` does not exist or you do not have access to it.")
+        if entry.cfg.kind != kind:
+            raise InvalidRequestError(
+                f"The model `{model_id}` is a {entry.cfg.kind} model and serves {_KIND_ENDPOINT[entry.cfg.kind]} "
+                f"only, not this endpoint.", param="model", code="model_not_supported")
+        return entry
+
+    async def cards(self) -> list[ModelCard]:
+        if self._cards is None:
+            cards = await asyncio.gather(*(e.client.card() for e in self.entries.values()))
+            self._cards = list(cards)
+        return self._cards
+
+    async def card(self, model_id: str) -> ModelCard:
+        for c in await self.cards():
+            if c.id == model_id:
+                return c
+        raise ModelNotFoundError(f"The model `{model_id}` does not exist or you do not have access to it.")

@@ -1,0 +1,184 @@
+"""POST /v1/chat/completions: request model, conversion to a GenerateRequest, response shapes."""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field, StrictBool, model_validator
+
+from deployments.errors import InvalidRequestError, UnsupportedParameterError
+from deployments.types import (Choice, ChoiceDelta, GenerateRequest, SamplingParams, TokenLogprob,
+                               ToolCall, ToolSpec, Usage)
+from ingress.protocol.common import SamplingFields, WireModel
+
+
+class TextPart(WireModel):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCallIn(WireModel):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(WireModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class Message(WireModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallIn]] = None
+    tool_call_id: Optional[str] = None
+    refusal: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.role != "assistant" and self.content is None:
+            raise ValueError(f"a {self.role} message needs content")
+        if self.role == "assistant" and self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
+        return self
+
+
+class FunctionDef(WireModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(WireModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(WireModel):
+    name: str
+
+
+class NamedToolChoice(WireModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ResponseFormat(WireModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[dict[str, Any]] = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[StrictBool] = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[StrictBool] = None
+    response_format: Optional[ResponseFormat] = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("The 'top_logprobs' parameter is only allowed when 'logprobs' is enabled.",
+                                      param="top_logprobs")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise InvalidRequestError("Setting 'max_tokens' and 'max_completion_tokens' at the same time is not "
+                                      "supported.", param="max_tokens", code="invalid_parameter_combination")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise UnsupportedParameterError(
+                f"response_format type '{self.response_format.type}' is not supported by this server yet.",
+                param="response_format")
+        self._check_tools()
+
+    def _check_tools(self) -> None:
+        if not self.tools:
+            if self.parallel_tool_calls is not None:
+                raise InvalidRequestError("Invalid value for 'parallel_tool_calls': 'parallel_tool_calls' is only "
+                                          "allowed when 'tools' are specified.", param="parallel_tool_calls")
+            if self.tool_choice not in (None, "none"):
+                raise InvalidRequestError("Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                                          "'tools' are specified.", param="tool_choice")
+            return
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {t.function.name for t in self.tools}
+            if self.tool_choice.function.name not in names:
+                raise InvalidRequestError(f"Invalid value for 'tool_choice': no function named "
+                                          f"'{self.tool_choice.function.name}' in 'tools'.", param="tool_choice")
+
+    def to_generate_request(self, request_id: str) -> GenerateRequest:
+        params = SamplingParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=self.bias_map(), seed=self.seed, stop=self.stop_list(), n=self.n or 1,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+        return GenerateRequest(request_id, params, messages=[m.model_dump(exclude_none=True) for m in self.messages],
+                               tools=self._tool_spec())
+
+    def _tool_spec(self) -> Optional[ToolSpec]:
+        if not self.tools or self.tool_choice == "none":
+            return None
+        choice = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else (
+            self.tool_choice or "auto")
+        return ToolSpec([t.model_dump(exclude_none=True) for t in self.tools], choice)
+
+    @property
+    def single_tool_call(self) -> bool:
+        return self.parallel_tool_calls is False
+
+
+# ----------------------------------------------------------------------------- responses
+
+def logprobs_content(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    return [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
+             "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in e.top]} for e in entries]
+
+
+def tool_calls_json(calls: list[ToolCall], single: bool) -> list[dict[str, Any]]:
+    calls = calls[:1] if single else calls
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+
+
+def usage_json(u: Usage) -> dict[str, int]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens}
+
+
+def choice_json(c: Choice, single_tool_call: bool) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": c.text if (c.text or not c.tool_calls) else None,
+                               "refusal": None}
+    if c.tool_calls:
+        message["tool_calls"] = tool_calls_json(c.tool_calls, single_tool_call)
+    logprobs = None if c.logprobs is None else {"content": logprobs_content(c.logprobs), "refusal": None}
+    return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+
+def delta_events(d: ChoiceDelta, first: bool, with_logprobs: bool, single_tool_call: bool) -> list[dict[str, Any]]:
+    """The `choices` entries one ChoiceDelta becomes: role chunk, content/tool chunk, finish chunk."""
+    out = []
+    if first:
+        out.append({"index": d.index, "delta": {"role": "assistant", "content": "", "refusal": None},
+                    "logprobs": {"content": [], "refusal": None} if with_logprobs else None, "finish_reason": None})
+    if d.text or d.logprobs:
+        lp = {"content": logprobs_content(d.logprobs or []), "refusal": None} if with_logprobs else None
+        out.append({"index": d.index, "delta": {"content": d.text}, "logprobs": lp, "finish_reason": None})
+    for i, call in enumerate(tool_calls_json(d.tool_calls or [], single_tool_call)):
+        out.append({"index": d.index, "delta": {"tool_calls": [{"index": i, **call}]}, "logprobs": None,
+                    "finish_reason": None})
+    if d.finish_reason is not None:
+        out.append({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": d.finish_reason})
+    return out
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))

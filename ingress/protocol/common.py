@@ -1,0 +1,76 @@
+"""Pieces shared by the request models: strict base class, sampling fields, stop, stream options.
+
+Unknown fields are rejected (OpenAI answers "Unrecognized request argument supplied"), so a
+parameter this server does not implement can never be silently ignored.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+
+from deployments.errors import InvalidRequestError
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class StreamOptions(WireModel):
+    include_usage: Optional[StrictBool] = False
+
+
+class SamplingFields(WireModel):
+    """Fields chat and completions share, with OpenAI's ranges."""
+
+    model: str
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
+    n: Optional[int] = Field(None, ge=1, le=128)
+    stream: Optional[StrictBool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, int]] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
+    user: Optional[str] = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_given(cls, v: str) -> str:
+        if not v:
+            raise ValueError("you must provide a model parameter")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limit(cls, v):
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("stop may hold at most 4 sequences")
+        return v
+
+    def check_common(self) -> None:
+        """Cross-field rules the real API enforces."""
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                                      param="stream_options", code="invalid_value")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise InvalidRequestError(f"Invalid key in 'logit_bias': {key!r} is not a token id.",
+                                          param="logit_bias", code="invalid_value")
+            if not -100 <= bias <= 100:
+                raise InvalidRequestError(f"Logit bias value {bias} is invalid or outside of range [-100, 100].",
+                                          param="logit_bias")
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def bias_map(self) -> dict[int, float]:
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)

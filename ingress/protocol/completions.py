@@ -1,0 +1,72 @@
+"""POST /v1/completions (legacy): request model, conversion, and the logprobs shape."""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator
+
+from deployments.errors import UnsupportedParameterError
+from deployments.types import GenerateRequest, SamplingParams, TokenLogprob
+from ingress.protocol.common import SamplingFields
+
+PromptInput = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: PromptInput
+    max_tokens: Optional[int] = Field(16, ge=1)
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    echo: Optional[StrictBool] = False
+    best_of: Optional[int] = Field(None, ge=0, le=20)
+    suffix: Optional[str] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, v):
+        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
+            raise ValueError("prompt lists must not be empty")
+        return v
+
+    def check(self) -> None:
+        self.check_common()
+        if self.suffix:
+            raise UnsupportedParameterError("'suffix' (insertion) is not supported by this server.", param="suffix")
+        if self.best_of not in (None, 1) and self.best_of != (self.n or 1):
+            raise UnsupportedParameterError("'best_of' other than n is not supported by this server.",
+                                            param="best_of")
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [list(p)]
+        return list(p)
+
+    def to_generate_request(self, request_id: str) -> GenerateRequest:
+        params = SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=self.bias_map(), seed=self.seed, stop=self.stop_list(), n=self.n or 1,
+            logprobs=self.logprobs, echo=bool(self.echo))
+        return GenerateRequest(request_id, params, prompts=self.prompts())
+
+
+class LogprobsAccumulator:
+    """Builds the completions `logprobs` object; text_offset runs on across chunks of one choice."""
+
+    def __init__(self):
+        self.offset = 0
+
+    def render(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            out["tokens"].append(e.token)
+            out["token_logprobs"].append(e.logprob)
+            out["top_logprobs"].append({t: lp for t, lp, _ in e.top} if e.logprob is not None else None)
+            out["text_offset"].append(self.offset)
+            self.offset += len(e.token)
+        return out

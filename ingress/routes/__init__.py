@@ -1,0 +1,1 @@
+"""One small APIRouter per endpoint family: parse, call a backend, render."""

@@ -1,0 +1,59 @@
+"""POST /v1/chat/completions."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from deployments.types import GenerateChunk
+from ingress.pipeline import json_response, new_id, now, parse_body, sse_response
+from ingress.protocol.chat import ChatCompletionRequest, choice_json, delta_events, dumps, usage_json
+
+router = APIRouter()
+FINGERPRINT = "fp_modelhub"
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    body = await parse_body(request, ChatCompletionRequest)
+    body.check()
+    state = request.app.state
+    entry = state.registry.get(body.model, "chat")
+    greq = body.to_generate_request(request.state.request_id)
+    state.log_request(request, body.model, body.user, body.messages)
+    head = {"id": new_id("chatcmpl"), "created": now(), "model": body.model, "system_fingerprint": FINGERPRINT}
+    if not body.stream:
+        result = await entry.client.generate(greq)
+        return json_response({**head, "object": "chat.completion",
+                              "choices": [choice_json(c, body.single_tool_call) for c in result.choices],
+                              "usage": usage_json(result.usage)}, request)
+    stream = ChatStream(head, body)
+    return await sse_response(request, entry.client.generate_stream(greq), stream.render, stream.finish)
+
+
+class ChatStream:
+    """Renders GenerateChunks as chat.completion.chunk events, one choice per event."""
+
+    def __init__(self, head: dict, body: ChatCompletionRequest):
+        self.prefix = dumps({**head, "object": "chat.completion.chunk"})[:-1] + ',"choices":['
+        self.suffix = '],"usage":null}\n\n' if body.include_usage else "]}\n\n"
+        self.head = head
+        self.include_usage = body.include_usage
+        self.with_logprobs = bool(body.logprobs)
+        self.single_tool_call = body.single_tool_call
+        self.started: set[int] = set()
+        self.usage = None
+
+    def render(self, chunk: GenerateChunk) -> str:
+        parts = []
+        for d in chunk.choices:
+            first = d.index not in self.started
+            self.started.add(d.index)
+            for event in delta_events(d, first, self.with_logprobs, self.single_tool_call):
+                parts.append("data: " + self.prefix + dumps(event) + self.suffix)
+        self.usage = chunk.usage or self.usage
+        return "".join(parts)
+
+    def finish(self) -> str:
+        if not (self.include_usage and self.usage is not None):
+            return ""
+        return "data: " + dumps({**self.head, "object": "chat.completion.chunk", "choices": [],
+                                 "usage": usage_json(self.usage)}) + "\n\n"

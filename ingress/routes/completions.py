@@ -1,0 +1,56 @@
+"""POST /v1/completions."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from deployments.types import ChoiceDelta, GenerateChunk
+from ingress.pipeline import json_response, new_id, now, parse_body, sse_response
+from ingress.protocol.chat import dumps, usage_json
+from ingress.protocol.completions import CompletionRequest, LogprobsAccumulator
+
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    body = await parse_body(request, CompletionRequest)
+    body.check()
+    state = request.app.state
+    entry = state.registry.get(body.model, "chat")
+    greq = body.to_generate_request(request.state.request_id)
+    state.log_request(request, body.model, body.user, body.prompt)
+    head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": body.model,
+            "system_fingerprint": None}
+    if not body.stream:
+        result = await entry.client.generate(greq)
+        choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                    "logprobs": LogprobsAccumulator().render(c.logprobs) if c.logprobs is not None else None}
+                   for c in result.choices]
+        return json_response({**head, "choices": choices, "usage": usage_json(result.usage)}, request)
+    stream = CompletionStream(head, body)
+    return await sse_response(request, entry.client.generate_stream(greq), stream.render, stream.finish)
+
+
+class CompletionStream:
+    def __init__(self, head: dict, body: CompletionRequest):
+        self.prefix = dumps(head)[:-1] + ',"choices":['
+        self.suffix = '],"usage":null}\n\n' if body.include_usage else "]}\n\n"
+        self.head = head
+        self.include_usage = body.include_usage
+        self.offsets: dict[int, LogprobsAccumulator] = {}
+        self.usage = None
+
+    def render(self, chunk: GenerateChunk) -> str:
+        self.usage = chunk.usage or self.usage
+        return "".join("data: " + self.prefix + dumps(self._choice(d)) + self.suffix for d in chunk.choices)
+
+    def _choice(self, d: ChoiceDelta) -> dict:
+        logprobs = None
+        if d.logprobs is not None:
+            logprobs = self.offsets.setdefault(d.index, LogprobsAccumulator()).render(d.logprobs)
+        return {"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}
+
+    def finish(self) -> str:
+        if not (self.include_usage and self.usage is not None):
+            return ""
+        return "data: " + dumps({**self.head, "choices": [], "usage": usage_json(self.usage)}) + "\n\n"

@@ -1,0 +1,45 @@
+"""POST /v1/images/generations, and GET of images returned by URL."""
+from __future__ import annotations
+
+import base64
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from deployments.errors import NotFoundError
+from deployments.images.server import check_image_request
+from ingress.pipeline import json_response, now, parse_body
+from ingress.protocol.images import ImageGenerationRequest
+
+router = APIRouter()
+files_router = APIRouter()   # no auth: the unguessable token is the capability, like OpenAI's URLs
+FILES_PATH = "/v1/images/files"
+
+
+@router.post("/v1/images/generations")
+async def generate_images(request: Request):
+    body = await parse_body(request, ImageGenerationRequest)
+    state = request.app.state
+    entry = state.registry.get(body.model, "image")
+    sizes = entry.cfg.engine.sizes
+    ireq = body.to_image_request(sizes[0], sizes)
+    check_image_request(ireq, entry.cfg)
+    state.log_request(request, entry.cfg.id, body.user, body.prompt)
+    result = await entry.client.images(ireq)
+    if body.response_format == "b64_json":
+        data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in result.pngs]
+    else:
+        stored = await state.image_store.put.remote(result.pngs)
+        base = state.public_url or str(request.base_url).rstrip("/")
+        data = [{"url": f"{base}{FILES_PATH}/{token}.png"} for token, _ in stored]
+    return json_response({"created": now(), "data": data, "size": f"{ireq.width}x{ireq.height}",
+                          "output_format": "png"}, request)
+
+
+@files_router.get(FILES_PATH + "/{name}")
+async def image_file(name: str, request: Request):
+    token = name.removesuffix(".png")
+    png = await request.app.state.image_store.get.remote(token)
+    if png is None:
+        raise NotFoundError("This image does not exist or its URL has expired.")
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

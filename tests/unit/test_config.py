@@ -1,0 +1,54 @@
+"""serve_config.yaml args: validation, helpful unknown-key errors, Serve options."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import yaml
+
+from deployments.config import ConfigError, DeploymentOptions, parse_app_config, parse_size
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_default_serve_config_is_valid():
+    cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    app = cfg["applications"][0]
+    assert app["import_path"] == "ingress.app:build_app"
+    parsed = parse_app_config(app["args"])
+    assert [m.kind for m in parsed.models] == ["chat", "embedding", "image"]
+    assert "random" in parsed.models[2].id
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ({"models": [{"id": "a", "kind": "chat", "source": "x", "engine": {"max_num_seq": 3}}]},
+     "unknown key 'models.0.engine.max_num_seq'; did you mean 'max_num_seqs'?"),
+    ({"models": [{"id": "a", "kind": "chat", "source": "x", "deployment": {"num_replica": 2}}]},
+     "did you mean 'num_replicas'?"),
+    ({"models": [{"id": "a", "kind": "embedding", "source": "x", "sorce": "y"}]}, "did you mean 'source'?"),
+    ({"models": [], "ingres": {}}, "did you mean 'ingress'?"),
+    ({"models": [{"id": "a", "kind": "chat", "source": "x", "engine": {"tensor_parallel_size": 2}}]},
+     "tensor_parallel_size > 1 is not implemented"),
+    ({"models": [{"id": "a", "kind": "image", "source": "x", "engine": {"sizes": ["huge"]}}]}, "WIDTHxHEIGHT"),
+    ({"models": [{"id": "a", "kind": "chat", "source": "x"}, {"id": "a", "kind": "chat", "source": "y"}]},
+     "appears twice"),
+])
+def test_bad_config_names_the_problem(args, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse_app_config(args)
+    assert fragment in str(info.value)
+
+
+def test_serve_options_merge_defaults_and_explicit_fields():
+    opts = DeploymentOptions(max_ongoing_requests=7, ray_actor_options={"num_gpus": 1}).serve_options(
+        {"max_ongoing_requests": 64, "num_replicas": 1, "ray_actor_options": {"num_cpus": 1}})
+    assert opts == {"max_ongoing_requests": 7, "num_replicas": 1, "ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}
+    auto = DeploymentOptions(autoscaling_config={"min_replicas": 1, "max_replicas": 4}).serve_options(
+        {"num_replicas": 1, "ray_actor_options": {}})
+    assert "num_replicas" not in auto and auto["autoscaling_config"]["max_replicas"] == 4
+
+
+def test_parse_size_accepts_both_forms():
+    assert parse_size("512x256") == (512, 256)
+    assert parse_size("1024*1024") == (1024, 1024)
+    assert parse_size("0x5") is None and parse_size("big") is None

@@ -1,0 +1,215 @@
+"""Scheduler, batching and sampling on a tiny random Llama (no Ray, seconds)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deployments.llm.engine import EngineRequest, LLMEngine
+from deployments.types import SamplingParams
+from tests.unit.fakes import ByteTokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+def make_engine(model, **kw) -> LLMEngine:
+    opts = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=8192)
+    opts.update(kw)
+    return LLMEngine(model, ByteTokenizer(), **opts)
+
+
+def prompt(text: str) -> list[int]:
+    return list(text.encode())
+
+
+def run_all(engine: LLMEngine, reqs: list[EngineRequest], on_step=None):
+    """Runs to completion; returns {request_id: {choice: text}}, finish reasons and per-step batch sizes."""
+    for r in reqs:
+        engine.add(r)
+    texts: dict = {}
+    reasons: dict = {}
+    sizes = []
+    while engine.has_work():
+        for req, chunk in engine.step():
+            for d in chunk.choices:
+                mine = texts.setdefault(req.request_id, {})
+                mine[d.index] = mine.get(d.index, "") + d.text
+                if d.finish_reason:
+                    reasons.setdefault(req.request_id, {})[d.index] = d.finish_reason
+        sizes.append(len(engine.batch))
+        if on_step:
+            on_step(engine)
+    return texts, reasons, sizes
+
+
+def req(rid, text, **params) -> EngineRequest:
+    p = SamplingParams(**{"max_tokens": 12, "temperature": 0.0, **params})
+    return EngineRequest(rid, [prompt(text)], p, [p.max_tokens])
+
+
+def out_ids(r: EngineRequest, i: int = 0) -> list[int]:
+    return r.seqs[i].output_ids
+
+
+def test_greedy_output_is_the_same_alone_and_in_a_batch_of_mixed_lengths(model):
+    alone = req("a", "hello there")
+    run_all(make_engine(model), [alone])
+    mates = [req(f"m{i}", "x" * (3 + 7 * i)) for i in range(6)]
+    together = req("a2", "hello there")
+    run_all(make_engine(model), mates[:3] + [together] + mates[3:])
+    assert out_ids(together) == out_ids(alone)
+    assert len(out_ids(alone)) == 12
+
+
+def test_sequences_join_while_others_run_and_leave_when_done(model):
+    engine = make_engine(model)
+    long = req("long", "aaaa", max_tokens=30)
+    engine.add(long)
+    for _ in range(5):
+        engine.step()
+    short = req("short", "bb", max_tokens=3)
+    engine.add(short)
+    engine.step()
+    assert len(engine.batch) == 2            # joined at the next step, without waiting for `long`
+    while not short.finished:
+        engine.step()
+    assert len(engine.batch) == 1 and not long.finished   # left at once
+    while engine.has_work():
+        engine.step()
+    assert len(out_ids(long)) == 30 and len(out_ids(short)) == 3
+
+
+def test_batch_never_exceeds_max_num_seqs(model):
+    engine = make_engine(model, max_num_seqs=3)
+    reqs = [req(f"r{i}", "abc", max_tokens=5) for i in range(7)]
+    _, _, sizes = run_all(engine, reqs)
+    assert max(sizes) == 3
+    assert all(r.finished for r in reqs)
+
+
+def test_kv_budget_limits_admission(model):
+    engine = make_engine(model, max_num_batched_tokens=40)
+    reqs = [req(f"r{i}", "a" * 10, max_tokens=4) for i in range(4)]
+    _, _, sizes = run_all(engine, reqs)
+    assert max(sizes) <= 3    # 3 rows x 12 columns fit in 40 tokens, 4 rows do not
+
+
+def test_seed_reproduces_whatever_the_batch_mates(model):
+    a = req("a", "seeded", temperature=1.0, seed=7, max_tokens=10)
+    run_all(make_engine(model), [a])
+    b = req("b", "seeded", temperature=1.0, seed=7, max_tokens=10)
+    mates = [req(f"m{i}", "other" * (i + 1), temperature=1.0, max_tokens=10) for i in range(4)]
+    run_all(make_engine(model), mates[:2] + [b] + mates[2:])
+    c = req("c", "seeded", temperature=1.0, seed=8, max_tokens=10)
+    run_all(make_engine(model), [c])
+    assert out_ids(a) == out_ids(b)
+    assert out_ids(a) != out_ids(c)
+
+
+def test_n_prefills_once_and_forks(model):
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        r = req("n", "fork me", n=3, temperature=1.0, seed=1, max_tokens=4)
+        texts, _, _ = run_all(make_engine(model), [r])
+    finally:
+        handle.remove()
+    assert sorted(texts["n"]) == [0, 1, 2]
+    assert len(calls) == 1 + 4 - 1     # one prefill for the prompt, then one decode per extra token
+    assert len({tuple(s.output_ids) for s in r.seqs}) > 1
+
+
+def test_stop_string_is_cut_and_never_streamed(model):
+    probe = req("p", "stop test", max_tokens=20)
+    run_all(make_engine(model), [probe])
+    full = ByteTokenizer().decode(out_ids(probe))
+    k = next(i for i in range(3, len(full) - 1)
+             if full.find(full[i:i + 2]) == i and "\ufffd" not in full[i:i + 2])
+    stop = full[k:k + 2]
+    r = req("s", "stop test", max_tokens=20, stop=[stop, "never-seen"])
+    texts, reasons, _ = run_all(make_engine(model), [r])     # texts are the streamed deltas joined
+    assert texts["s"][0] == full[:k] and reasons["s"][0] == "stop"
+
+
+def test_max_tokens_gives_length_and_exact_usage(model):
+    r = req("m", "count", max_tokens=5)
+    engine = make_engine(model)
+    engine.add(r)
+    chunks = []
+    while engine.has_work():
+        chunks += [c for _, c in engine.step()]
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].usage.prompt_tokens == len(prompt("count"))
+    assert [d.finish_reason for d in chunks[-1].choices] == ["length"]
+
+
+def test_logit_bias_bans_and_forces_tokens(model):
+    free = req("f", "bias", max_tokens=6)
+    run_all(make_engine(model), [free])
+    banned = set(out_ids(free))
+    r = req("b", "bias", max_tokens=6, logit_bias={t: -100 for t in banned})
+    forced = req("x", "bias", max_tokens=6, logit_bias={ord("Z"): 100})
+    run_all(make_engine(model), [r, forced])
+    assert not banned & set(out_ids(r))
+    assert out_ids(forced) == [ord("Z")] * 6
+
+
+def test_frequency_penalty_discourages_repeats(model):
+    plain = req("p", "repeat", max_tokens=30)
+    pen = req("q", "repeat", max_tokens=30, frequency_penalty=2.0, presence_penalty=2.0)
+    run_all(make_engine(model), [plain, pen])
+    assert len(set(out_ids(pen))) > len(set(out_ids(plain)))
+
+
+def test_top_p_tiny_is_greedy(model):
+    g = req("g", "nucleus", max_tokens=8)
+    t = req("t", "nucleus", max_tokens=8, temperature=1.5, top_p=1e-6, seed=3)
+    run_all(make_engine(model), [g, t])
+    assert out_ids(g) == out_ids(t)
+
+
+def test_logprobs_shapes_and_echo(model):
+    r = req("l", "abc", max_tokens=4, logprobs=2, echo=True)
+    engine = make_engine(model)
+    engine.add(r)
+    deltas = []
+    while engine.has_work():
+        deltas += [d for _, c in engine.step() for d in c.choices]
+    lps = [lp for d in deltas for lp in (d.logprobs or [])]
+    assert len(lps) == 3 + 4                     # prompt (echo) + output
+    assert lps[0].logprob is None                 # first prompt token has no logprob
+    assert all(len(lp.top) == 2 for lp in lps[1:])
+    assert "".join(d.text for d in deltas).startswith("abc")
+    out_lp = lps[3:]
+    assert all(lp.logprob <= 0 for lp in out_lp)
+
+
+def test_abort_frees_the_slot(model):
+    engine = make_engine(model, max_num_seqs=1)
+    a = req("a", "first", max_tokens=100)
+    b = req("b", "second", max_tokens=2)
+    engine.add(a)
+    engine.add(b)
+    engine.step()
+    assert len(engine.batch) == 1 and engine.scheduler.waiting
+    engine.abort("a")
+    assert len(engine.batch) == 0
+    run_all(engine, [])
+    assert b.finished and len(out_ids(b)) == 2 and "a" not in engine.requests
+
+
+def test_context_window_ends_with_length(model):
+    engine = make_engine(model, max_model_len=20)
+    r = EngineRequest("c", [prompt("x" * 15)], SamplingParams(max_tokens=100, temperature=0), [100])
+    run_all(engine, [r])
+    assert len(out_ids(r)) == 5 and r.seqs[0].finish_reason == "length"
+
+
+def test_multiple_prompts_map_to_choice_indices(model):
+    p = SamplingParams(max_tokens=3, temperature=0, n=2)
+    r = EngineRequest("mp", [prompt("one"), prompt("two")], p, [3, 3])
+    texts, _, _ = run_all(make_engine(model), [r])
+    assert sorted(texts["mp"]) == [0, 1, 2, 3]
+    assert texts["mp"][0] == texts["mp"][1]   # greedy: both choices of a prompt agree
+    assert r.usage().prompt_tokens == 6 and r.usage().completion_tokens == 12

@@ -1,0 +1,119 @@
+"""LLMServer and AsyncLLMEngine on the tiny model: streaming, cancellation, overload, context checks."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.config import ChatModelConfig
+from deployments.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
+from deployments.llm.async_engine import AsyncLLMEngine
+from deployments.llm.engine import LLMEngine
+from deployments.llm.server import LLMServer
+from deployments.types import GenerateRequest, SamplingParams
+from tests.unit.fakes import ByteTokenizer, tiny_llama
+
+MODEL = tiny_llama()
+
+
+def make_server(max_num_seqs=4, max_waiting=4, max_model_len=64) -> LLMServer:
+    cfg = ChatModelConfig(id="tiny", kind="chat", source="x",
+                          engine={"max_num_seqs": max_num_seqs, "max_waiting": max_waiting})
+
+    def factory(_cfg):
+        tok = ByteTokenizer()
+        engine = LLMEngine(MODEL, tok, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=4096)
+        return AsyncLLMEngine(engine, max_in_flight_seqs=max_num_seqs + max_waiting), tok, max_model_len
+    return LLMServer(cfg, engine_factory=factory)
+
+
+def chat(rid="r", content="hi", **params) -> GenerateRequest:
+    return GenerateRequest(rid, SamplingParams(**{"temperature": 0.0, "max_tokens": 8, **params}),
+                           messages=[{"role": "user", "content": content}])
+
+
+def test_generate_matches_stream():
+    async def go():
+        server = make_server()
+        whole = await server.generate(chat(rid="a"))
+        chunks = [c async for c in server.generate_stream(chat(rid="b"))]
+        return whole, chunks
+    whole, chunks = asyncio.run(go())
+    streamed = "".join(d.text for c in chunks for d in c.choices)
+    assert whole.choices[0].text == streamed
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 8
+
+
+def test_closing_a_stream_cancels_its_sequence_and_frees_the_slot():
+    async def go():
+        server = make_server(max_num_seqs=1, max_waiting=0)
+        stream = server.generate_stream(chat(rid="long", max_tokens=40))
+        await stream.__anext__()
+        await stream.aclose()                       # the client went away
+        for _ in range(100):
+            if not server.engine.engine.has_work():
+                break
+            await asyncio.sleep(0.01)
+        result = await server.generate(chat(rid="next", max_tokens=3))   # the slot is free again
+        return server, result
+    server, result = asyncio.run(go())
+    assert result.usage.completion_tokens == 3
+    assert server.engine.num_in_flight_seqs == 0 and not server.engine.engine.requests
+
+
+def test_beyond_the_queue_is_overloaded_with_retry_after():
+    async def go():
+        server = make_server(max_num_seqs=1, max_waiting=1)
+        streams = [server.generate_stream(chat(rid=f"s{i}", max_tokens=40)) for i in range(2)]
+        firsts = [await s.__anext__() for s in streams]
+        with pytest.raises(OverloadedError) as info:
+            await server.generate(chat(rid="third"))
+        for s in streams:
+            await s.aclose()
+        return info.value
+    err = asyncio.run(go())
+    assert err.status_code == 503 and err.headers["Retry-After"] == "1"
+
+
+def test_context_length_checks():
+    async def go():
+        server = make_server(max_model_len=64)
+        errors = []
+        for req in (chat(content="x" * 40, max_tokens=40), chat(content="x" * 80, max_tokens=None)):
+            try:
+                await server.generate(req)
+            except ContextLengthExceededError as exc:
+                errors.append(exc)
+        clamped = await server.generate(chat(content="x" * 30, max_tokens=None, temperature=0.0))
+        return errors, clamped
+    errors, clamped = asyncio.run(go())
+    assert len(errors) == 2 and errors[0].code == "context_length_exceeded" and errors[0].param == "messages"
+    assert "maximum context length is 64 tokens" in errors[0].message
+    prompt_len = clamped.usage.prompt_tokens
+    assert clamped.usage.completion_tokens <= 64 - prompt_len
+
+
+def test_bad_token_ids_and_n_are_400():
+    async def go():
+        server = make_server()
+        out = []
+        for req in (GenerateRequest("t", SamplingParams(max_tokens=2), prompts=[[1, 99999]]),
+                    GenerateRequest("b", SamplingParams(max_tokens=2, logit_bias={-5: 1.0}), prompts=["x"]),
+                    GenerateRequest("n", SamplingParams(max_tokens=2, n=99), prompts=["x"])):
+            try:
+                await server.generate(req)
+            except InvalidRequestError as exc:
+                out.append(exc.param)
+        return out
+    assert asyncio.run(go()) == ["prompt", "logit_bias", "n"]
+
+
+def test_concurrent_streams_each_get_their_own_output():
+    async def go():
+        server = make_server(max_num_seqs=4)
+        alone = {c: (await server.generate(chat(rid=f"a{c}", content=c))).choices[0].text for c in "abcd"}
+        together = await asyncio.gather(*(server.generate(chat(rid=f"t{c}", content=c)) for c in "abcd"))
+        return alone, {c: r.choices[0].text for c, r in zip("abcd", together)}
+    alone, together = asyncio.run(go())
+    assert alone == together

@@ -1,0 +1,87 @@
+"""Incremental detokenization, stop strings, chat rendering and tool-call parsing."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deployments.errors import InvalidRequestError
+from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher
+from deployments.llm.prompts import parse_tool_calls, render_chat
+from deployments.types import ToolSpec
+from tests.unit.fakes import ByteTokenizer
+
+
+def test_detokenizer_never_splits_a_utf8_character():
+    tok = ByteTokenizer()
+    text = "héllo wörld 🙂!"
+    detok = IncrementalDetokenizer(tok, list(b"prompt"))
+    deltas = [detok.push(b) for b in text.encode()]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert deltas[list(text.encode()).index(0xF0)] == ""   # first byte of the emoji: held
+
+
+def test_stop_matcher_holds_back_partial_matches_and_cuts():
+    m = StopMatcher(["STOP"])
+    out = []
+    for piece in ["Hello ", "wor", "ld S", "TO", "P and more"]:
+        m.append(piece)
+        out.append(m.take_ready(final=False))
+    assert out[2] == "ld "             # 'S' might start 'STOP': held back
+    assert m.stopped and m.text == "Hello world "
+    assert "".join(out) + m.take_ready(final=True) == "Hello world "
+
+
+def test_stop_matcher_releases_held_text_when_it_turns_out_harmless():
+    m = StopMatcher(["</end>"])
+    m.append("a </e")
+    assert m.take_ready(final=False) == "a "
+    m.append("xtra")
+    assert m.take_ready(final=False) == "</extra"
+    assert m.take_ready(final=True) == ""
+
+
+def test_render_chat_uses_template_and_tools_system_prompt():
+    tok = ByteTokenizer()
+    tools = ToolSpec([{"type": "function", "function": {"name": "get_weather", "parameters": {}}}], "auto")
+    text, prefix = render_chat(tok, [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], tools)
+    assert text.startswith("<system>") and "get_weather" in text and text.endswith("<user>hi<assistant>")
+    assert prefix == ""
+
+
+def test_forced_tool_choice_prefixes_the_reply():
+    tok = ByteTokenizer()
+    named = ToolSpec([{"type": "function", "function": {"name": "f"}}], "f")
+    text, prefix = render_chat(tok, [{"role": "user", "content": "x"}], named)
+    assert text.endswith(prefix) and '"name": "f"' in prefix
+    required = ToolSpec([{"type": "function", "function": {"name": "f"}}], "required")
+    assert render_chat(tok, [{"role": "user", "content": "x"}], required)[1].startswith("<tool_call>")
+
+
+def test_assistant_tool_calls_and_tool_results_are_rendered_as_text():
+    tok = ByteTokenizer()
+    msgs = [{"role": "user", "content": "w?"},
+            {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                  "function": {"name": "f", "arguments": '{"a": 1}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    text, _ = render_chat(tok, msgs, None)
+    assert '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>' in text
+    assert "<tool_response>\nsunny\n</tool_response>" in text
+
+
+def test_parse_tool_calls():
+    content, calls = parse_tool_calls('Sure. <tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+                                      '<tool_call>{"name": "g", "arguments": {}}</tool_call>')
+    assert content == "Sure." and [c.name for c in calls] == ["f", "g"]
+    assert json.loads(calls[0].arguments) == {"x": 1}
+    assert parse_tool_calls("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+    content, calls = parse_tool_calls('<tool_call>{"name": "f", "arguments": {"x": 2}}')   # unclosed at EOS
+    assert content is None and calls[0].name == "f"
+
+
+def test_model_without_template_is_a_clear_400():
+    tok = ByteTokenizer()
+    tok.chat_template = None
+    with pytest.raises(InvalidRequestError, match="no chat template"):
+        render_chat(tok, [{"role": "user", "content": "x"}], None)
