@@ -41,6 +41,7 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None   # echo + logprobs
     owner: Any = None   # the engine-side request this sequence belongs to
+    _bias: Optional[tuple] = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -49,6 +50,13 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """logit_bias as (token ids, values), built once per sequence."""
+        if self._bias is None:
+            self._bias = (torch.tensor(list(self.params.logit_bias), dtype=torch.long),
+                          torch.tensor(list(self.params.logit_bias.values()), dtype=torch.float32))
+        return self._bias
 
     @property
     def finished(self) -> bool:
