@@ -48,6 +48,9 @@ class HandleClient:
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         return await _call(self.handle.embed.remote(req))
 
+    async def embed_many(self, reqs: list[EmbedRequest]) -> list:
+        return await _call(self.handle.embed_many.remote(reqs))
+
     async def images(self, req: ImageRequest) -> ImageResult:
         return await _call(self.handle.generate.remote(req))
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from ray import serve
 
 from deployments.config import EmbeddingModelConfig
-from deployments.errors import InvalidRequestError
+from deployments.errors import InvalidRequestError, ModelHubError
 from deployments.types import EmbedRequest, EmbedResult, ModelCard
 
 
@@ -45,6 +45,11 @@ class EmbeddingServer:
             vectors = self.encoder.shorten(vectors, req.dimensions)
         return EmbedResult(vectors, sum(len(t) for t in token_lists))
 
+    async def embed_many(self, reqs: list[EmbedRequest]) -> list[Union[EmbedResult, ModelHubError]]:
+        """Several requests in one handle call (the ingress coalesces them); a bad request gets its
+        own error in its slot and harms no other."""
+        return await asyncio.gather(*(_error_as_value(self.embed(r)) for r in reqs))
+
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)  # both reset from config in __init__
     async def _encode_batch(self, requests: list[list[list[int]]]) -> list:
         flat = [ids for req in requests for ids in req]
@@ -62,3 +67,10 @@ class EmbeddingServer:
                                       param="dimensions", code="unsupported_parameter")
         if dimensions not in allowed and dimensions != self.encoder.dim:
             raise InvalidRequestError(f"dimensions must be one of {sorted(set(allowed))}.", param="dimensions")
+
+
+async def _error_as_value(work) -> Any:
+    try:
+        return await work
+    except ModelHubError as exc:
+        return exc

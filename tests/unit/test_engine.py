@@ -213,3 +213,30 @@ def test_multiple_prompts_map_to_choice_indices(model):
     assert sorted(texts["mp"]) == [0, 1, 2, 3]
     assert texts["mp"][0] == texts["mp"][1]   # greedy: both choices of a prompt agree
     assert r.usage().prompt_tokens == 6 and r.usage().completion_tokens == 12
+
+
+def test_similar_prompts_prefill_together_and_match_one_at_a_time(model):
+    texts = ["alpha beta", "gamma delt", "epsilon z", "eta theta!"]     # lengths 9-10: one padded batch
+    solo = [req(f"s{i}", t) for i, t in enumerate(texts)]
+    for r in solo:
+        run_all(make_engine(model), [r])
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape if i else None))
+    try:
+        together = [req(f"t{i}", t) for i, t in enumerate(texts)]
+        engine = make_engine(model)
+        for r in together:
+            engine.add(r)
+        engine.step()
+    finally:
+        handle.remove()
+    run_all(engine, [])
+    assert len(calls) == 2                      # one prefill forward for all four, then one decode
+    assert [out_ids(r) for r in together] == [out_ids(r) for r in solo]
+
+
+def test_very_different_lengths_are_not_padded_together(model):
+    from deployments.llm.engine import _similar_lengths
+    from deployments.llm.scheduler import PromptGroup
+    groups = [PromptGroup(str(n), [1] * n, []) for n in (4, 5, 5, 40, 44)]
+    assert [[len(g.prompt_ids) for g in c] for c in _similar_lengths(groups)] == [[4, 5, 5], [40, 44]]
