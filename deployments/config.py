@@ -185,6 +185,13 @@ class IngressConfig(StrictModel):
     log_prompts: bool = Field(False, description="Log prompt text (off by default for privacy).")
     public_url: Optional[str] = Field(
         None, description="Base URL clients reach this server at, for image URLs (default: the request's Host).")
+    coalesce_embeddings: bool = Field(
+        True, description="Merge concurrent embedding requests for one model into one handle call at the "
+                          "ingress (fewer Ray hops per request).")
+    coalesce_max_batch: int = Field(64, ge=1, description="Most embedding requests merged into one handle call.")
+    coalesce_max_in_flight: int = Field(
+        2, ge=1, description="Handle calls per embedding model in flight from one ingress replica; "
+                             "requests arriving beyond them wait and go out together.")
 
 
 class AppConfig(StrictModel):
