@@ -125,6 +125,12 @@ class ImageEngineConfig(StrictModel):
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance when the request sets none.")
     max_n: int = Field(10, ge=1, le=10, description="Largest `n` per request.")
     seed: Optional[int] = Field(None, description="Seed used when a request sets none (None: random).")
+    max_batch_size: int = Field(
+        4, ge=1, description="Requests @serve.batch gathers at most; those with the same size, steps, "
+                             "guidance scale and use of negative_prompt share one pipeline call (up to "
+                             "max_batch_size * max_n images: mind GPU memory). 1: no batching.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="How long the first request of a batch waits for others to join it.")
 
     @field_validator("sizes")
     @classmethod

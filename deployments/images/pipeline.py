@@ -1,6 +1,7 @@
 """Text-to-image pipelines: any diffusers checkpoint through AutoPipelineForText2Image, or
-`builtin:tiny-random-sd`, a tiny Stable Diffusion with random weights built in code (fixed seed)
-for machines without real weights. Its pictures are noise by design. Imported only in replicas.
+`builtin:tiny-random-sd`, a tiny random-weight Stable Diffusion built in code (its pictures are noise
+by design). One call serves several same-shape requests, each with its own prompts, n and seed, and
+stops between steps once all of them are cancelled. Imported only in replicas (torch, diffusers).
 """
 from __future__ import annotations
 
@@ -11,12 +12,9 @@ from typing import Any, Optional
 import torch
 
 from deployments.config import ImageEngineConfig
+from deployments.images.jobs import Cancelled, ImageJob
 from deployments.sources import resolve_source
 from deployments.torch_utils import pick_device, pick_dtype
-
-
-class Cancelled(Exception):
-    pass
 
 
 class ImagePipeline:
@@ -44,26 +42,61 @@ class ImagePipeline:
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, cfg, device)
 
-    def generate(self, prompt: str, *, n: int, width: int, height: int, steps: int, guidance: float,
-                 seed: Optional[int], negative_prompt: Optional[str], cancel: threading.Event) -> list[bytes]:
-        """PNG bytes of n images; raises Cancelled if `cancel` is set between denoising steps."""
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
+    def generate(self, jobs: list[ImageJob]) -> list[list[bytes]]:
+        """PNG bytes of each job's images, from one pipeline call. The jobs must share a batch_key.
+        Raises Cancelled, between denoising steps, once every job is cancelled."""
+        if len({job.batch_key() for job in jobs}) != 1:
+            raise ValueError("jobs of one pipeline call must share a batch_key")
 
         def on_step_end(pipe, step, timestep, kwargs):
-            if cancel.is_set():
-                pipe._interrupt = True
+            _raise_if_all_cancelled(jobs)
             return kwargs
 
+        first = jobs[0]
         with self._lock, torch.inference_mode():
-            result = self.pipe(prompt=prompt, negative_prompt=negative_prompt, num_images_per_prompt=n,
-                               width=width, height=height, num_inference_steps=steps,
-                               guidance_scale=guidance, generator=generator,
-                               callback_on_step_end=on_step_end)
-        if cancel.is_set():
-            raise Cancelled()
-        return [_png(img) for img in result.images]
+            _raise_if_all_cancelled(jobs)
+            result = self.pipe(prompt=_per_image(jobs, "prompt"), negative_prompt=_negative_prompts(jobs),
+                               num_images_per_prompt=1, generator=_generators(jobs),
+                               width=first.width, height=first.height, num_inference_steps=first.steps,
+                               guidance_scale=first.guidance, callback_on_step_end=on_step_end)
+        pngs = [_png(img) for img in result.images]
+        return _split(pngs, [job.n for job in jobs])
+
+
+def _raise_if_all_cancelled(jobs: list[ImageJob]) -> None:
+    if all(job.cancel.is_set() for job in jobs):
+        raise Cancelled()
+
+
+def _per_image(jobs: list[ImageJob], attr: str) -> list:
+    """One entry per image: each job's value repeated n times (so each request keeps its own n)."""
+    return [getattr(job, attr) for job in jobs for _ in range(job.n)]
+
+
+def _negative_prompts(jobs: list[ImageJob]) -> Optional[list[str]]:
+    return None if jobs[0].negative_prompt is None else _per_image(jobs, "negative_prompt")
+
+
+def _generators(jobs: list[ImageJob]) -> list[torch.Generator]:
+    """One generator per image. A job's images share its own generator, drawn in order, so a seeded
+    request gets the same noise alone or next to other requests."""
+    out = []
+    for job in jobs:
+        gen = torch.Generator(device="cpu")
+        if job.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(job.seed)
+        out += [gen] * job.n
+    return out
+
+
+def _split(items: list, sizes: list[int]) -> list[list]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(items[start:start + size])
+        start += size
+    return out
 
 
 def _png(image) -> bytes:

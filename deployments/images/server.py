@@ -1,30 +1,39 @@
-"""The images Serve deployment: checks a request against the model's limits and runs the pipeline
-on a worker thread. A caller that goes away (cancelled handle call) stops denoising at the next
-step. No FastAPI here; torch and diffusers load inside __init__ only.
+"""The images Serve deployment: checks a request against the model's limits, then @serve.batch
+gathers concurrent requests and runs one pipeline call per group of the same shape, on a worker
+thread. A caller that goes away marks its job cancelled; a call stops once all its jobs are.
+No FastAPI here; torch and diffusers load inside __init__ only.
 """
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from typing import Any, Callable, Optional
 
+from ray import serve
+
 from deployments.config import ImageModelConfig
 from deployments.errors import InvalidRequestError
+from deployments.images.jobs import Cancelled, ImageJob, group_by_key
 from deployments.types import ImageRequest, ImageResult, ModelCard
 
 
 class ImageServer:
     def __init__(self, model_cfg: ImageModelConfig, *, pipeline_factory: Optional[Callable] = None):
         from deployments.images.pipeline import ImagePipeline
+        e = model_cfg.engine
         self.cfg = model_cfg
-        self.pipeline = (pipeline_factory or ImagePipeline.load)(model_cfg.source, model_cfg.engine)
+        self.pipeline = (pipeline_factory or ImagePipeline.load)(model_cfg.source, e)
+        # Batched per instance, not by decorating the method: a decorated method shares one queue
+        # among all instances, bound to the event loop that first used it.
+        self._generate_batch = serve.batch(max_batch_size=e.max_batch_size,
+                                           batch_wait_timeout_s=e.batch_wait_timeout_s)(self._run_batch)
         self.created = int(time.time())
 
     @staticmethod
     def default_options(cfg: ImageModelConfig) -> dict[str, Any]:
-        return {"max_ongoing_requests": 16, "max_queued_requests": 256, "num_replicas": 1,
-                "ray_actor_options": {"num_cpus": 0.25}, "health_check_period_s": 10}
+        # room for a full batch to gather while the previous one runs
+        return {"max_ongoing_requests": max(16, 2 * cfg.engine.max_batch_size), "max_queued_requests": 256,
+                "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}, "health_check_period_s": 10}
 
     def card(self) -> ModelCard:
         return ModelCard(id=self.cfg.id, kind="image", created=self.created, owned_by=self.cfg.owned_by,
@@ -32,19 +41,31 @@ class ImageServer:
                          image_sizes=list(self.cfg.engine.sizes), max_images=self.cfg.engine.max_n)
 
     async def generate(self, req: ImageRequest) -> ImageResult:
-        e = self.cfg.engine
         check_image_request(req, self.cfg)
-        cancel = threading.Event()
-        work = asyncio.to_thread(
-            self.pipeline.generate, req.prompt, n=req.n, width=req.width, height=req.height,
-            steps=req.num_inference_steps or e.default_steps,
-            guidance=e.guidance_scale if req.guidance_scale is None else req.guidance_scale,
-            seed=e.seed if req.seed is None else req.seed, negative_prompt=req.negative_prompt, cancel=cancel)
+        job = self._job(req)
         try:
-            return ImageResult(await work)
+            return ImageResult(await self._generate_batch(job))
         except asyncio.CancelledError:
-            cancel.set()
+            job.cancel.set()
             raise
+
+    def _job(self, req: ImageRequest) -> ImageJob:
+        e = self.cfg.engine
+        return ImageJob(req.prompt, req.n, req.width, req.height, steps=req.num_inference_steps or e.default_steps,
+                        guidance=e.guidance_scale if req.guidance_scale is None else req.guidance_scale,
+                        seed=e.seed if req.seed is None else req.seed, negative_prompt=req.negative_prompt)
+
+    async def _run_batch(self, jobs: list[ImageJob]) -> list[Optional[list[bytes]]]:
+        """One pipeline call per group of same-shape jobs, in turn. A group whose callers all went
+        away yields None for them (nobody reads it)."""
+        results: dict[int, Optional[list[bytes]]] = {}
+        for group in group_by_key(jobs):
+            try:
+                pngs = await asyncio.to_thread(self.pipeline.generate, group)
+            except Cancelled:
+                pngs = [None] * len(group)
+            results.update(zip(map(id, group), pngs))
+        return [results[id(job)] for job in jobs]
 
 
 def check_image_request(req: ImageRequest, cfg: ImageModelConfig) -> None:
