@@ -1,0 +1,74 @@
+"""Helpers shared by the benchmarks: start the app on Ray Serve, percentiles, table printing.
+
+Load is generated with aiohttp (httpx itself collapses past ~32 connections on this machine).
+"""
+from __future__ import annotations
+
+import pathlib
+import socket
+import statistics
+from typing import Any, Optional
+
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def default_args() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(args: dict[str, Any], env: Optional[dict[str, str]] = None) -> str:
+    """Starts Ray + Serve with `args`; returns the /v1 base URL."""
+    import ray
+    from ray import serve
+
+    from ingress.app import build_app
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env} if env else None)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="modelhub", route_prefix="/")
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def stop_app() -> None:
+    import ray
+    from ray import serve
+    serve.shutdown()
+    ray.shutdown()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
