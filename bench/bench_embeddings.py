@@ -91,9 +91,7 @@ def main():
     args = default_args()
     args["models"] = [m for m in args["models"] if m["kind"] == "embedding"]
     args.setdefault("ingress", {})["coalesce_embeddings"] = not opts.no_coalesce
-    if opts.direct_ingress:
-        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
-    url = start_app(args)
+    url = start_app(args, direct_ingress=opts.direct_ingress)
     try:
         asyncio.run(run_level(url, 8, 1, 3))   # warm-up
         rows = []

@@ -49,12 +49,18 @@ async def one_request(session, url, i, tokens, eos_id):
                 first = first or now
                 last = now
     itl = (last - first) / max(1, usage - 1) if first and usage > 1 else None
-    return first - start, itl, usage
+    return start, first, last, itl, usage
 
 
-async def run_level(url, concurrency, tokens, seconds, eos_id):
-    ttfts, itls, total, errors = [], [], 0, 0
-    deadline = time.perf_counter() + seconds
+async def run_level(url, concurrency, tokens, seconds, eos_id, warmup=0.0):
+    """Closed loop for `seconds` after `warmup`. Throughput counts the tokens received inside the
+    measured window (each request's tokens spread evenly between its first and last token); latency
+    stats count requests started inside it, finished or not by its end (warm-up requests see every
+    client arrive at once)."""
+    ttfts, itls, total, errors = [], [], 0.0, 0
+    begin = time.perf_counter()
+    measure_from = begin + warmup
+    deadline = begin + warmup + seconds
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -63,47 +69,63 @@ async def run_level(url, concurrency, tokens, seconds, eos_id):
             i = k
             while time.perf_counter() < deadline:
                 try:
-                    ttft, itl, n = await one_request(session, url, i, tokens, eos_id)
+                    started, first, last, itl, n = await one_request(session, url, i, tokens, eos_id)
                 except Exception as exc:  # counted, reported
                     errors += 1
                     print("error:", exc, file=sys.stderr)
                     continue
-                ttfts.append(ttft)
+                i += concurrency
+                total += _tokens_inside(first, last, n, measure_from, deadline)
+                if started < measure_from:
+                    continue
+                ttfts.append(first - started)
                 if itl is not None:
                     itls.append(itl)
-                total += n
-                i += concurrency
-        start = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - start
+        elapsed = deadline - measure_from
     return {"tok_s": total / elapsed, "ttft_p50": median(ttfts), "ttft_p99": pct(ttfts, 99),
             "itl_p50": median(itls), "requests": len(ttfts), "errors": errors}
 
 
-def static_batch_reference(batch_sizes, tokens):
-    """HF generate on a static batch: output tok/s, in this process, before the server starts."""
-    import torch
+def _tokens_inside(first: float, last: float, n: int, lo: float, hi: float) -> float:
+    if n <= 1 or last <= first:
+        return float(n) if lo <= last <= hi else 0.0
+    overlap = max(0.0, min(last, hi) - max(first, lo))
+    return n * overlap / (last - first)
 
-    from deployments.config import LLMEngineConfig
-    from deployments.llm.loader import load_causal_lm
-    args = default_args()
-    chat = next(m for m in args["models"] if m["kind"] == "chat")
-    model, tok = load_causal_lm(chat["source"], LLMEngineConfig(), torch.device("cpu"), torch.float32)
-    tok.padding_side = "left"
-    out = {}
-    for b in batch_sizes:
-        texts = [tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                                         add_generation_prompt=True, tokenize=False) for i in range(b)]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.inference_mode():
-            model.generate(**enc, max_new_tokens=4, do_sample=False)   # warm-up
-            t = time.perf_counter()
-            model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                           pad_token_id=tok.eos_token_id)
-            out[b] = b * tokens / (time.perf_counter() - t)
-        print(f"reference: static batch {b}: {out[b]:.1f} tok/s", flush=True)
-    del model
-    return out
+
+class StaticReference:
+    """HF `generate` on a static batch in this process: output tok/s for a batch size and dtype."""
+
+    def __init__(self, dtypes: list[str]):
+        import torch
+
+        from deployments.config import LLMEngineConfig
+        from deployments.llm.loader import load_causal_lm
+        from deployments.torch_utils import pick_dtype
+        chat = next(m for m in default_args()["models"] if m["kind"] == "chat")
+        self.models = {}
+        for name in dtypes:
+            dtype = pick_dtype(name, torch.device("cpu"), cpu_bf16_if_native=True)
+            model, self.tok = load_causal_lm(chat["source"], LLMEngineConfig(), torch.device("cpu"), dtype)
+            self.models[str(dtype).removeprefix("torch.")] = model
+        self.tok.padding_side = "left"
+
+    def run(self, batch: int, tokens: int) -> dict[str, float]:
+        import torch
+        texts = [self.tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                                              add_generation_prompt=True, tokenize=False) for i in range(batch)]
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = {}
+        for name, model in self.models.items():
+            with torch.inference_mode():
+                model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=self.tok.eos_token_id)
+                t = time.perf_counter()
+                model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                               pad_token_id=self.tok.eos_token_id)
+                out[name] = batch * tokens / (time.perf_counter() - t)
+            print(f"reference: static batch {batch} {name}: {out[name]:.1f} tok/s", flush=True)
+        return out
 
 
 def main():
@@ -113,29 +135,48 @@ def main():
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--url", default=None, help="benchmark an already running server instead of starting one")
     p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--ref-dtypes", default="auto,float32",
+                   help="dtypes of the static-batch reference ('auto' = what the server uses here)")
     p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--warmup", type=float, default=None, help="seconds per level not counted (default: seconds/3)")
+    p.add_argument("--direct-ingress", action="store_true", help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
+    p.add_argument("--stream-interval-ms", type=float, default=None)
+    p.add_argument("--num-threads", type=int, default=None, help="torch threads of the LLM replica")
     opts = p.parse_args()
     levels = [int(x) for x in opts.levels.split(",")]
-    ref = {} if opts.no_reference else static_batch_reference([lv for lv in levels if lv <= 32], opts.tokens)
+    reference = None if opts.no_reference else StaticReference(opts.ref_dtypes.split(","))
     url = opts.url
     if url is None:
         args = default_args()
         args["models"] = [m for m in args["models"] if m["kind"] == "chat"]
-        args["models"][0].setdefault("engine", {})["max_num_seqs"] = opts.max_num_seqs
-        url = start_app(args)
+        engine = args["models"][0].setdefault("engine", {})
+        engine["max_num_seqs"] = opts.max_num_seqs
+        if opts.num_threads is not None:
+            engine["num_threads"] = opts.num_threads
+        if opts.stream_interval_ms is not None:
+            engine["stream_interval_ms"] = opts.stream_interval_ms
+        url = start_app(args, direct_ingress=opts.direct_ingress)
     try:
         asyncio.run(run_level(url, 2, 8, 5, 2))   # warm-up
         rows = []
         results = {}
+        names = list(reference.models) if reference else []
         for c in levels:
-            r = run_level_sync(url, c, opts.tokens, opts.seconds)
+            # the reference runs right before each level, so both see the same machine weather
+            ref = reference.run(c, opts.tokens) if reference and c <= 32 else {}
+            warmup = opts.seconds / 3 if opts.warmup is None else opts.warmup
+            r = asyncio.run(run_level(url, c, opts.tokens, opts.seconds, 2, warmup))
             results[c] = r
-            ratio = r["tok_s"] / ref[c] if c in ref else float("nan")
-            rows.append([c, r["tok_s"], ref.get(c, float("nan")), ratio, r["ttft_p50"], r["ttft_p99"],
-                         r["itl_p50"] * 1000, r["requests"], r["errors"]])
+            refs = []
+            for n in names:
+                refs += [ref.get(n, float("nan")), r["tok_s"] / ref[n] if n in ref else float("nan")]
+            rows.append([c, r["tok_s"], *refs, r["ttft_p50"], r["ttft_p99"], r["itl_p50"] * 1000,
+                         r["requests"], r["errors"]])
             print(f"concurrency {c}: {r}", flush=True)
-        print()
-        print_table(["concurrency", "tok/s (HTTP)", "static tok/s", "ratio", "TTFT p50 s", "TTFT p99 s",
+        print(f"\nHTTP path: direct ingress {'on' if opts.direct_ingress else 'off'}, stream_interval_ms "
+              f"{opts.stream_interval_ms or 0}, threads {engine.get('num_threads') if opts.url is None else '?'}; {opts.tokens} output tokens/request, greedy, warm-up excluded")
+        ref_cols = [h for n in names for h in (f"static {n} tok/s", f"ratio vs {n}")]
+        print_table(["concurrency", "tok/s (HTTP)", *ref_cols, "TTFT p50 s", "TTFT p99 s",
                      "ITL p50 ms", "requests", "errors"], rows)
         if 1 in results and 32 in results:
             print(f"\nTTFT p50 at 32 / at 1: {results[32]['ttft_p50'] / results[1]['ttft_p50']:.2f}x")
@@ -145,9 +186,6 @@ def main():
         if opts.url is None:
             stop_app()
 
-
-def run_level_sync(url, c, tokens, seconds):
-    return asyncio.run(run_level(url, c, tokens, seconds, 2))
 
 
 if __name__ == "__main__":

@@ -62,11 +62,16 @@ class LLMEngineConfig(StrictModel):
     """Options of the continuous-batching LLM engine."""
 
     device: Device = Field("auto", description="'auto' picks cuda when available, else cpu.")
-    dtype: DType = Field("auto", description="'auto' is float32 on CPU and bfloat16 on CUDA.")
+    dtype: DType = Field("auto", description="'auto' is bfloat16 on CUDA and on CPUs with native bf16 "
+                                             "(AVX512_BF16/AMX), float32 on other CPUs.")
     max_num_seqs: int = Field(32, ge=1, description="Sequences decoded together in one step.")
     max_num_batched_tokens: int = Field(
         65536, ge=16, description="KV budget: tokens (prompt + output, padding included) the running "
                                   "batch may hold. New sequences wait while it is full.")
+    max_prefill_tokens: int = Field(
+        512, ge=1, description="Prompt tokens prefilled in one step; a burst of arrivals is admitted over "
+                               "several steps, interleaved with decode steps. An idle engine always "
+                               "takes at least one prompt, however long.")
     max_waiting: int = Field(
         256, ge=0, description="Requests waiting for a batch slot; beyond it the answer is 503 "
                                "with Retry-After.")
@@ -121,7 +126,7 @@ class ImageEngineConfig(StrictModel):
     dtype: DType = Field("auto", description="'auto' is float32 on CPU and float16 on CUDA.")
     sizes: list[str] = Field(["1024x1024"], min_length=1, description="Allowed WxH sizes; the first is the default.")
     default_steps: int = Field(30, ge=1, le=500, description="num_inference_steps when the request sets none.")
-    max_steps: int = Field(100, ge=1, le=1000, description="Largest num_inference_steps a request may ask for.")
+    max_steps: int = Field(100, ge=1, le=500, description="Largest num_inference_steps a request may ask for.")
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance when the request sets none.")
     max_n: int = Field(10, ge=1, le=10, description="Largest `n` per request.")
     seed: Optional[int] = Field(None, description="Seed used when a request sets none (None: random).")
@@ -130,7 +135,8 @@ class ImageEngineConfig(StrictModel):
                              "guidance scale and use of negative_prompt share one pipeline call (up to "
                              "max_batch_size * max_n images: mind GPU memory). 1: no batching.")
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0, description="How long the first request of a batch waits for others to join it.")
+        0.0, ge=0, description="How long the first request of a batch waits for others to join it. 0: an idle "
+                               "replica starts at once, and requests arriving during a call form the next batch.")
 
     @field_validator("sizes")
     @classmethod

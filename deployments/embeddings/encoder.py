@@ -22,6 +22,7 @@ class Encoder:
         self.max_length = int(model.max_seq_length or self.tokenizer.model_max_length)
         self.dim = int(model.get_sentence_embedding_dimension())
         self.normalizes = any(type(m).__name__ == "Normalize" for m in model)
+        self._prefix, self._suffix = _special_tokens_around(self.tokenizer)
 
     @classmethod
     def load(cls, source: str, cfg: EmbeddingEngineConfig) -> "Encoder":
@@ -53,7 +54,7 @@ class Encoder:
                 if bad:
                     raise InvalidRequestError(f"Invalid token in input: {bad[0]}. Minimum value is 0, maximum "
                                               f"value is {vocab - 1} (inclusive).", param="input")
-                out[i] = self.tokenizer.build_inputs_with_special_tokens(list(x))
+                out[i] = self._prefix + list(x) + self._suffix
         return [self._fit(ids, i) for i, ids in enumerate(out)]
 
     def _fit(self, ids: list[int], index: int) -> list[int]:
@@ -110,3 +111,14 @@ class Encoder:
         return out
 
 
+
+
+def _special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text (e.g. [CLS] ... [SEP]), so
+    token-id inputs are framed exactly as text inputs are."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    return [], []

@@ -20,8 +20,9 @@ class EmbeddingServer:
         from deployments.embeddings.encoder import Encoder
         self.cfg = model_cfg
         self.encoder = (encoder_factory or Encoder.load)(model_cfg.source, model_cfg.engine)
-        self._encode_batch.set_max_batch_size(model_cfg.engine.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(model_cfg.engine.batch_wait_timeout_s)
+        # Batched per instance (a decorated method would share one queue among all instances).
+        self._encode_batch = serve.batch(max_batch_size=model_cfg.engine.max_batch_size,
+                                         batch_wait_timeout_s=model_cfg.engine.batch_wait_timeout_s)(self._encode)
         self.created = int(time.time())
 
     @staticmethod
@@ -50,8 +51,8 @@ class EmbeddingServer:
         own error in its slot and harms no other."""
         return await asyncio.gather(*(_error_as_value(self.embed(r)) for r in reqs))
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)  # both reset from config in __init__
-    async def _encode_batch(self, requests: list[list[list[int]]]) -> list:
+    async def _encode(self, requests: list[list[list[int]]]) -> list:
+        """One encode call for the inputs of several requests; each gets its own rows back."""
         flat = [ids for req in requests for ids in req]
         vectors = await asyncio.to_thread(self.encoder.encode, flat)
         out, start = [], 0

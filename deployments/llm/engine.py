@@ -1,7 +1,8 @@
-"""The continuous-batching engine: each step admits waiting prompts, decodes one token for every
-running sequence, and reports what changed.
+"""The continuous-batching engine: each step either admits and prefills waiting prompts or decodes
+one token for every running sequence, then reports what changed.
 
-    step():  admit -> prefill (each new prompt once, forked n ways) -> decode all rows -> sample
+    step():  admitted prompts?  prefill them together (forked n ways) -> sample first tokens
+             else               decode all rows -> sample
              -> detokenize / stop -> drop finished rows -> return per-request chunks
 
 It is synchronous and single-threaded; `AsyncLLMEngine` (async_engine.py) runs it on a thread.
@@ -43,7 +44,7 @@ class EngineRequest:
 
 class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_model_len: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_prefill_tokens: int = 4096):
+                 max_num_batched_tokens: int, max_prefill_tokens: int = 512):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -53,6 +54,7 @@ class LLMEngine:
         self.sampler = Sampler(len(tokenizer), self.device)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.requests: dict[str, EngineRequest] = {}
+        self._prefilled_last = False
 
     # ------------------------------------------------------------------ public API
 
@@ -78,16 +80,18 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[EngineRequest, GenerateChunk]]:
+        """A prefill step (new prompts get their first token at once) or a decode step (every
+        running row gets one token); never two prefill steps in a row while rows are running,
+        so a burst of arrivals delays running streams by at most one prefill per token."""
         touched: dict[str, EngineRequest] = {}
-        groups = self.scheduler.next_prefills(self.batch)
+        groups = [] if (self._prefilled_last and len(self.batch)) else self.scheduler.next_prefills(self.batch)
+        self._prefilled_last = bool(groups)
         if groups:
             self._prefill_all(groups)
-            for group in groups:
-                touched[group.request_id] = self.requests[group.request_id]
-        if len(self.batch):
+            touched = {g.request_id: self.requests[g.request_id] for g in groups}
+        elif len(self.batch):
             self._decode()
-            for s in self.batch.seqs:
-                touched[s.request_id] = s.owner
+            touched = {s.request_id: s.owner for s in self.batch.seqs}
             self.batch.remove_finished()
         return [(req, self._chunk(req)) for req in touched.values()]
 

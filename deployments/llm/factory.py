@@ -13,11 +13,11 @@ def build_async_engine(cfg: ChatModelConfig):
     e = cfg.engine
     set_threads(e.num_threads)
     device = pick_device(e.device)
-    model, tokenizer = load_causal_lm(cfg.source, e, device, pick_dtype(e.dtype, device))
+    model, tokenizer = load_causal_lm(cfg.source, e, device, pick_dtype(e.dtype, device, cpu_bf16_if_native=True))
     model_limit = getattr(model.config, "max_position_embeddings", None) or 2048
     max_model_len = min(e.max_model_len or model_limit, model_limit)
     engine = LLMEngine(model, tokenizer, max_model_len=max_model_len, max_num_seqs=e.max_num_seqs,
-                       max_num_batched_tokens=e.max_num_batched_tokens)
+                       max_num_batched_tokens=e.max_num_batched_tokens, max_prefill_tokens=e.max_prefill_tokens)
     async_engine = AsyncLLMEngine(engine, max_in_flight_seqs=e.max_num_seqs + e.max_waiting,
                                   stream_interval_s=e.stream_interval_ms / 1000)
     return async_engine, tokenizer, max_model_len

@@ -3,7 +3,7 @@
 A group is one prompt with its `n` sequences (prefilled once, then forked). Groups join in
 arrival order while the batch stays within `max_num_seqs` rows and the KV budget
 (`max_num_batched_tokens`, padding included), and while this step's prefill work stays under
-`max_prefill_tokens` so running streams keep moving.
+`max_prefill_tokens` (the first prompt of a step always goes) so running streams keep moving.
 """
 from __future__ import annotations
 
@@ -42,10 +42,10 @@ class Scheduler:
             group = self.waiting[0]
             n, length = len(group.seqs), len(group.prompt_ids)
             new_width = max(width, length + 1)
-            fits = (rows + n <= self.max_num_seqs
-                    and (rows + n) * new_width <= self.max_num_batched_tokens
-                    and prefill + length <= self.max_prefill_tokens)
-            if not fits and (picked or rows):   # an idle engine always takes the head, however big
+            room = (rows + n <= self.max_num_seqs
+                    and (rows + n) * new_width <= self.max_num_batched_tokens)
+            budget = not picked or prefill + length <= self.max_prefill_tokens   # one prompt always may go
+            if not (budget and (room or not rows)):   # an idle engine always takes the head, however big
                 break
             picked.append(self.waiting.popleft())
             rows, width, prefill = rows + n, new_width, prefill + length

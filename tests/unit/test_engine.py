@@ -231,7 +231,7 @@ def test_similar_prompts_prefill_together_and_match_one_at_a_time(model):
     finally:
         handle.remove()
     run_all(engine, [])
-    assert len(calls) == 2                      # one prefill forward for all four, then one decode
+    assert len(calls) == 1                      # the first step is one prefill forward for all four
     assert [out_ids(r) for r in together] == [out_ids(r) for r in solo]
 
 
@@ -240,3 +240,23 @@ def test_very_different_lengths_are_not_padded_together(model):
     from deployments.llm.scheduler import PromptGroup
     groups = [PromptGroup(str(n), [1] * n, []) for n in (4, 5, 5, 40, 44)]
     assert [[len(g.prompt_ids) for g in c] for c in _similar_lengths(groups)] == [[4, 5, 5], [40, 44]]
+
+
+def test_prefill_budget_spreads_a_burst_and_never_starves_a_long_prompt(model):
+    engine = make_engine(model, max_prefill_tokens=20)
+    running = req("run", "abc", max_tokens=60)
+    engine.add(running)
+    engine.step()
+    burst = [req(f"b{i}", "x" * 8, max_tokens=3) for i in range(4)]     # 4 x 8 tokens > 20 per step
+    long = req("long", "y" * 60, max_tokens=3)                            # over the budget on its own
+    for r in burst + [long]:
+        engine.add(r)
+    admitted, stalls = [], 0
+    while not long.finished:
+        before, waiting = len(out_ids(running)), len(engine.scheduler.waiting)
+        engine.step()
+        if len(engine.scheduler.waiting) < waiting:
+            admitted.append(waiting - len(engine.scheduler.waiting))
+        stalls = 0 if len(out_ids(running)) > before else stalls + 1
+        assert stalls <= 1                    # running streams get a token at least every other step
+    assert admitted == [2, 2, 1]              # 2 x 8 tokens fit 20; the 60-token prompt goes alone
