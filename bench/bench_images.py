@@ -99,12 +99,13 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads on both paths (Ray gives a 0.25-CPU replica OMP_NUM_THREADS=1)")
+    p.add_argument("--direct-ingress", action="store_true", help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
     opts = p.parse_args()
     import torch
     torch.set_num_threads(opts.threads)
     on, off = (image_args(opts.size, opts.steps, b) for b in (4, 1))
     direct = direct_seconds_per_image(on, opts.requests)
-    url = start_app(on, env={"OMP_NUM_THREADS": str(opts.threads)})
+    url = start_app(on, direct_ingress=opts.direct_ingress, env={"OMP_NUM_THREADS": str(opts.threads)})
     try:
         http_on = asyncio.run(http_seconds_per_image(url, opts.requests))
         rate_on = asyncio.run(images_per_second(url, 4, opts.seconds, opts.rounds))
@@ -113,7 +114,8 @@ def main():
         rate_off = asyncio.run(images_per_second(url, 4, opts.seconds, opts.rounds))
     finally:
         stop_app()
-    print(f"\n{opts.size}x{opts.size}, {opts.steps} steps, {opts.threads} torch thread(s); medians\n")
+    print(f"\n{opts.size}x{opts.size}, {opts.steps} steps, {opts.threads} torch thread(s), direct ingress "
+          f"{'on' if opts.direct_ingress else 'off'}; medians\n")
     print_table(["concurrency 1", "direct s/image", "HTTP s/image", "ratio direct/HTTP"],
                 [["batching on (max_batch_size 4)", direct, http_on, direct / http_on],
                  ["batching off (max_batch_size 1)", direct, http_off, direct / http_off]])

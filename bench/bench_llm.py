@@ -142,6 +142,7 @@ def main():
     p.add_argument("--direct-ingress", action="store_true", help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
     p.add_argument("--stream-interval-ms", type=float, default=None)
     p.add_argument("--num-threads", type=int, default=None, help="torch threads of the LLM replica")
+    p.add_argument("--max-prefill-tokens", type=int, default=None)
     opts = p.parse_args()
     levels = [int(x) for x in opts.levels.split(",")]
     reference = None if opts.no_reference else StaticReference(opts.ref_dtypes.split(","))
@@ -151,6 +152,8 @@ def main():
         args["models"] = [m for m in args["models"] if m["kind"] == "chat"]
         engine = args["models"][0].setdefault("engine", {})
         engine["max_num_seqs"] = opts.max_num_seqs
+        if opts.max_prefill_tokens is not None:
+            engine["max_prefill_tokens"] = opts.max_prefill_tokens
         if opts.num_threads is not None:
             engine["num_threads"] = opts.num_threads
         if opts.stream_interval_ms is not None:

@@ -24,11 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(args: dict[str, Any], direct_ingress: bool = False) -> str:
+def start_app(args: dict[str, Any], direct_ingress: bool = False, env: dict[str, str] | None = None) -> str:
     """Starts Ray + Serve with `args`; returns the /v1 base URL.
 
     direct_ingress: RAY_SERVE_ENABLE_DIRECT_INGRESS=1, where the ingress replica serves HTTP itself
-    (on a port from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT) and requests skip the proxy hop."""
+    (on a port from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT) and requests skip the proxy hop.
+    env: environment variables for every Ray worker (e.g. OMP_NUM_THREADS)."""
     import os
 
     import ray
@@ -40,7 +41,8 @@ def start_app(args: dict[str, Any], direct_ingress: bool = False) -> str:
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
         os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
         os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)   # exclusive
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env} if env else None)
     serve.start(http_options={"host": "127.0.0.1", "port": proxy_port if direct_ingress else port})
     serve.run(build_app(args), name="modelhub", route_prefix="/")
     return f"http://127.0.0.1:{port}/v1"
