@@ -20,7 +20,7 @@ class Encoder:
         self.cfg = cfg
         self.tokenizer = model.tokenizer
         self.max_length = int(model.max_seq_length or self.tokenizer.model_max_length)
-        self.dim = int(model.get_sentence_embedding_dimension())
+        self.dim = int(model.get_embedding_dimension())
         self.normalizes = any(type(m).__name__ == "Normalize" for m in model)
         self._prefix, self._suffix = _special_tokens_around(self.tokenizer)
 
