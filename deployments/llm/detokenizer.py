@@ -6,7 +6,7 @@ could still grow into a stop string is held back from the stream until it is dec
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 _REPLACEMENT = "\ufffd"
 

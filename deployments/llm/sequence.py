@@ -62,11 +62,6 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def fork(self, choice_index: int, generator: Optional[torch.Generator], detok, stop) -> "Sequence":
-        """A copy for another choice of the same prompt (n > 1), before any output exists."""
-        return Sequence(self.request_id, choice_index, self.prompt_ids, self.params, self.max_tokens,
-                        detok, stop, generator, owner=self.owner, prompt_logprobs=self.prompt_logprobs)
-
     def finish(self, reason: str) -> None:
         self.status = Status.FINISHED
         self.finish_reason = reason

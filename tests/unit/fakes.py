@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 from typing import AsyncIterator
 
 import numpy as np

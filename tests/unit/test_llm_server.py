@@ -66,7 +66,8 @@ def test_beyond_the_queue_is_overloaded_with_retry_after():
     async def go():
         server = make_server(max_num_seqs=1, max_waiting=1)
         streams = [server.generate_stream(chat(rid=f"s{i}", max_tokens=40)) for i in range(2)]
-        firsts = [await s.__anext__() for s in streams]
+        for s in streams:                      # both are running or waiting now
+            await s.__anext__()
         with pytest.raises(OverloadedError) as info:
             await server.generate(chat(rid="third"))
         for s in streams:
