@@ -109,7 +109,11 @@ def main():
     try:
         http_on = asyncio.run(http_seconds_per_image(url, opts.requests))
         rate_on = asyncio.run(images_per_second(url, 4, opts.seconds, opts.rounds))
-        redeploy(off)
+        if opts.direct_ingress:   # a redeployed ingress could not take the port its predecessor holds
+            stop_app()
+            url = start_app(off, direct_ingress=True, env={"OMP_NUM_THREADS": str(opts.threads)})
+        else:
+            redeploy(off)
         http_off = asyncio.run(http_seconds_per_image(url, opts.requests))
         rate_off = asyncio.run(images_per_second(url, 4, opts.seconds, opts.rounds))
     finally:

@@ -37,6 +37,7 @@ def start_app(args: dict[str, Any], direct_ingress: bool = False, env: dict[str,
 
     from ingress.app import build_app
     port, proxy_port = free_port(), free_port()
+    os.environ.pop("RAY_SERVE_ENABLE_DIRECT_INGRESS", None)
     if direct_ingress:
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
         os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
