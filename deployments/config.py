@@ -78,6 +78,10 @@ class LLMEngineConfig(StrictModel):
     max_model_len: Optional[int] = Field(
         None, ge=16, description="Context window; defaults to the model's max_position_embeddings.")
     max_n: int = Field(16, ge=1, le=128, description="Largest `n` a request may ask for.")
+    default_temperature: float = Field(
+        1.0, ge=0, le=2, description="temperature for requests that omit it (OpenAI's default is 1.0; set "
+                                     "a model card's recommendation, as vLLM does from generation_config).")
+    default_top_p: float = Field(1.0, gt=0, le=1, description="top_p for requests that omit it.")
     tensor_parallel_size: int = Field(1, ge=1, description="Ranks one replica shards the model over.")
     stream_interval_ms: float = Field(
         0.0, ge=0, description="Coalesce a stream's tokens into one chunk at most this often; 0 "

@@ -18,8 +18,8 @@ class SamplingParams:
     """Per-request sampling settings, with OpenAI's meanings."""
 
     max_tokens: Optional[int] = None      # None: as many as fit in the context window
-    temperature: float = 1.0              # 0 means greedy
-    top_p: float = 1.0
+    temperature: Optional[float] = None   # 0 means greedy; None: the model's default (else 1.0)
+    top_p: Optional[float] = None         # None: the model's default (else 1.0)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)

@@ -28,12 +28,12 @@ class Sampler:
         logits = logits[:, : self.vocab_size].float()
         self._apply_bias(logits, seqs)
         self._apply_penalties(logits, seqs)
-        temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device)
+        temps = torch.tensor([_or(s.params.temperature, 1.0) for s in seqs], device=logits.device)
         greedy = temps == 0
         if bool(greedy.all()):
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits / temps.clamp(min=1e-5).unsqueeze(1), dim=-1)
-        top_p = [s.params.top_p for s in seqs]
+        top_p = [_or(s.params.top_p, 1.0) for s in seqs]
         if any(p < 1.0 for p in top_p):
             probs = _top_p(probs, torch.tensor(top_p, device=logits.device))
         cdf = probs.cumsum(dim=-1)
@@ -73,6 +73,10 @@ class Sampler:
             if s.generator is not None:
                 u[row] = torch.rand(1, generator=s.generator)[0]
         return u.to(self.device)
+
+
+def _or(value: Optional[float], default: float) -> float:
+    return default if value is None else value
 
 
 def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ importing this module (as the ingress builder does) stays light. No FastAPI here
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Optional
 
 from deployments.config import ChatModelConfig
@@ -87,6 +88,8 @@ class LLMServer:
         else:
             prompts, what = [self._tokenize(x) for x in req.prompts or []], "prompt"
         self._check_token_ids(p.logit_bias.keys(), "logit_bias")
+        p = replace(p, temperature=self.cfg.engine.default_temperature if p.temperature is None else p.temperature,
+                    top_p=self.cfg.engine.default_top_p if p.top_p is None else p.top_p)
         max_tokens = [self._max_tokens(len(ids), p.max_tokens, what) for ids in prompts]
         return EngineRequest(req.request_id, prompts, p, max_tokens), prefix
 

@@ -116,8 +116,7 @@ class ChatCompletionRequest(SamplingFields):
     def to_generate_request(self, request_id: str) -> GenerateRequest:
         params = SamplingParams(
             max_tokens=self.max_completion_tokens or self.max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            temperature=self.temperature, top_p=self.top_p,   # None: the model's configured default
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=self.bias_map(), seed=self.seed, stop=self.stop_list(), n=self.n or 1,

@@ -39,6 +39,12 @@ def test_chat_answers_paris(client):
     assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
+def test_chat_with_default_sampling_answers_paris(client):
+    # no temperature/top_p: the model card's defaults from serve_config.yaml apply (0.2 / 0.9)
+    r = client.chat.completions.create(model=CHAT, messages=PARIS, seed=7, max_tokens=40)
+    assert "Paris" in r.choices[0].message.content
+
+
 def test_chat_streams_deltas_then_usage(client):
     chunks = list(client.chat.completions.create(model=CHAT, messages=PARIS, temperature=0, max_tokens=20,
                                                  stream=True, stream_options={"include_usage": True}))

@@ -118,3 +118,25 @@ def test_concurrent_streams_each_get_their_own_output():
         return alone, {c: r.choices[0].text for c, r in zip("abcd", together)}
     alone, together = asyncio.run(go())
     assert alone == together
+
+
+def test_omitted_temperature_and_top_p_take_the_configured_defaults():
+    seen = []
+
+    def factory(_cfg):
+        tok = ByteTokenizer()
+        engine = LLMEngine(MODEL, tok, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=4096)
+        real_add = engine.add
+        engine.add = lambda r: (seen.append(r.params), real_add(r))
+        return AsyncLLMEngine(engine, max_in_flight_seqs=8), tok, 64
+    cfg = ChatModelConfig(id="tiny", kind="chat", source="x",
+                          engine={"default_temperature": 0.0, "default_top_p": 0.5})
+    server = LLMServer(cfg, engine_factory=factory)
+
+    async def go():
+        await server.generate(GenerateRequest("d", SamplingParams(max_tokens=2), messages=[{"role": "user", "content": "x"}]))
+        await server.generate(GenerateRequest("e", SamplingParams(max_tokens=2, temperature=1.5, top_p=1.0),
+                                              messages=[{"role": "user", "content": "x"}]))
+    asyncio.run(go())
+    assert (seen[0].temperature, seen[0].top_p) == (0.0, 0.5)
+    assert (seen[1].temperature, seen[1].top_p) == (1.5, 1.0)
