@@ -5,13 +5,18 @@ client counts. Reports requests/s, embeddings/s, latency p50/p99 and errors, nex
 in-process SentenceTransformer.encode limit measured in the same run. aiohttp drives the load.
 
     .venv/bin/python bench/bench_embeddings.py [--clients 1,16,64,256] [--seconds 10]
-        [--no-coalesce] [--direct-ingress]
+        [--no-coalesce] [--direct-ingress] [--peer]
+
+--peer also runs the same loads against infinity-emb (bench/peer_infinity.sh: its own venv outside
+the repo, created on first use) serving the same model folder, before our app starts, so the two
+are compared in one run. Only one server runs at a time.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
 import time
 
@@ -22,6 +27,7 @@ from bench.common import default_args, median, pct, print_table, start_app, stop
 
 EMB = "sentence-transformers/all-MiniLM-L6-v2"
 INFINITY = {("1", 32): 223, ("1", 64): 298, ("1", 256): 430}   # req/s measured here (issue #4), aiohttp
+PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_infinity.sh")
 WORDS = "the quick brown fox jumps over a lazy dog while seven bright stars watch quietly".split()
 
 
@@ -79,6 +85,28 @@ def in_process_limit():
     return batch, single
 
 
+def run_levels(url: str, sizes: list[int], clients: list[int], seconds: float) -> dict:
+    asyncio.run(run_level(url, 8, 1, 3))   # warm-up
+    results = {}
+    for per in sizes:
+        for c in clients:
+            results[per, c] = r = asyncio.run(run_level(url, c, per, seconds))
+            print(f"{per} x {c}: {r}", flush=True)
+    return results
+
+
+def run_peer(sizes: list[int], clients: list[int], seconds: float) -> dict:
+    """The same loads against infinity-emb on this machine (started, measured, stopped)."""
+    from bench.common import free_port
+    port = free_port()
+    pid = subprocess.run([PEER_SCRIPT, "start", str(port)], check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        print(f"peer: infinity-emb on port {port}", flush=True)
+        return run_levels(f"http://127.0.0.1:{port}", sizes, clients, seconds)
+    finally:
+        subprocess.run([PEER_SCRIPT, "stop", pid], check=False)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", default="1,16,64,256")
@@ -86,28 +114,31 @@ def main():
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--no-coalesce", action="store_true", help="disable ingress-side coalescing")
     p.add_argument("--direct-ingress", action="store_true", help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
+    p.add_argument("--peer", action="store_true", help="also measure infinity-emb in this run")
     opts = p.parse_args()
+    sizes = [int(x) for x in opts.sizes.split(",")]
+    clients = [int(x) for x in opts.clients.split(",")]
     limit, single = in_process_limit()
+    peer = run_peer(sizes, clients, opts.seconds) if opts.peer else {}
     args = default_args()
     args["models"] = [m for m in args["models"] if m["kind"] == "embedding"]
     args.setdefault("ingress", {})["coalesce_embeddings"] = not opts.no_coalesce
     url = start_app(args, direct_ingress=opts.direct_ingress)
     try:
-        asyncio.run(run_level(url, 8, 1, 3))   # warm-up
-        rows = []
-        for per in [int(x) for x in opts.sizes.split(",")]:
-            for c in [int(x) for x in opts.clients.split(",")]:
-                r = asyncio.run(run_level(url, c, per, opts.seconds))
-                peer = INFINITY.get(("1", c)) if per == 1 else None
-                rows.append([per, c, r["req_s"], r["emb_s"], r["emb_s"] / limit,
-                             r["req_s"] / peer if peer else float("nan"), r["p50_ms"], r["p99_ms"], r["errors"]])
-                print(f"{per} x {c}: {r}", flush=True)
-        print(f"\nin-process limit: {limit:.0f} sentences/s (batch 64), {single:.0f}/s one at a time; "
-              f"coalescing {'off' if opts.no_coalesce else 'on'}, direct ingress {'on' if opts.direct_ingress else 'off'}")
-        print_table(["sentences/req", "clients", "req/s", "emb/s", "emb/s ÷ in-process", "req/s ÷ infinity-emb",
-                     "p50 ms", "p99 ms", "errors"], rows)
+        ours = run_levels(url, sizes, clients, opts.seconds)
     finally:
         stop_app()
+    rows = []
+    for (per, c), r in ours.items():
+        p = peer.get((per, c))
+        issue_peer = INFINITY.get(("1", c)) if per == 1 else None
+        rows.append([per, c, r["req_s"], r["emb_s"], r["emb_s"] / limit, r["p50_ms"], r["p99_ms"], r["errors"],
+                     p["req_s"] if p else float("nan"), r["req_s"] / p["req_s"] if p else float("nan"),
+                     p["errors"] if p else "–", r["req_s"] / issue_peer if issue_peer else float("nan")])
+    print(f"\nin-process limit: {limit:.0f} sentences/s (batch 64), {single:.0f}/s one at a time; "
+          f"coalescing {'off' if opts.no_coalesce else 'on'}, direct ingress {'on' if opts.direct_ingress else 'off'}")
+    print_table(["sentences/req", "clients", "req/s", "emb/s", "emb/s ÷ in-process", "p50 ms", "p99 ms", "errors",
+                 "infinity req/s (this run)", "ours ÷ infinity", "infinity errors", "ours ÷ issue's infinity"], rows)
 
 
 if __name__ == "__main__":
