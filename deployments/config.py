@@ -69,9 +69,11 @@ class LLMEngineConfig(StrictModel):
         65536, ge=16, description="KV budget: tokens (prompt + output, padding included) the running "
                                   "batch may hold. New sequences wait while it is full.")
     max_prefill_tokens: int = Field(
-        512, ge=1, description="Prompt tokens prefilled in one step; a burst of arrivals is admitted over "
-                               "several steps, interleaved with decode steps. An idle engine always "
-                               "takes at least one prompt, however long.")
+        512, ge=1, description="Most prompt tokens prefilled between two decode steps (at least one prompt "
+                               "always goes, however long); a burst is admitted over several steps, "
+                               "interleaved with decode steps. Smaller values cut the time to first token "
+                               "under load (closed-loop clients admitted one by one finish one by one and "
+                               "do not come back in cohorts) at a cost in throughput: bench/README.md.")
     max_waiting: int = Field(
         256, ge=0, description="Requests waiting for a batch slot; beyond it the answer is 503 "
                                "with Retry-After.")
@@ -86,6 +88,12 @@ class LLMEngineConfig(StrictModel):
     stream_interval_ms: float = Field(
         0.0, ge=0, description="Coalesce a stream's tokens into one chunk at most this often; 0 "
                                "sends whatever is ready each time the client side is free.")
+    max_chunks_per_s: float = Field(
+        100.0, ge=0, description="Ceiling on streamed chunks per second over all of a replica's streams. "
+                                 "Each chunk costs the replica CPU that the model step then lacks, so "
+                                 "under load a stream's tokens are coalesced: a stream sends at most every "
+                                 "(streams / max_chunks_per_s) s. At low load every token goes at once; "
+                                 "a stream's first token always does. 0 = no ceiling.")
     num_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (CPU only).")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
     revision: Optional[str] = Field(None, description="HF revision (branch, tag or commit).")

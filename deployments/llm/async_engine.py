@@ -2,7 +2,10 @@
 
 The replica's event loop never runs the model: requests and aborts go into an inbox the engine
 thread drains between steps, and each step's outputs come back with one call_soon_threadsafe.
-A consumer that falls behind gets the queued chunks merged into one (fewer Ray messages per token).
+A consumer that falls behind gets the queued chunks merged into one (fewer Ray messages per token),
+and under load each stream waits a little to gather more tokens per chunk (max_chunks_per_s): each
+chunk costs the replica CPU that the engine step then lacks (measured: 32 streams at one chunk per
+token ran at ~245 tok/s; the same streams at ~80 chunks/s in all at ~300 tok/s).
 A stream that is closed early (client gone) aborts its sequences at the next step.
 """
 from __future__ import annotations
@@ -25,10 +28,12 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, *, max_in_flight_seqs: int, stream_interval_s: float = 0.0):
+    def __init__(self, engine: LLMEngine, *, max_in_flight_seqs: int, stream_interval_s: float = 0.0,
+                 max_chunks_per_s: float = 0.0):
         self.engine = engine
         self.max_in_flight_seqs = max_in_flight_seqs
         self.stream_interval_s = stream_interval_s
+        self.max_chunks_per_s = max_chunks_per_s
         self._in_flight_seqs = 0
         self._inbox: deque = deque()
         self._wakeup = threading.Event()
@@ -53,10 +58,11 @@ class AsyncLLMEngine:
         self._queues[req.request_id] = (asyncio.get_running_loop(), queue)
         self._in_flight_seqs += nseqs
         self._post(("add", req))
-        done = False
+        done, first = False, True
         try:
             while not done:
-                chunk = await self._next(queue)
+                chunk = await self._next(queue, wait=not first)
+                first = False
                 done = chunk.usage is not None
                 yield chunk
         finally:
@@ -65,10 +71,26 @@ class AsyncLLMEngine:
             if not done:
                 self._post(("abort", req.request_id))
 
-    async def _next(self, queue: asyncio.Queue) -> GenerateChunk:
+    def stream_interval(self) -> float:
+        """Seconds a stream waits after a token to gather more into its chunk."""
+        load = len(self._queues) / self.max_chunks_per_s if self.max_chunks_per_s else 0.0
+        return max(self.stream_interval_s, load)
+
+    async def _next(self, queue: asyncio.Queue, wait: bool) -> GenerateChunk:
+        """The next chunk: everything queued, merged. After the first chunk (which goes at once: time
+        to first token is never traded away) it may wait stream_interval() to gather more."""
         items = [await queue.get()]
-        if self.stream_interval_s > 0 and not _is_last(items[-1]):
-            await asyncio.sleep(self.stream_interval_s)
+        interval = self.stream_interval() if wait else 0.0
+        if interval > 0 and not _is_last(items[-1]):
+            deadline = asyncio.get_running_loop().time() + interval
+            while not _is_last(items[-1]):   # the last chunk ends the wait: a finished stream never lingers
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
         while not queue.empty() and not _is_last(items[-1]):
             items.append(queue.get_nowait())
         for item in items:

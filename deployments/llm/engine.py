@@ -54,7 +54,7 @@ class LLMEngine:
         self.sampler = Sampler(len(tokenizer), self.device)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.requests: dict[str, EngineRequest] = {}
-        self._prefilled_last = False
+        self._prefill_since_decode = 0   # prompt tokens prefilled since the last decode step
 
     # ------------------------------------------------------------------ public API
 
@@ -81,15 +81,18 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[tuple[EngineRequest, GenerateChunk]]:
         """A prefill step (new prompts get their first token at once) or a decode step (every
-        running row gets one token); never two prefill steps in a row while rows are running,
-        so a burst of arrivals delays running streams by at most one prefill per token."""
+        running row gets one token). Between two decode steps at most max_prefill_tokens are
+        prefilled (at least one prompt), so a burst of arrivals delays running streams by a
+        bounded amount per token; a prompt that arrives during a small prefill step may follow it."""
         touched: dict[str, EngineRequest] = {}
-        groups = [] if (self._prefilled_last and len(self.batch)) else self.scheduler.next_prefills(self.batch)
-        self._prefilled_last = bool(groups)
+        spent = self._prefill_since_decode if len(self.batch) else 0
+        groups = self.scheduler.next_prefills(self.batch, spent)
         if groups:
+            self._prefill_since_decode = spent + sum(len(g.prompt_ids) for g in groups)
             self._prefill_all(groups)
             touched = {g.request_id: self.requests[g.request_id] for g in groups}
         elif len(self.batch):
+            self._prefill_since_decode = 0
             self._decode()
             touched = {s.request_id: s.owner for s in self.batch.seqs}
             self.batch.remove_finished()

@@ -19,5 +19,6 @@ def build_async_engine(cfg: ChatModelConfig):
     engine = LLMEngine(model, tokenizer, max_model_len=max_model_len, max_num_seqs=e.max_num_seqs,
                        max_num_batched_tokens=e.max_num_batched_tokens, max_prefill_tokens=e.max_prefill_tokens)
     async_engine = AsyncLLMEngine(engine, max_in_flight_seqs=e.max_num_seqs + e.max_waiting,
-                                  stream_interval_s=e.stream_interval_ms / 1000)
+                                  stream_interval_s=e.stream_interval_ms / 1000,
+                                  max_chunks_per_s=e.max_chunks_per_s)
     return async_engine, tokenizer, max_model_len

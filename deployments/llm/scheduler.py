@@ -2,8 +2,9 @@
 
 A group is one prompt with its `n` sequences (prefilled once, then forked). Groups join in
 arrival order while the batch stays within `max_num_seqs` rows and the KV budget
-(`max_num_batched_tokens`, padding included), and while this step's prefill work stays under
-`max_prefill_tokens` (the first prompt of a step always goes) so running streams keep moving.
+(`max_num_batched_tokens`, padding included), and while the prompt tokens prefilled since the
+last decode step stay under `max_prefill_tokens` (the first prompt after a decode step always
+goes), so running streams keep moving and arrivals are admitted a few at a time.
 """
 from __future__ import annotations
 
@@ -35,16 +36,18 @@ class Scheduler:
     def abort(self, request_id: str) -> None:
         self.waiting = deque(g for g in self.waiting if g.request_id != request_id)
 
-    def next_prefills(self, batch: RunningBatch) -> list[PromptGroup]:
+    def next_prefills(self, batch: RunningBatch, spent: int = 0) -> list[PromptGroup]:
+        """Groups to prefill now. `spent`: prompt tokens already prefilled since the last decode
+        step; while it is 0 the head group always may go, otherwise only within the budget."""
         picked: list[PromptGroup] = []
-        rows, width, prefill = len(batch), batch.width + 1, 0
+        rows, width, prefill = len(batch), batch.width + 1, spent
         while self.waiting:
             group = self.waiting[0]
             n, length = len(group.seqs), len(group.prompt_ids)
             new_width = max(width, length + 1)
             room = (rows + n <= self.max_num_seqs
                     and (rows + n) * new_width <= self.max_num_batched_tokens)
-            budget = not picked or prefill + length <= self.max_prefill_tokens   # one prompt always may go
+            budget = prefill == 0 or prefill + length <= self.max_prefill_tokens   # one prompt always may go
             if not (budget and (room or not rows)):   # an idle engine always takes the head, however big
                 break
             picked.append(self.waiting.popleft())

@@ -19,20 +19,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server_url():
+@pytest.fixture(scope="session", params=["direct-ingress", "proxy"])
+def server_url(request):
+    """The app as `make serve` runs it (direct ingress: the ingress replica serves HTTP itself) and
+    as `serve run serve_config.yaml` does (through Serve's proxy); every test runs against both."""
+    import os
+
     import ray
     from ray import serve
 
     from ingress.app import build_app
     args = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
-    port = _free_port()
+    port, proxy_port = _free_port(), _free_port()
+    direct = request.param == "direct-ingress"
+    env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)} if direct else {}
+    saved = {k: os.environ.pop(k, None) for k in ("RAY_SERVE_ENABLE_DIRECT_INGRESS",
+                                                  "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
+                                                  "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT")}
+    os.environ.update(env)   # read by the Ray processes that ray.init starts
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port if direct else port})
     serve.run(build_app(args), name="modelhub", route_prefix="/")
     yield f"http://127.0.0.1:{port}/v1"
     serve.shutdown()
     ray.shutdown()
+    for k in env:
+        os.environ.pop(k, None)
+    os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 
 @pytest.fixture(scope="session")

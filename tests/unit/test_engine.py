@@ -259,3 +259,24 @@ def test_prefill_budget_spreads_a_burst_and_never_starves_a_long_prompt(model):
         stalls = 0 if len(out_ids(running)) > before else stalls + 1
         assert stalls <= 1                    # running streams get a token at least every other step
     assert admitted == [2, 2, 1]              # 2 x 8 tokens fit 20; the 60-token prompt goes alone
+
+
+def test_prefill_budget_counts_tokens_since_the_last_decode_step(model):
+    engine = make_engine(model, max_prefill_tokens=20)
+    running = req("run", "abc", max_tokens=60)
+    engine.add(running)
+    engine.step()
+
+    def step_kind(new: EngineRequest) -> str:
+        engine.add(new)
+        before = len(out_ids(running))
+        engine.step()
+        return "decode" if len(out_ids(running)) > before else "prefill"
+
+    a, b, c = (req(x, x * 8, max_tokens=3) for x in "abc")
+    assert step_kind(a) == "prefill"
+    assert step_kind(b) == "prefill"          # arrived after a small prefill: 16 of 20 tokens, goes at once
+    assert step_kind(c) == "decode"           # 24 > 20 since the last decode step: running streams first
+    assert not c.seqs[0].output_ids
+    engine.step()
+    assert c.seqs[0].output_ids               # and then it goes

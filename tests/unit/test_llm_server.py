@@ -140,3 +140,26 @@ def test_omitted_temperature_and_top_p_take_the_configured_defaults():
     asyncio.run(go())
     assert (seen[0].temperature, seen[0].top_p) == (0.0, 0.5)
     assert (seen[1].temperature, seen[1].top_p) == (1.5, 1.0)
+
+
+def test_stream_interval_grows_with_the_number_of_streams():
+    engine = AsyncLLMEngine(LLMEngine(MODEL, ByteTokenizer(), max_model_len=64, max_num_seqs=4,
+                                      max_num_batched_tokens=4096),
+                            max_in_flight_seqs=8, stream_interval_s=0.01, max_chunks_per_s=100)
+    assert engine.stream_interval() == 0.01            # idle: only the configured floor
+    engine._queues.update({f"r{i}": None for i in range(32)})
+    assert engine.stream_interval() == pytest.approx(0.32)   # 32 streams share 100 chunks/s
+
+
+def test_under_load_tokens_are_coalesced_but_the_first_token_goes_at_once():
+    async def go():
+        server = make_server()
+        server.engine.max_chunks_per_s = 1e-3         # any load: wait "forever" between chunks
+        server.engine.stream_interval_s = 0.0
+        stream = server.generate_stream(chat(rid="a", max_tokens=30))
+        first = await asyncio.wait_for(stream.__anext__(), timeout=5)
+        rest = [c async for c in stream]
+        return first, rest
+    first, rest = asyncio.run(go())
+    assert first.choices and first.usage is None
+    assert len(rest) == 1 and rest[0].usage.completion_tokens == 30   # everything else merged into one
