@@ -141,6 +141,7 @@ def main():
     p.add_argument("--warmup", type=float, default=None, help="seconds per level not counted (default: seconds/3)")
     p.add_argument("--direct-ingress", action="store_true", help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
     p.add_argument("--stream-interval-ms", type=float, default=None)
+    p.add_argument("--max-chunks-per-s", type=float, default=None)
     p.add_argument("--num-threads", type=int, default=None, help="torch threads of the LLM replica")
     p.add_argument("--max-prefill-tokens", type=int, default=None)
     opts = p.parse_args()
@@ -158,6 +159,8 @@ def main():
             engine["num_threads"] = opts.num_threads
         if opts.stream_interval_ms is not None:
             engine["stream_interval_ms"] = opts.stream_interval_ms
+        if opts.max_chunks_per_s is not None:
+            engine["max_chunks_per_s"] = opts.max_chunks_per_s
         url = start_app(args, direct_ingress=opts.direct_ingress)
     try:
         asyncio.run(run_level(url, 2, 8, 5, 2))   # warm-up
@@ -177,7 +180,7 @@ def main():
                          r["requests"], r["errors"]])
             print(f"concurrency {c}: {r}", flush=True)
         print(f"\nHTTP path: direct ingress {'on' if opts.direct_ingress else 'off'}, stream_interval_ms "
-              f"{opts.stream_interval_ms or 0}, threads {engine.get('num_threads') if opts.url is None else '?'}; {opts.tokens} output tokens/request, greedy, warm-up excluded")
+              f"{opts.stream_interval_ms or 0}, max_chunks_per_s {engine.get('max_chunks_per_s', 'default') if opts.url is None else '?'}, threads {engine.get('num_threads') if opts.url is None else '?'}; {opts.tokens} output tokens/request, greedy, warm-up excluded")
         ref_cols = [h for n in names for h in (f"static {n} tok/s", f"ratio vs {n}")]
         print_table(["concurrency", "tok/s (HTTP)", *ref_cols, "TTFT p50 s", "TTFT p99 s",
                      "ITL p50 ms", "requests", "errors"], rows)

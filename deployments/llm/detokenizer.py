@@ -74,8 +74,54 @@ class StopMatcher:
 
 
 def token_text(tokenizer: Any, token_id: int) -> tuple[str, list[int]]:
-    """The text and raw bytes one token stands for (for logprobs)."""
+    """The text and raw bytes one token stands for (for logprobs). A token can be part of a UTF-8
+    character: its text is then the replacement character, and its bytes come from the vocabulary
+    piece itself (byte-level BPE maps each byte to one character; SentencePiece byte fallback
+    spells a byte as <0xNN>), so the bytes of consecutive tokens join into the real text."""
     text = tokenizer.decode([token_id])
-    return text, list(text.encode("utf-8", errors="replace"))
+    raw = _piece_bytes(tokenizer, token_id)
+    return text, list(raw if raw is not None else text.encode("utf-8", errors="replace"))
+
+
+def _piece_bytes(tokenizer: Any, token_id: int) -> bytes | None:
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if convert is None or token_id in getattr(tokenizer, "all_special_ids", ()):
+        return None
+    piece = convert(token_id)
+    if not isinstance(piece, str) or not piece:
+        return None
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            return None
+    if _is_byte_level(tokenizer):
+        table = _byte_decoder()
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+    return None
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    cached = getattr(tokenizer, "_modelhub_byte_level", None)
+    if cached is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        cached = backend is not None and '"ByteLevel"' in backend.to_str()
+        try:
+            tokenizer._modelhub_byte_level = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+_BYTE_DECODER: dict[str, int] = {}
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte <-> printable character map, inverted (the map every byte-level BPE uses)."""
+    if not _BYTE_DECODER:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+        _BYTE_DECODER.update({c: b for b, c in bytes_to_unicode().items()})
+    return _BYTE_DECODER
 
 

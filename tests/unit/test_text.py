@@ -85,3 +85,32 @@ def test_model_without_template_is_a_clear_400():
     tok.chat_template = None
     with pytest.raises(InvalidRequestError, match="no chat template"):
         render_chat(tok, [{"role": "user", "content": "x"}], None)
+
+
+def _byte_level_bpe(merges: list[tuple[str, str]]):
+    """A tiny byte-level BPE tokenizer (GPT-2 style) built in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_logprob_bytes_of_a_token_that_is_half_a_character():
+    from deployments.llm.detokenizer import token_text
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    u = bytes_to_unicode()
+    euro = "€".encode()                                    # e2 82 ac
+    tok = _byte_level_bpe([(u[euro[0]], u[euro[1]])])      # one token for e2 82, one for ac
+    ids = tok("€", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 2
+    parts = [token_text(tok, i) for i in ids]
+    assert parts[0][1] == [0xE2, 0x82] and parts[1][1] == [0xAC]
+    assert bytes(parts[0][1] + parts[1][1]).decode() == "€"   # the bytes join into the real text
+    assert token_text(tok, tok("a", add_special_tokens=False)["input_ids"][0]) == ("a", [97])
