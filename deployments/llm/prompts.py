@@ -110,3 +110,52 @@ def _json_or_text(s: str) -> Any:
 
 def _short(exc: Exception) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+_OPEN = "<tool_call>"
+
+
+class ToolCallStream:
+    """Splits one choice's streamed reply into content that can go at once and tool-call text that is
+    held until the reply ends. Content streams until a `<tool_call>` tag starts (a tail that could
+    still grow into the tag is held back); from the tag on, text is held and parsed at the end. A
+    reply that starts with a forced prefix (tool_choice required or named) is held whole."""
+
+    def __init__(self, prefix: str = ""):
+        self._held = prefix
+        self._pending = ""            # content not yet released: may be the start of the tag
+        self._in_call = bool(prefix)
+
+    def push(self, text: str) -> str:
+        """Feeds generated text; returns the content that can be streamed now."""
+        if self._in_call:
+            self._held += text
+            return ""
+        self._pending += text
+        at = self._pending.find(_OPEN)
+        if at >= 0:
+            out, self._held, self._pending, self._in_call = self._pending[:at], self._pending[at:], "", True
+            return out
+        keep = _partial_tag_length(self._pending)
+        out = self._pending[:len(self._pending) - keep]
+        self._pending = self._pending[len(out):]
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """At the end of the reply: (remaining content, tool calls). Held text that does not parse
+        as a tool call comes back as content."""
+        if not self._in_call:
+            out, self._pending = self._pending, ""
+            return out, []
+        content, calls = parse_tool_calls(self._held)
+        self._held = ""
+        return content or "", calls
+
+
+def _partial_tag_length(text: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of the tool-call tag."""
+    for n in range(min(len(_OPEN) - 1, len(text)), 0, -1):
+        if _OPEN.startswith(text[-n:]):
+            return n
+    return 0
+

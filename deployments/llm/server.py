@@ -125,19 +125,21 @@ class LLMServer:
 
 
 async def _with_tool_calls(stream: AsyncIterator[GenerateChunk], prefix: str) -> AsyncIterator[GenerateChunk]:
-    """Holds each choice's text until it finishes, then reports tool calls or plain content."""
-    from deployments.llm.prompts import parse_tool_calls
-    held: dict[int, str] = {}
+    """Streams each choice's plain content as it comes and holds tool-call text until the choice
+    ends, then reports the tool calls (prompts.ToolCallStream)."""
+    from deployments.llm.prompts import ToolCallStream
+    splitters: dict[int, ToolCallStream] = {}
     async for chunk in stream:
         out = []
         for d in chunk.choices:
-            held[d.index] = held.get(d.index, "") + d.text
+            split = splitters.setdefault(d.index, ToolCallStream(prefix))
+            text = split.push(d.text)
             if d.finish_reason is None:
-                if d.logprobs:
-                    out.append(ChoiceDelta(d.index, "", d.logprobs))
+                if text or d.logprobs:
+                    out.append(ChoiceDelta(d.index, text, d.logprobs))
                 continue
-            content, calls = parse_tool_calls(prefix + held.pop(d.index))
+            rest, calls = split.finish()
             reason = "tool_calls" if calls else d.finish_reason
-            out.append(ChoiceDelta(d.index, content or "", d.logprobs, reason, calls or None))
+            out.append(ChoiceDelta(d.index, text + rest, d.logprobs, reason, calls or None))
         if out or chunk.usage is not None:
             yield GenerateChunk(out, chunk.usage)

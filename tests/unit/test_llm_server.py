@@ -163,3 +163,22 @@ def test_under_load_tokens_are_coalesced_but_the_first_token_goes_at_once():
     first, rest = asyncio.run(go())
     assert first.choices and first.usage is None
     assert len(rest) == 1 and rest[0].usage.completion_tokens == 30   # everything else merged into one
+
+
+def test_tools_stream_content_at_once_and_the_call_at_the_end():
+    from deployments.llm.server import _with_tool_calls
+    from deployments.types import ChoiceDelta, GenerateChunk, Usage
+
+    async def engine_stream():
+        for text in ["Let me ", "check. <tool_", 'call>{"name": "f", "arguments": {"x": 1}}</tool_call>']:
+            yield GenerateChunk([ChoiceDelta(0, text, None)], None)
+        yield GenerateChunk([ChoiceDelta(0, "", None, "stop")], Usage(5, 9))
+
+    async def go():
+        return [c async for c in _with_tool_calls(engine_stream(), "")]
+    chunks = asyncio.run(go())
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert texts[:2] == ["Let me ", "check. "]                  # content went out before the reply ended
+    last = chunks[-1].choices[0]
+    assert last.finish_reason == "tool_calls" and last.tool_calls[0].name == "f" and last.text == ""
+    assert chunks[-1].usage.completion_tokens == 9

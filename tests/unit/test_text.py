@@ -114,3 +114,41 @@ def test_logprob_bytes_of_a_token_that_is_half_a_character():
     assert parts[0][1] == [0xE2, 0x82] and parts[1][1] == [0xAC]
     assert bytes(parts[0][1] + parts[1][1]).decode() == "€"   # the bytes join into the real text
     assert token_text(tok, tok("a", add_special_tokens=False)["input_ids"][0]) == ("a", [97])
+
+
+def _feed(split, pieces):
+    return [split.push(p) for p in pieces]
+
+
+def test_tool_call_stream_passes_plain_content_through_at_once():
+    from deployments.llm.prompts import ToolCallStream
+    split = ToolCallStream()
+    assert _feed(split, ["Hel", "lo", " world"]) == ["Hel", "lo", " world"]
+    assert split.finish() == ("", [])
+
+
+def test_tool_call_stream_holds_the_call_and_a_possible_tag_start():
+    from deployments.llm.prompts import ToolCallStream
+    split = ToolCallStream()
+    out = _feed(split, ["Sure. <to", "ol_call>\n{\"name\": \"get_weather\", ", "\"arguments\": {\"city\": \"Paris\"}}",
+                        "\n</tool_call>"])
+    assert out == ["Sure. ", "", "", ""]              # "<to" is held until it is known to be the tag
+    content, calls = split.finish()
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+
+
+def test_tool_call_stream_releases_a_false_tag_start_and_bad_json_as_content():
+    from deployments.llm.prompts import ToolCallStream
+    split = ToolCallStream()
+    assert _feed(split, ["a <t", "able>"]) == ["a ", "<table>"]
+    bad = ToolCallStream()
+    assert _feed(bad, ["<tool_call>{not json"]) == [""]
+    assert bad.finish() == ("<tool_call>{not json", [])
+
+
+def test_tool_call_stream_with_a_forced_prefix_holds_everything():
+    from deployments.llm.prompts import ToolCallStream
+    split = ToolCallStream('<tool_call>\n{"name": "f", "arguments": ')
+    assert _feed(split, ['{"x": 1}}', "\n</tool_call>"]) == ["", ""]
+    content, calls = split.finish()
+    assert content == "" and calls[0].name == "f" and json.loads(calls[0].arguments) == {"x": 1}
