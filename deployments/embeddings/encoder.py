@@ -111,8 +111,6 @@ class Encoder:
         return out
 
 
-
-
 def _special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer puts before and after a text (e.g. [CLS] ... [SEP]), so
     token-id inputs are framed exactly as text inputs are."""

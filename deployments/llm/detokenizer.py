@@ -73,45 +73,53 @@ class StopMatcher:
         return self._sent
 
 
-def token_text(tokenizer: Any, token_id: int) -> tuple[str, list[int]]:
-    """The text and raw bytes one token stands for (for logprobs). A token can be part of a UTF-8
-    character: its text is then the replacement character, and its bytes come from the vocabulary
-    piece itself (byte-level BPE maps each byte to one character; SentencePiece byte fallback
-    spells a byte as <0xNN>), so the bytes of consecutive tokens join into the real text."""
-    text = tokenizer.decode([token_id])
-    raw = _piece_bytes(tokenizer, token_id)
-    return text, list(raw if raw is not None else text.encode("utf-8", errors="replace"))
+class TokenText:
+    """The text and raw bytes a token stands for (for logprobs), per tokenizer. What it needs of
+    the tokenizer (special ids, byte-level or not) is read once here, and each token's answer is
+    cached, so logprobs cost no tokenizer work after a token's first use.
 
+    A token can be part of a UTF-8 character: its text is then the replacement character, and its
+    bytes come from the vocabulary piece itself (byte-level BPE maps each byte to one character;
+    SentencePiece byte fallback spells a byte as <0xNN>), so the bytes of consecutive tokens join
+    into the real text."""
 
-def _piece_bytes(tokenizer: Any, token_id: int) -> bytes | None:
-    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
-    if convert is None or token_id in getattr(tokenizer, "all_special_ids", ()):
-        return None
-    piece = convert(token_id)
-    if not isinstance(piece, str) or not piece:
-        return None
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-        try:
-            return bytes([int(piece[3:5], 16)])
-        except ValueError:
-            return None
-    if _is_byte_level(tokenizer):
-        table = _byte_decoder()
-        if all(c in table for c in piece):
-            return bytes(table[c] for c in piece)
-    return None
-
-
-def _is_byte_level(tokenizer: Any) -> bool:
-    cached = getattr(tokenizer, "_modelhub_byte_level", None)
-    if cached is None:
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        self._special = set(getattr(tokenizer, "all_special_ids", ()))
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        cached = backend is not None and '"ByteLevel"' in backend.to_str()
-        try:
-            tokenizer._modelhub_byte_level = cached
-        except AttributeError:
-            pass
-    return cached
+        self._byte_level = backend is not None and '"ByteLevel"' in backend.to_str()
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            text = self._tokenizer.decode([token_id])
+            raw = self._piece_bytes(token_id)
+            hit = self._cache[token_id] = (text, list(raw if raw is not None else text.encode("utf-8", errors="replace")))
+        return hit
+
+    def _piece_bytes(self, token_id: int) -> bytes | None:
+        convert = getattr(self._tokenizer, "convert_ids_to_tokens", None)
+        if convert is None or token_id in self._special:
+            return None
+        piece = convert(token_id)
+        if not isinstance(piece, str) or not piece:
+            return None
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                return None
+        if self._byte_level:
+            table = _byte_decoder()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        return None
+
+
+def token_text(tokenizer: Any, token_id: int) -> tuple[str, list[int]]:
+    """One-off form of TokenText (the engine keeps one TokenText per tokenizer)."""
+    return TokenText(tokenizer)(token_id)
 
 
 _BYTE_DECODER: dict[str, int] = {}
@@ -123,5 +131,3 @@ def _byte_decoder() -> dict[str, int]:
         from transformers.convert_slow_tokenizer import bytes_to_unicode
         _BYTE_DECODER.update({c: b for b, c in bytes_to_unicode().items()})
     return _BYTE_DECODER
-
-

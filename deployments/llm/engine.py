@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from deployments.llm.batch import RunningBatch
-from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher, token_text
+from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher, TokenText
 from deployments.llm.sampler import Sampler, compute_logprobs, make_generator
 from deployments.llm.scheduler import PromptGroup, Scheduler
 from deployments.llm.sequence import Sequence, Status
@@ -53,6 +53,7 @@ class LLMEngine:
         self.batch = RunningBatch(self.device)
         self.sampler = Sampler(len(tokenizer), self.device)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.token_text = TokenText(tokenizer)
         self.requests: dict[str, EngineRequest] = {}
         self._prefill_since_decode = 0   # prompt tokens prefilled since the last decode step
 
@@ -183,8 +184,8 @@ class LLMEngine:
             s.prompt_logprobs = entries
 
     def _logprob(self, token: int, logprob: Optional[float], alts: list[tuple[int, float]]) -> TokenLogprob:
-        text, raw = token_text(self.tokenizer, token)
-        top = [(*token_text(self.tokenizer, t), lp) for t, lp in alts]
+        text, raw = self.token_text(token)
+        top = [(*self.token_text(t), lp) for t, lp in alts]
         return TokenLogprob(text, logprob, raw, [(t, lp, b) for t, b, lp in top])
 
     # ------------------------------------------------------------------ outputs

@@ -158,4 +158,3 @@ def _partial_tag_length(text: str) -> int:
         if _OPEN.startswith(text[-n:]):
             return n
     return 0
-

@@ -158,7 +158,10 @@ def test_under_load_tokens_are_coalesced_but_the_first_token_goes_at_once():
         server.engine.stream_interval_s = 0.0
         stream = server.generate_stream(chat(rid="a", max_tokens=30))
         first = await asyncio.wait_for(stream.__anext__(), timeout=5)
-        rest = [c async for c in stream]
+
+        async def drain():
+            return [c async for c in stream]
+        rest = await asyncio.wait_for(drain(), timeout=10)   # the last chunk must end the wait
         return first, rest
     first, rest = asyncio.run(go())
     assert first.choices and first.usage is None
