@@ -6,6 +6,11 @@ inter-token latency p50. The reference, in the same run, is HF `generate` on a s
 same size in this process, also greedy (the practical limit of this stack). Prints a markdown table.
 
     .venv/bin/python bench/bench_llm.py [--levels 1,8,32,128] [--tokens 64] [--seconds 30]
+
+--compare 64,64:separate,512 serves the model once per engine variant in one app (max_prefill_tokens,
+":separate" for mixed_steps off) and, at each level, runs them in turns (--rounds, order alternating)
+with the static reference measured before and after: this machine drifts by ±20-40% within
+minutes, so only same-run ratios count.
 """
 from __future__ import annotations
 
@@ -27,8 +32,8 @@ QUESTIONS = ["Write a short story about a robot.", "Explain how rain forms.", "D
              "Write a poem about autumn.", "Why is the sky blue?"]
 
 
-async def one_request(session, url, i, tokens, eos_id):
-    body = {"model": CHAT, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+async def one_request(session, url, i, tokens, eos_id, model=CHAT):
+    body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
             "max_tokens": tokens, "temperature": 0, "stream": True, "logit_bias": {str(eos_id): -100},
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -52,7 +57,7 @@ async def one_request(session, url, i, tokens, eos_id):
     return start, first, last, itl, usage
 
 
-async def run_level(url, concurrency, tokens, seconds, eos_id, warmup=0.0):
+async def run_level(url, concurrency, tokens, seconds, eos_id, warmup=0.0, model=CHAT):
     """Closed loop for `seconds` after `warmup`. Throughput counts the tokens received inside the
     measured window (each request's tokens spread evenly between its first and last token); latency
     stats count requests started inside it, finished or not by its end (warm-up requests see every
@@ -69,7 +74,7 @@ async def run_level(url, concurrency, tokens, seconds, eos_id, warmup=0.0):
             i = k
             while time.perf_counter() < deadline:
                 try:
-                    started, first, last, itl, n = await one_request(session, url, i, tokens, eos_id)
+                    started, first, last, itl, n = await one_request(session, url, i, tokens, eos_id, model)
                 except Exception as exc:  # counted, reported
                     errors += 1
                     print("error:", exc, file=sys.stderr)
@@ -144,54 +149,83 @@ def main():
     p.add_argument("--max-chunks-per-s", type=float, default=None)
     p.add_argument("--num-threads", type=int, default=None, help="torch threads of the LLM replica")
     p.add_argument("--max-prefill-tokens", type=int, default=None)
+    p.add_argument("--compare", default=None,
+                   help="engine variants served side by side and run in turns: comma-separated "
+                        "max_prefill_tokens values, each optionally with ':separate' (mixed_steps off)")
+    p.add_argument("--rounds", type=int, default=2, help="turns per variant and level with --compare")
     opts = p.parse_args()
     levels = [int(x) for x in opts.levels.split(",")]
     reference = None if opts.no_reference else StaticReference(opts.ref_dtypes.split(","))
-    url = opts.url
+    compare = {}   # label -> (model id, engine overrides)
+    for item in (opts.compare.split(",") if opts.compare else []):
+        mpt, *modes = item.split(":")
+        mixed = "separate" not in modes
+        compare[f"mpt {mpt} {'mixed' if mixed else 'separate'}"] = (
+            f"{CHAT}@{item}", {"max_prefill_tokens": int(mpt), "mixed_steps": mixed})
+    variants = {label: model for label, (model, _) in compare.items()} or {"": CHAT}
+    rounds = opts.rounds if compare else 1
+    url, engine = opts.url, {}
     if url is None:
         args = default_args()
-        args["models"] = [m for m in args["models"] if m["kind"] == "chat"]
-        engine = args["models"][0].setdefault("engine", {})
+        chat = next(m for m in args["models"] if m["kind"] == "chat")
+        engine = chat.setdefault("engine", {})
         engine["max_num_seqs"] = opts.max_num_seqs
-        if opts.max_prefill_tokens is not None:
-            engine["max_prefill_tokens"] = opts.max_prefill_tokens
-        if opts.num_threads is not None:
-            engine["num_threads"] = opts.num_threads
-        if opts.stream_interval_ms is not None:
-            engine["stream_interval_ms"] = opts.stream_interval_ms
-        if opts.max_chunks_per_s is not None:
-            engine["max_chunks_per_s"] = opts.max_chunks_per_s
+        for key in ("max_prefill_tokens", "num_threads", "stream_interval_ms", "max_chunks_per_s"):
+            if getattr(opts, key) is not None:
+                engine[key] = getattr(opts, key)
+        args["models"] = [chat]
+        if compare:   # one deployment per variant, sharing one CPU of Ray's accounting (only one runs at a time)
+            args["models"] = [{**chat, "id": model, "engine": {**engine, **overrides},
+                               "deployment": {"ray_actor_options": {"num_cpus": 1 / len(compare)}}}
+                              for model, overrides in compare.values()]
         url = start_app(args, direct_ingress=opts.direct_ingress)
     try:
-        asyncio.run(run_level(url, 2, 8, 5, 2))   # warm-up
-        rows = []
-        results = {}
+        for model in variants.values():
+            asyncio.run(run_level(url, 2, 8, 5, 2, model=model))   # warm-up
+        rows, results = [], {}
         names = list(reference.models) if reference else []
+        warmup = opts.seconds / 3 if opts.warmup is None else opts.warmup
         for c in levels:
-            # the reference runs right before each level, so both see the same machine weather
-            ref = reference.run(c, opts.tokens) if reference and c <= 32 else {}
-            warmup = opts.seconds / 3 if opts.warmup is None else opts.warmup
-            r = asyncio.run(run_level(url, c, opts.tokens, opts.seconds, 2, warmup))
-            results[c] = r
-            refs = []
-            for n in names:
-                refs += [ref.get(n, float("nan")), r["tok_s"] / ref[n] if n in ref else float("nan")]
-            rows.append([c, r["tok_s"], *refs, r["ttft_p50"], r["ttft_p99"], r["itl_p50"] * 1000,
-                         r["requests"], r["errors"]])
-            print(f"concurrency {c}: {r}", flush=True)
+            # the reference runs right before and after each level, so both see the same machine weather
+            use_ref = reference is not None and c <= 32
+            refs_before = reference.run(c, opts.tokens) if use_ref else {}
+            runs: dict[str, list[dict]] = {label: [] for label in variants}
+            for k in range(rounds):
+                order = list(variants.items()) if k % 2 == 0 else list(variants.items())[::-1]
+                for label, model in order:
+                    r = asyncio.run(run_level(url, c, opts.tokens, opts.seconds, 2, warmup, model=model))
+                    runs[label].append(r)
+                    print(f"concurrency {c} {label}: {r}", flush=True)
+            refs_after = reference.run(c, opts.tokens) if use_ref and rounds > 1 else refs_before
+            ref = {n: (refs_before[n] + refs_after[n]) / 2 for n in refs_before}
+            for label, rs in runs.items():
+                r = {key: median([x[key] for x in rs]) for key in ("tok_s", "ttft_p50", "ttft_p99", "itl_p50")}
+                r.update(requests=sum(x["requests"] for x in rs), errors=sum(x["errors"] for x in rs))
+                results[(label, c)] = r
+                refs = []
+                for n in names:
+                    refs += [ref.get(n, float("nan")), r["tok_s"] / ref[n] if n in ref else float("nan")]
+                rows.append(([label] if compare else []) + [c, r["tok_s"], *refs, r["ttft_p50"], r["ttft_p99"],
+                                                           r["itl_p50"] * 1000, r["requests"], r["errors"]])
         print(f"\nHTTP path: direct ingress {'on' if opts.direct_ingress else 'off'}, stream_interval_ms "
-              f"{opts.stream_interval_ms or 0}, max_chunks_per_s {engine.get('max_chunks_per_s', 'default') if opts.url is None else '?'}, threads {engine.get('num_threads') if opts.url is None else '?'}; {opts.tokens} output tokens/request, greedy, warm-up excluded")
+              f"{opts.stream_interval_ms or 0}, max_chunks_per_s {engine.get('max_chunks_per_s', 'default') if opts.url is None else '?'}, "
+              f"threads {engine.get('num_threads') if opts.url is None else '?'}; {opts.tokens} output tokens/request, "
+              f"greedy, warm-up excluded" + (f"; median of {rounds} turns per variant, reference = mean of before and after"
+                                              if compare else ""))
         ref_cols = [h for n in names for h in (f"static {n} tok/s", f"ratio vs {n}")]
-        print_table(["concurrency", "tok/s (HTTP)", *ref_cols, "TTFT p50 s", "TTFT p99 s",
-                     "ITL p50 ms", "requests", "errors"], rows)
-        if 1 in results and 32 in results:
-            print(f"\nTTFT p50 at 32 / at 1: {results[32]['ttft_p50'] / results[1]['ttft_p50']:.2f}x")
-        if 32 in results and 128 in results:
-            print(f"tok/s at 128 / at 32: {results[128]['tok_s'] / results[32]['tok_s']:.2f}x")
+        print_table((["variant"] if compare else []) + ["concurrency", "tok/s (HTTP)", *ref_cols, "TTFT p50 s",
+                                                         "TTFT p99 s", "ITL p50 ms", "requests", "errors"], rows)
+        for label in variants:
+            name = f" ({label})" if label else ""
+            if (label, 1) in results and (label, 32) in results:
+                ratio = results[(label, 32)]["ttft_p50"] / results[(label, 1)]["ttft_p50"]
+                print(f"TTFT p50 at 32 / at 1{name}: {ratio:.2f}x")
+            if (label, 32) in results and (label, 128) in results:
+                ratio = results[(label, 128)]["tok_s"] / results[(label, 32)]["tok_s"]
+                print(f"tok/s at 128 / at 32{name}: {ratio:.2f}x")
     finally:
         if opts.url is None:
             stop_app()
-
 
 
 if __name__ == "__main__":

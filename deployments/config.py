@@ -69,11 +69,17 @@ class LLMEngineConfig(StrictModel):
         65536, ge=16, description="KV budget: tokens (prompt + output, padding included) the running "
                                   "batch may hold. New sequences wait while it is full.")
     max_prefill_tokens: int = Field(
-        512, ge=1, description="Most prompt tokens prefilled between two decode steps (at least one prompt "
-                               "always goes, however long); a burst is admitted over several steps, "
-                               "interleaved with decode steps. Smaller values cut the time to first token "
-                               "under load (closed-loop clients admitted one by one finish one by one and "
-                               "do not come back in cohorts) at a cost in throughput: bench/README.md.")
+        64, ge=1, description="Most prompt tokens admitted per step (at least one prompt always goes, "
+                              "however long): with mixed steps, prefilled in the same forward as the "
+                              "running rows' decode; without, in prefill steps between two decode steps. "
+                              "A burst is admitted over several steps, so running streams keep moving, and "
+                              "closed-loop clients admitted a few at a time do not come back as cohorts "
+                              "that queue for their first token. Larger values batch more prompts per "
+                              "forward (TTFT against throughput: bench/README.md).")
+    mixed_steps: bool = Field(
+        True, description="Prefill new prompts in the same forward pass as the running rows' decode "
+                          "(Llama-family attention without sliding window; other models always use "
+                          "separate prefill steps). Off: separate prefill steps.")
     max_waiting: int = Field(
         256, ge=0, description="Requests waiting for a batch slot; beyond it the answer is 503 "
                                "with Retry-After.")

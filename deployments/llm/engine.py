@@ -1,7 +1,9 @@
-"""The continuous-batching engine: each step either admits and prefills waiting prompts or decodes
-one token for every running sequence, then reports what changed.
+"""The continuous-batching engine: each step admits waiting prompts and/or decodes one token for
+every running sequence, then reports what changed.
 
-    step():  admitted prompts?  prefill them together (forked n ways) -> sample first tokens
+    step():  running rows and admitted prompts, model supports it (mixed.py):
+                                one packed forward decodes the rows and prefills the prompts
+             admitted prompts   prefill them together (forked n ways) -> sample first tokens
              else               decode all rows -> sample
              -> detokenize / stop -> drop finished rows -> return per-request chunks
 
@@ -17,6 +19,7 @@ from transformers import DynamicCache
 
 from deployments.llm.batch import RunningBatch
 from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher, TokenText
+from deployments.llm.mixed import prompt_cache, run_mixed, supports_mixed_steps
 from deployments.llm.sampler import Sampler, compute_logprobs, make_generator
 from deployments.llm.scheduler import PromptGroup, Scheduler
 from deployments.llm.sequence import Sequence, Status
@@ -44,7 +47,7 @@ class EngineRequest:
 
 class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_model_len: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_prefill_tokens: int = 512):
+                 max_num_batched_tokens: int, max_prefill_tokens: int = 64, mixed_steps: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -55,6 +58,7 @@ class LLMEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.token_text = TokenText(tokenizer)
         self.requests: dict[str, EngineRequest] = {}
+        self.mixed_steps = mixed_steps and supports_mixed_steps(model)
         self._prefill_since_decode = 0   # prompt tokens prefilled since the last decode step
 
     # ------------------------------------------------------------------ public API
@@ -81,10 +85,16 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[EngineRequest, GenerateChunk]]:
-        """A prefill step (new prompts get their first token at once) or a decode step (every
-        running row gets one token). Between two decode steps at most max_prefill_tokens are
-        prefilled (at least one prompt), so a burst of arrivals delays running streams by a
-        bounded amount per token; a prompt that arrives during a small prefill step may follow it."""
+        """With mixed steps, every step with running rows decodes them, and up to max_prefill_tokens
+        of waiting prompts (at least one) are prefilled in the same forward. Otherwise a step is a
+        prefill step (new prompts get their first token at once) or a decode step (every running row
+        gets one token); between two decode steps at most max_prefill_tokens are prefilled (at least
+        one prompt), so a burst of arrivals delays running streams by a bounded amount per token,
+        and a prompt that arrives during a small prefill step may follow it."""
+        if self.mixed_steps and len(self.batch):
+            groups = self.scheduler.next_prefills(self.batch)
+            if groups:
+                return self._mixed_step(groups)
         touched: dict[str, EngineRequest] = {}
         spent = self._prefill_since_decode if len(self.batch) else 0
         groups = self.scheduler.next_prefills(self.batch, spent)
@@ -97,6 +107,22 @@ class LLMEngine:
             self._decode()
             touched = {s.request_id: s.owner for s in self.batch.seqs}
             self.batch.remove_finished()
+        return [(req, self._chunk(req)) for req in touched.values()]
+
+    def _mixed_step(self, groups: list[PromptGroup]) -> list[tuple[EngineRequest, GenerateChunk]]:
+        touched = {g.request_id: self.requests[g.request_id] for g in groups}
+        for g in groups:
+            if g.want_prompt_logprobs:   # needs every position's logits: its own forward, then it decodes below
+                self._prefill([g])
+        packed = [g for g in groups if not g.want_prompt_logprobs]
+        decoded = list(self.batch.seqs)
+        if packed:
+            self._mixed(packed)
+        else:
+            self._decode()
+            self.batch.remove_finished()
+        self._prefill_since_decode = 0
+        touched.update((s.request_id, s.owner) for s in decoded)
         return [(req, self._chunk(req)) for req in touched.values()]
 
     # ------------------------------------------------------------------ model work
@@ -127,11 +153,28 @@ class LLMEngine:
             self._prompt_logprobs(groups[0], out.logits[0])
         cache = out.past_key_values
         _zero_padding(cache, mask)
-        rows = torch.tensor([r for r, g in enumerate(groups) for _ in g.seqs], device=self.device)
-        seqs = [s for g in groups for s in g.seqs]
-        for s in seqs:
-            s.status = Status.RUNNING
+        rows = _fork_rows(groups, self.device)
+        seqs = _start(groups)
         self._sample_and_append(out.logits[:, -1].index_select(0, rows), seqs)
+        self._join(seqs, rows, cache, mask)
+
+    def _mixed(self, groups: list[PromptGroup]) -> None:
+        """One forward: a token for every running row and the first token of each new prompt."""
+        inputs = self.batch.step_inputs()
+        logits, step = run_mixed(self.model, inputs["input_ids"], inputs["position_ids"], self.batch.cache,
+                                 inputs["attention_mask"], [g.prompt_ids for g in groups])
+        b = len(self.batch)
+        rows = _fork_rows(groups, self.device)
+        seqs = _start(groups)
+        self._sample_and_append(logits.index_select(0, torch.cat([torch.arange(b, device=self.device), rows + b])),
+                                self.batch.seqs + seqs)
+        self.batch.remove_finished()
+        cache, mask = prompt_cache(step, [len(g.prompt_ids) for g in groups])
+        self._join(seqs, rows, cache, mask)
+
+    def _join(self, seqs: list[Sequence], rows: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Merges new sequences that did not finish on their first token into the batch; `rows` maps
+        each to its prompt's row of `cache`/`mask`."""
         alive = [i for i, s in enumerate(seqs) if not s.finished]
         if not alive:
             return
@@ -226,6 +269,18 @@ class LLMEngine:
             seqs.append(seq)
         want = params.echo and params.logprobs is not None
         return PromptGroup(req.request_id, prompt, seqs, want_prompt_logprobs=want)
+
+
+def _fork_rows(groups: list[PromptGroup], device: torch.device) -> torch.Tensor:
+    """Each sequence's prompt row: a group's n sequences share their prompt's logits and cache."""
+    return torch.tensor([r for r, g in enumerate(groups) for _ in g.seqs], device=device)
+
+
+def _start(groups: list[PromptGroup]) -> list[Sequence]:
+    seqs = [s for g in groups for s in g.seqs]
+    for s in seqs:
+        s.status = Status.RUNNING
+    return seqs
 
 
 def _similar_lengths(groups: list[PromptGroup], max_waste: float = 0.25) -> list[list[PromptGroup]]:

@@ -17,7 +17,8 @@ def build_async_engine(cfg: ChatModelConfig):
     model_limit = getattr(model.config, "max_position_embeddings", None) or 2048
     max_model_len = min(e.max_model_len or model_limit, model_limit)
     engine = LLMEngine(model, tokenizer, max_model_len=max_model_len, max_num_seqs=e.max_num_seqs,
-                       max_num_batched_tokens=e.max_num_batched_tokens, max_prefill_tokens=e.max_prefill_tokens)
+                       max_num_batched_tokens=e.max_num_batched_tokens, max_prefill_tokens=e.max_prefill_tokens,
+                       mixed_steps=e.mixed_steps)
     async_engine = AsyncLLMEngine(engine, max_in_flight_seqs=e.max_num_seqs + e.max_waiting,
                                   stream_interval_s=e.stream_interval_ms / 1000,
                                   max_chunks_per_s=e.max_chunks_per_s)

@@ -262,7 +262,7 @@ def test_prefill_budget_spreads_a_burst_and_never_starves_a_long_prompt(model):
 
 
 def test_prefill_budget_counts_tokens_since_the_last_decode_step(model):
-    engine = make_engine(model, max_prefill_tokens=20)
+    engine = make_engine(model, max_prefill_tokens=20, mixed_steps=False)
     running = req("run", "abc", max_tokens=60)
     engine.add(running)
     engine.step()
@@ -280,3 +280,97 @@ def test_prefill_budget_counts_tokens_since_the_last_decode_step(model):
     assert not c.seqs[0].output_ids
     engine.step()
     assert c.seqs[0].output_ids               # and then it goes
+
+
+def staggered(model, mixed: bool, make_reqs, every: int = 2):
+    """Adds one request every `every` steps while earlier ones run; returns the requests and the
+    number of forward passes."""
+    reqs = make_reqs()
+    engine = make_engine(model, mixed_steps=mixed, max_prefill_tokens=16)
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        pending = list(reqs)
+        engine.add(pending.pop(0))
+        k = 0
+        while engine.has_work() or pending:
+            if pending and k % every == 0:
+                engine.add(pending.pop(0))
+            engine.step()
+            assert not any(s.finished for s in engine.batch.seqs)   # finished rows leave at once
+            k += 1
+    finally:
+        handle.remove()
+    return reqs, len(calls)
+
+
+def test_mixed_steps_admit_prompts_in_the_decode_forward_and_match_separate_steps(model):
+    def make():
+        return [req(f"r{i}", "prompt %d " % i + "x" * (i % 5), max_tokens=10) for i in range(6)]
+    mixed, mixed_calls = staggered(model, True, make)
+    separate, separate_calls = staggered(model, False, make)
+    assert [out_ids(r) for r in mixed] == [out_ids(r) for r in separate]
+    assert all(len(out_ids(r)) == 10 for r in mixed)
+    assert mixed_calls < separate_calls      # joining costs no forward pass of its own
+
+
+def test_mixed_steps_keep_seeds_n_forks_and_prompt_logprobs(model):
+    def make():
+        return [req("run", "keep running", max_tokens=20),
+                req("seeded", "seeded", temperature=1.0, seed=7, max_tokens=8),
+                req("fork", "fork me", n=3, temperature=1.0, seed=1, max_tokens=6),
+                req("echo", "echo this", echo=True, logprobs=2, max_tokens=3),
+                req("one", "just one", max_tokens=1)]
+    mixed, _ = staggered(model, True, make, every=1)
+    alone = make()
+    for r in alone:
+        run_all(make_engine(model, mixed_steps=False), [r])
+    for a, m in zip(alone, mixed):
+        assert [s.output_ids for s in m.seqs] == [s.output_ids for s in a.seqs], m.request_id
+    assert len({tuple(s.output_ids) for s in mixed[2].seqs}) > 1
+    lp = lambda r: [(e.token, round(e.logprob or 0.0, 4)) for e in r.seqs[0].prompt_logprobs]   # noqa: E731
+    assert lp(mixed[3]) == lp(alone[3])
+    assert mixed[4].finished and len(out_ids(mixed[4])) == 1
+
+
+def test_a_row_that_finishes_beside_an_echo_prefill_leaves_the_batch(model):
+    engine = make_engine(model)
+    a = req("a", "abc", max_tokens=3)
+    engine.add(a)
+    engine.step()
+    engine.step()
+    engine.add(req("e", "echo me", echo=True, logprobs=1, max_tokens=4))
+    engine.step()                     # prefills the echo prompt alone, then decodes a's last token
+    assert a.finished and len(out_ids(a)) == 3
+    assert [s.request_id for s in engine.batch.seqs] == ["e"]
+
+
+def test_mixed_steps_spread_a_burst_and_every_step_decodes(model):
+    engine = make_engine(model, max_prefill_tokens=20)
+    running = req("run", "abc", max_tokens=60)
+    engine.add(running)
+    engine.step()
+    burst = [req(f"b{i}", "x" * 8, max_tokens=3) for i in range(4)]
+    long = req("long", "y" * 60, max_tokens=3)
+    for r in burst + [long]:
+        engine.add(r)
+    admitted = []
+    while not long.finished:
+        before, waiting = len(out_ids(running)), len(engine.scheduler.waiting)
+        engine.step()
+        admitted.append(waiting - len(engine.scheduler.waiting))
+        assert len(out_ids(running)) == before + 1     # the running stream moves every step
+    assert [a for a in admitted if a] == [2, 2, 1]
+
+
+def test_models_outside_the_llama_family_use_separate_prefill_steps(model):
+    from deployments.llm.mixed import supports_mixed_steps
+    assert supports_mixed_steps(model)
+    cfg = model.config
+    saved = cfg.sliding_window if hasattr(cfg, "sliding_window") else None
+    try:
+        cfg.sliding_window = 16
+        assert not supports_mixed_steps(model)
+        assert not make_engine(model).mixed_steps
+    finally:
+        cfg.sliding_window = saved
