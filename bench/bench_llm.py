@@ -11,6 +11,9 @@ same size in this process, also greedy (the practical limit of this stack). Prin
 ":separate" for mixed_steps off) and, at each level, runs them in turns (--rounds, order alternating)
 with the static reference measured before and after: this machine drifts by ±20-40% within
 minutes, so only same-run ratios count.
+
+--peer starts Hugging Face `transformers serve --continuous-batching` (the peer named in issue #3)
+on the same weights (bf16, CPU) beside our app, and runs it in the same turns.
 """
 from __future__ import annotations
 
@@ -18,13 +21,14 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 
 import aiohttp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import default_args, median, pct, print_table, start_app, stop_app  # noqa: E402
+from bench.common import default_args, free_port, median, pct, print_table, start_app, stop_app  # noqa: E402
 
 CHAT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QUESTIONS = ["Write a short story about a robot.", "Explain how rain forms.", "Describe the city of Paris.",
@@ -33,8 +37,9 @@ QUESTIONS = ["Write a short story about a robot.", "Explain how rain forms.", "D
 
 
 async def one_request(session, url, i, tokens, eos_id, model=CHAT):
+    # the bias is a float: transformers serve answers 500 to an integer one
     body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-            "max_tokens": tokens, "temperature": 0, "stream": True, "logit_bias": {str(eos_id): -100},
+            "max_tokens": tokens, "temperature": 0, "stream": True, "logit_bias": {str(eos_id): -100.0},
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = last = None
@@ -133,6 +138,34 @@ class StaticReference:
         return out
 
 
+def start_transformers_serve(source: str) -> tuple[str, str, subprocess.Popen]:
+    """`transformers serve` on our cached safetensors copy of the model; returns (url, model, process)."""
+    from deployments.llm.loader import cache_root, dequantized_copy
+    from deployments.sources import resolve_source
+    resolved = resolve_source(source)
+    path = dequantized_copy(resolved, cache_root(None)) if resolved.kind == "gguf" else resolved.path
+    port = free_port()
+    cli = os.path.join(os.path.dirname(sys.executable), "transformers")
+    proc = subprocess.Popen([cli, "serve", path, "--continuous-batching", "--device", "cpu", "--dtype", "bfloat16",
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+
+    async def ready():
+        async with aiohttp.ClientSession() as session:
+            await one_request(session, url, 0, 4, 2, path)
+    for _ in range(120):
+        try:
+            asyncio.run(ready())
+            return url, path, proc
+        except Exception:  # not up yet
+            if proc.poll() is not None:
+                raise RuntimeError("transformers serve exited") from None
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError("transformers serve did not come up in 120 s")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--levels", default="1,8,32,128")
@@ -152,7 +185,8 @@ def main():
     p.add_argument("--compare", default=None,
                    help="engine variants served side by side and run in turns: comma-separated "
                         "max_prefill_tokens values, each optionally with ':separate' (mixed_steps off)")
-    p.add_argument("--rounds", type=int, default=2, help="turns per variant and level with --compare")
+    p.add_argument("--rounds", type=int, default=2, help="turns per variant and level with --compare/--peer")
+    p.add_argument("--peer", action="store_true", help="also run `transformers serve --continuous-batching`")
     opts = p.parse_args()
     levels = [int(x) for x in opts.levels.split(",")]
     reference = None if opts.no_reference else StaticReference(opts.ref_dtypes.split(","))
@@ -162,8 +196,8 @@ def main():
         mixed = "separate" not in modes
         compare[f"mpt {mpt} {'mixed' if mixed else 'separate'}"] = (
             f"{CHAT}@{item}", {"max_prefill_tokens": int(mpt), "mixed_steps": mixed})
-    variants = {label: model for label, (model, _) in compare.items()} or {"": CHAT}
-    rounds = opts.rounds if compare else 1
+    variants = {label: model for label, (model, _) in compare.items()} or {"ours" if opts.peer else "": CHAT}
+    rounds = opts.rounds if compare or opts.peer else 1
     url, engine = opts.url, {}
     if url is None:
         args = default_args()
@@ -179,9 +213,15 @@ def main():
                                "deployment": {"ray_actor_options": {"num_cpus": 1 / len(compare)}}}
                               for model, overrides in compare.values()]
         url = start_app(args, direct_ingress=opts.direct_ingress)
+    urls = {label: url for label in variants}
+    peer = None
     try:
-        for model in variants.values():
-            asyncio.run(run_level(url, 2, 8, 5, 2, model=model))   # warm-up
+        if opts.peer:
+            chat_source = next(m for m in default_args()["models"] if m["kind"] == "chat")["source"]
+            peer_url, peer_model, peer = start_transformers_serve(chat_source)
+            variants["transformers serve"], urls["transformers serve"] = peer_model, peer_url
+        for label, model in variants.items():
+            asyncio.run(run_level(urls[label], 2, 8, 5, 2, model=model))   # warm-up
         rows, results = [], {}
         names = list(reference.models) if reference else []
         warmup = opts.seconds / 3 if opts.warmup is None else opts.warmup
@@ -193,7 +233,7 @@ def main():
             for k in range(rounds):
                 order = list(variants.items()) if k % 2 == 0 else list(variants.items())[::-1]
                 for label, model in order:
-                    r = asyncio.run(run_level(url, c, opts.tokens, opts.seconds, 2, warmup, model=model))
+                    r = asyncio.run(run_level(urls[label], c, opts.tokens, opts.seconds, 2, warmup, model=model))
                     runs[label].append(r)
                     print(f"concurrency {c} {label}: {r}", flush=True)
             refs_after = reference.run(c, opts.tokens) if use_ref and rounds > 1 else refs_before
@@ -205,7 +245,7 @@ def main():
                 refs = []
                 for n in names:
                     refs += [ref.get(n, float("nan")), r["tok_s"] / ref[n] if n in ref else float("nan")]
-                rows.append(([label] if compare else []) + [c, r["tok_s"], *refs, r["ttft_p50"], r["ttft_p99"],
+                rows.append(([label] if len(variants) > 1 else []) + [c, r["tok_s"], *refs, r["ttft_p50"], r["ttft_p99"],
                                                            r["itl_p50"] * 1000, r["requests"], r["errors"]])
         print(f"\nHTTP path: direct ingress {'on' if opts.direct_ingress else 'off'}, stream_interval_ms "
               f"{opts.stream_interval_ms or 0}, max_chunks_per_s {engine.get('max_chunks_per_s', 'default') if opts.url is None else '?'}, "
@@ -213,7 +253,7 @@ def main():
               f"greedy, warm-up excluded" + (f"; median of {rounds} turns per variant, reference = mean of before and after"
                                               if compare else ""))
         ref_cols = [h for n in names for h in (f"static {n} tok/s", f"ratio vs {n}")]
-        print_table((["variant"] if compare else []) + ["concurrency", "tok/s (HTTP)", *ref_cols, "TTFT p50 s",
+        print_table((["variant"] if len(variants) > 1 else []) + ["concurrency", "tok/s (HTTP)", *ref_cols, "TTFT p50 s",
                                                          "TTFT p99 s", "ITL p50 ms", "requests", "errors"], rows)
         for label in variants:
             name = f" ({label})" if label else ""
@@ -224,6 +264,9 @@ def main():
                 ratio = results[(label, 128)]["tok_s"] / results[(label, 32)]["tok_s"]
                 print(f"tok/s at 128 / at 32{name}: {ratio:.2f}x")
     finally:
+        if peer is not None:
+            peer.terminate()
+            peer.wait(30)
         if opts.url is None:
             stop_app()
 

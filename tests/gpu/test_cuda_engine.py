@@ -33,3 +33,30 @@ def test_engine_runs_on_cuda_in_bf16_and_batching_keeps_greedy_outputs():
     together = run(prompts)
     assert together[5] == run([prompts[5]])[0]
     assert all(len(t) == 16 for t in together)
+
+
+def test_mixed_steps_on_cuda_match_separate_prefill_steps():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deployments.llm.engine import EngineRequest, LLMEngine
+    from deployments.types import SamplingParams
+    from tests.unit.fakes import ByteTokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=257, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                      eos_token_id=256, pad_token_id=256)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.float32).eval()
+
+    def run(mixed: bool):
+        engine = LLMEngine(model, ByteTokenizer(), max_model_len=512, max_num_seqs=64,
+                           max_num_batched_tokens=1 << 16, mixed_steps=mixed)
+        reqs = [EngineRequest(f"r{i}", [list(f"prompt {i} ".encode() * (1 + i % 4))],
+                              SamplingParams(max_tokens=12, temperature=0), [12]) for i in range(24)]
+        pending = list(reqs)
+        while engine.has_work() or pending:
+            if pending:                       # one arrival per step while earlier ones run
+                engine.add(pending.pop(0))
+            engine.step()
+        return [r.seqs[0].output_ids for r in reqs]
+
+    assert run(True) == run(False)
