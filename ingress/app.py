@@ -1,8 +1,9 @@
 """The ingress deployment and build_app(args): the typed application builder serve_config.yaml
 points at (`import_path: ingress.app:build_app`).
 
-One Serve deployment per configured model, each scaled on its own, plus a small image store;
-the ingress routes by `model` through DeploymentHandles. Never imports torch.
+One Serve deployment per configured model, each scaled on its own, plus a small image store when
+an image model is configured; the ingress routes by `model` through DeploymentHandles. Never
+imports torch.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def build_app(args: dict[str, Any]) -> Any:
     """Validates `args` (unknown keys fail here, naming the key) and binds the application."""
     cfg = parse_app_config(args)
     handles = {m.id: model_deployment(m) for m in cfg.models}
-    store = image_store_deployment(cfg.ingress.image_url_ttl_s)
+    has_images = any(m.kind == "image" for m in cfg.models)   # no image model, no store replica
+    store = image_store_deployment(cfg.ingress.image_url_ttl_s) if has_images else None
     opts = cfg.ingress.deployment.serve_options(INGRESS_DEFAULTS)
     ingress = serve.deployment(serve.ingress()(IngressServer), name="Ingress", **opts)
     return ingress.bind(cfg.model_dump(mode="json"), handles, store)

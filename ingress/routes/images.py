@@ -39,7 +39,8 @@ async def generate_images(request: Request):
 @files_router.get(FILES_PATH + "/{name}")
 async def image_file(name: str, request: Request):
     token = name.removesuffix(".png")
-    png = await request.app.state.image_store.get.remote(token)
+    store = request.app.state.image_store
+    png = None if store is None else await store.get.remote(token)
     if png is None:
         raise NotFoundError("This image does not exist or its URL has expired.")
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

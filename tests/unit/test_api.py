@@ -132,6 +132,18 @@ def test_embeddings_float_and_base64():
     assert flt.data[0].embedding == [4.0] * 8 and flt.usage.prompt_tokens == 4
 
 
+def test_image_file_without_an_image_store_is_a_404():
+    cfg = parse_app_config({"models": [{"id": CHAT, "kind": "chat", "source": "x"}]})
+    app = create_api(ModelRegistry({CHAT: ModelEntry(cfg.models[0], FakeChatClient())}), image_store=None)
+
+    async def go():
+        async with raw_client(app) as h:
+            return await h.get("/v1/images/files/abc.png")
+    resp = run(go())
+    assert resp.status_code == 404
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_images_b64_and_url_roundtrip_and_expiry():
     from PIL import Image
     store = FakeImageStore(ttl_s=3600)
