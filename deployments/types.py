@@ -65,6 +65,17 @@ class ToolCall:
 
 
 @dataclass
+class ToolCallDelta:
+    """A streamed piece of one tool call: the first piece of call `index` carries its id and name,
+    later ones only a fragment of its arguments (OpenAI's ChoiceDeltaToolCall)."""
+
+    index: int
+    id: Optional[str]
+    name: Optional[str]
+    arguments: str
+
+
+@dataclass
 class ChoiceDelta:
     """New output of one choice since the previous chunk."""
 
@@ -72,8 +83,9 @@ class ChoiceDelta:
     text: str = ""
     logprobs: Optional[list[TokenLogprob]] = None
     finish_reason: Optional[str] = None
-    tool_calls: Optional[list[ToolCall]] = None
+    tool_calls: Optional[list[ToolCall]] = None   # complete calls, on the choice's last delta
     text_offset: int = 0                  # completions logprobs: offset of `text` in the choice's text
+    tool_call_deltas: Optional[list[ToolCallDelta]] = None   # what a stream sends of the calls
 
 
 @dataclass

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from deployments.errors import InvalidRequestError
-from deployments.types import ToolCall, ToolSpec
+from deployments.types import ToolCall, ToolCallDelta, ToolSpec
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
@@ -115,41 +116,113 @@ def _short(exc: Exception) -> str:
 _OPEN = "<tool_call>"
 
 
+_HEADER = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+_JSON = json.JSONDecoder()
+
+
+@dataclass
+class _Streamed:
+    id: str
+    name: str
+    start: int          # where its arguments begin in the held text
+    sent: int = 0       # characters of arguments streamed so far
+    done: bool = False  # its arguments value is complete
+
+
 class ToolCallStream:
-    """Splits one choice's streamed reply into content that can go at once and tool-call text that is
-    held until the reply ends. Content streams until a `<tool_call>` tag starts (a tail that could
-    still grow into the tag is held back); from the tag on, text is held and parsed at the end. A
-    reply that starts with a forced prefix (tool_choice required or named) is held whole."""
+    """Splits one choice's streamed reply into content and tool calls as they are generated.
+
+    Content streams until a `<tool_call>` tag starts (a tail that could still grow into the tag is
+    held back). From the tag on, text is held; as soon as a call's name is known its first delta
+    (id, name) goes out, then its arguments in fragments as they are generated, up to the end of the
+    arguments' JSON value (`{"name": ..., "arguments": <value>}`, the Hermes format of the system
+    prompt and of Qwen-style templates). At the end the held text is parsed whole: calls that did not
+    stream (another layout) are sent then, and held text that is no tool call comes back as content.
+    A reply that starts with a forced prefix (tool_choice required or named) starts inside a call."""
 
     def __init__(self, prefix: str = ""):
         self._held = prefix
         self._pending = ""            # content not yet released: may be the start of the tag
         self._in_call = bool(prefix)
+        self._calls: list[_Streamed] = []
+        self._cursor = 0              # the next call's header is looked for from here
 
-    def push(self, text: str) -> str:
-        """Feeds generated text; returns the content that can be streamed now."""
+    def push(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        """Feeds generated text; returns the content and the tool-call deltas to stream now."""
+        out = ""
         if self._in_call:
             self._held += text
-            return ""
-        self._pending += text
-        at = self._pending.find(_OPEN)
-        if at >= 0:
-            out, self._held, self._pending, self._in_call = self._pending[:at], self._pending[at:], "", True
-            return out
-        keep = _partial_tag_length(self._pending)
-        out = self._pending[:len(self._pending) - keep]
-        self._pending = self._pending[len(out):]
-        return out
+        else:
+            self._pending += text
+            at = self._pending.find(_OPEN)
+            if at >= 0:
+                out, self._held, self._pending, self._in_call = self._pending[:at], self._pending[at:], "", True
+            else:
+                keep = _partial_tag_length(self._pending)
+                out = self._pending[:len(self._pending) - keep]
+                self._pending = self._pending[len(out):]
+        return out, (self._advance() if self._in_call else [])
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """At the end of the reply: (remaining content, tool calls). Held text that does not parse
-        as a tool call comes back as content."""
+    def finish(self) -> tuple[str, list[ToolCall], list[ToolCallDelta]]:
+        """At the end of the reply: (remaining content, the complete calls, the deltas not yet sent)."""
         if not self._in_call:
             out, self._pending = self._pending, ""
-            return out, []
-        content, calls = parse_tool_calls(self._held)
+            return out, [], []
+        content, parsed = parse_tool_calls(self._held)
+        calls = [ToolCall(s.id, s.name, parsed[i].arguments if i < len(parsed) else self._args(s))
+                 for i, s in enumerate(self._calls)]
+        deltas = []
+        for i, s in enumerate(self._calls):   # arguments that could not stream (a JSON string, a bare value)
+            sent = self._args(s)
+            if not s.done and i < len(parsed) and parsed[i].arguments.startswith(sent) and parsed[i].arguments != sent:
+                deltas.append(ToolCallDelta(i, None, None, parsed[i].arguments[len(sent):]))
+        for i, c in enumerate(parsed[len(calls):], start=len(calls)):
+            calls.append(c)
+            deltas.append(ToolCallDelta(i, c.id, c.name, c.arguments))
         self._held = ""
-        return content or "", calls
+        if not calls:
+            return content or "", [], []
+        return (content or "") if parsed else "", calls, deltas
+
+    def _advance(self) -> list[ToolCallDelta]:
+        deltas = []
+        while True:
+            call = self._calls[-1] if self._calls and not self._calls[-1].done else None
+            if call is None:
+                m = _HEADER.search(self._held, self._cursor)
+                if m is None:
+                    return deltas
+                try:
+                    name = json.loads(m.group(1))
+                except ValueError:
+                    return deltas
+                call = _Streamed(f"call_{uuid.uuid4().hex[:24]}", name, m.end())
+                self._calls.append(call)
+                deltas.append(ToolCallDelta(len(self._calls) - 1, call.id, name, ""))
+            while not call.sent and call.start < len(self._held) and self._held[call.start].isspace():
+                call.start += 1   # the header matched before the whitespace that leads the value
+            if self._held[call.start:call.start + 1] not in ("", "{", "["):
+                return deltas     # arguments given as a JSON string or a bare value: sent whole at the end
+            end = self._value_end(call.start)
+            upto = len(self._held) if end is None else end
+            if upto > call.start + call.sent:
+                deltas.append(ToolCallDelta(len(self._calls) - 1, None, None, self._held[call.start + call.sent:upto]))
+                call.sent = upto - call.start
+            if end is None:
+                return deltas
+            call.done, self._cursor = True, end
+
+    def _value_end(self, start: int) -> Optional[int]:
+        """End of the JSON value at `start` once it is complete; None while it may still grow."""
+        if start >= len(self._held):
+            return None
+        try:
+            return _JSON.raw_decode(self._held, start)[1]
+        except ValueError:
+            return None
+
+    def _args(self, call: _Streamed) -> str:
+        return self._held[call.start:call.start + call.sent]
 
 
 def _partial_tag_length(text: str) -> int:

@@ -125,21 +125,23 @@ class LLMServer:
 
 
 async def _with_tool_calls(stream: AsyncIterator[GenerateChunk], prefix: str) -> AsyncIterator[GenerateChunk]:
-    """Streams each choice's plain content as it comes and holds tool-call text until the choice
-    ends, then reports the tool calls (prompts.ToolCallStream)."""
+    """Streams each choice's plain content and its tool calls (id and name, then argument fragments)
+    as they are generated; the choice's last delta also carries the complete calls
+    (prompts.ToolCallStream)."""
     from deployments.llm.prompts import ToolCallStream
     splitters: dict[int, ToolCallStream] = {}
     async for chunk in stream:
         out = []
         for d in chunk.choices:
             split = splitters.setdefault(d.index, ToolCallStream(prefix))
-            text = split.push(d.text)
+            text, deltas = split.push(d.text)
             if d.finish_reason is None:
-                if text or d.logprobs:
-                    out.append(ChoiceDelta(d.index, text, d.logprobs))
+                if text or d.logprobs or deltas:
+                    out.append(ChoiceDelta(d.index, text, d.logprobs, tool_call_deltas=deltas or None))
                 continue
-            rest, calls = split.finish()
+            rest, calls, more = split.finish()
             reason = "tool_calls" if calls else d.finish_reason
-            out.append(ChoiceDelta(d.index, text + rest, d.logprobs, reason, calls or None))
+            out.append(ChoiceDelta(d.index, text + rest, d.logprobs, reason, calls or None,
+                                   tool_call_deltas=(deltas + more) or None))
         if out or chunk.usage is not None:
             yield GenerateChunk(out, chunk.usage)

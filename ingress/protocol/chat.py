@@ -171,9 +171,14 @@ def delta_events(d: ChoiceDelta, first: bool, with_logprobs: bool, single_tool_c
     if d.text or d.logprobs:
         lp = {"content": logprobs_content(d.logprobs or []), "refusal": None} if with_logprobs else None
         out.append({"index": d.index, "delta": {"content": d.text}, "logprobs": lp, "finish_reason": None})
-    for i, call in enumerate(tool_calls_json(d.tool_calls or [], single_tool_call)):
-        out.append({"index": d.index, "delta": {"tool_calls": [{"index": i, **call}]}, "logprobs": None,
-                    "finish_reason": None})
+    for t in d.tool_call_deltas or []:
+        if single_tool_call and t.index > 0:
+            continue
+        call: dict[str, Any] = {"index": t.index}
+        if t.id is not None:
+            call.update(id=t.id, type="function")
+        call["function"] = {"arguments": t.arguments} if t.name is None else {"name": t.name, "arguments": t.arguments}
+        out.append({"index": d.index, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None})
     if d.finish_reason is not None:
         out.append({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": d.finish_reason})
     return out

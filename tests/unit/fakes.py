@@ -8,7 +8,7 @@ from typing import AsyncIterator
 import numpy as np
 
 from deployments.types import (Choice, ChoiceDelta, EmbedResult, GenerateChunk, GenerateResult, ImageResult,
-                               ModelCard, TokenLogprob, ToolCall, Usage)
+                               ModelCard, TokenLogprob, ToolCall, ToolCallDelta, Usage)
 
 
 class ByteTokenizer:
@@ -75,6 +75,14 @@ class FakeChatClient:
         self.requests.append(req)
         if self.fail_with:
             raise self.fail_with
+        if req.tools is not None:   # two calls, streamed as the LLM server does: id and name, then fragments
+            calls = [ToolCall("call_1", "get_weather", '{"city": "Paris"}'), ToolCall("call_2", "get_time", "{}")]
+            yield GenerateChunk([ChoiceDelta(0, "", tool_call_deltas=[ToolCallDelta(0, "call_1", "get_weather", ""),
+                                                                      ToolCallDelta(0, None, None, '{"city": ')])])
+            yield GenerateChunk([ChoiceDelta(0, "", tool_call_deltas=[ToolCallDelta(0, None, None, '"Paris"}'),
+                                                                      ToolCallDelta(1, "call_2", "get_time", "{}")])])
+            yield GenerateChunk([ChoiceDelta(0, "", None, "tool_calls", calls)], Usage(3, 9))
+            return
         text = self._answer(req)
         for k, c in enumerate(text):
             last = k == len(text) - 1

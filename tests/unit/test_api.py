@@ -119,6 +119,35 @@ def test_chat_tool_calls_rendered():
     assert json.loads(call.function.arguments) == {"city": "Paris"}
 
 
+def test_chat_tool_calls_stream_in_fragments_that_the_sdk_accumulates():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+    async def go(parallel):
+        c = client_for(make_app())
+        extra = {} if parallel else {"parallel_tool_calls": False}
+        stream = await c.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}],
+                                                 tools=tools, stream=True, **extra)
+        return [chunk async for chunk in stream]
+
+    for parallel in (True, False):
+        chunks = run(go(parallel))
+        calls: dict = {}
+        for chunk in chunks:
+            for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                entry = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
+                if tc.id:
+                    assert entry["id"] is None and tc.type == "function"    # id and name come once, first
+                    entry["id"], entry["name"] = tc.id, tc.function.name
+                entry["arguments"] += tc.function.arguments or ""
+        fragments = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert calls[0] == {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+        if parallel:
+            assert len(fragments) == 4 and calls[1]["name"] == "get_time"
+        else:
+            assert len(fragments) == 3 and list(calls) == [0]      # parallel_tool_calls=false: the first call only
+
+
 def test_embeddings_float_and_base64():
     async def go():
         c = client_for(make_app())

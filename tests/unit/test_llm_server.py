@@ -168,12 +168,12 @@ def test_under_load_tokens_are_coalesced_but_the_first_token_goes_at_once():
     assert len(rest) == 1 and rest[0].usage.completion_tokens == 30   # everything else merged into one
 
 
-def test_tools_stream_content_at_once_and_the_call_at_the_end():
+def test_tools_stream_content_at_once_and_the_call_as_it_is_generated():
     from deployments.llm.server import _with_tool_calls
     from deployments.types import ChoiceDelta, GenerateChunk, Usage
 
     async def engine_stream():
-        for text in ["Let me ", "check. <tool_", 'call>{"name": "f", "arguments": {"x": 1}}</tool_call>']:
+        for text in ["Let me ", "check. <tool_", 'call>{"name": "f", "arguments": {"x"', ': 1}}</tool_call>']:
             yield GenerateChunk([ChoiceDelta(0, text, None)], None)
         yield GenerateChunk([ChoiceDelta(0, "", None, "stop")], Usage(5, 9))
 
@@ -185,3 +185,6 @@ def test_tools_stream_content_at_once_and_the_call_at_the_end():
     last = chunks[-1].choices[0]
     assert last.finish_reason == "tool_calls" and last.tool_calls[0].name == "f" and last.text == ""
     assert chunks[-1].usage.completion_tokens == 9
+    deltas = [(d.id is not None, d.name, d.arguments) for c in chunks for ch in c.choices for d in ch.tool_call_deltas or []]
+    assert deltas == [(True, "f", ""), (False, None, '{"x"'), (False, None, ": 1}")]   # before the reply ended
+    assert chunks[2].choices[0].tool_call_deltas                                         # with the 3rd engine chunk

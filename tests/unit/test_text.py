@@ -117,24 +117,61 @@ def test_logprob_bytes_of_a_token_that_is_half_a_character():
 
 
 def _feed(split, pieces):
-    return [split.push(p) for p in pieces]
+    """Content per piece; the tool-call deltas go to split.sent."""
+    split.sent = getattr(split, "sent", [])
+    out = []
+    for p in pieces:
+        text, deltas = split.push(p)
+        out.append(text)
+        split.sent += deltas
+    return out
+
+
+def _streamed_calls(deltas):
+    """What a client accumulates from the deltas, as OpenAI's SDK does: {index: [id, name, arguments]}."""
+    calls = {}
+    for d in deltas:
+        c = calls.setdefault(d.index, [None, None, ""])
+        if d.id is not None:
+            c[0], c[1] = d.id, d.name
+        c[2] += d.arguments
+    return calls
 
 
 def test_tool_call_stream_passes_plain_content_through_at_once():
     from deployments.llm.prompts import ToolCallStream
     split = ToolCallStream()
     assert _feed(split, ["Hel", "lo", " world"]) == ["Hel", "lo", " world"]
-    assert split.finish() == ("", [])
+    assert split.sent == []
+    assert split.finish() == ("", [], [])
 
 
-def test_tool_call_stream_holds_the_call_and_a_possible_tag_start():
+def test_tool_call_stream_sends_the_name_then_argument_fragments_as_they_come():
     from deployments.llm.prompts import ToolCallStream
     split = ToolCallStream()
-    out = _feed(split, ["Sure. <to", "ol_call>\n{\"name\": \"get_weather\", ", "\"arguments\": {\"city\": \"Paris\"}}",
-                        "\n</tool_call>"])
-    assert out == ["Sure. ", "", "", ""]              # "<to" is held until it is known to be the tag
-    content, calls = split.finish()
-    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    out = _feed(split, ["Sure. <to", "ol_call>\n{\"name\": \"get_", "weather\", ", "\"arguments\": {\"city\": ",
+                        "\"Pa", "ris\"}", "}\n</tool_call>"])
+    assert out == ["Sure. ", "", "", "", "", "", ""]     # "<to" is held until it is known to be the tag
+    first = split.sent[0]
+    assert (first.index, first.name, first.arguments) == (0, "get_weather", "") and first.id.startswith("call_")
+    fragments = [d.arguments for d in split.sent[1:]]
+    assert fragments == ['{"city": ', '"Pa', 'ris"}']    # streamed as generated; the outer brace is not
+    content, calls, more = split.finish()
+    assert content == "" and more == []
+    assert [(c.id, c.name, json.loads(c.arguments)) for c in calls] == [(first.id, "get_weather", {"city": "Paris"})]
+    assert json.loads(_streamed_calls(split.sent)[0][2]) == {"city": "Paris"}
+
+
+def test_tool_call_stream_streams_several_calls_with_their_indices():
+    from deployments.llm.prompts import ToolCallStream
+    split = ToolCallStream()
+    text = ('<tool_call>\n{"name": "a", "arguments": {"x": [1, {"y": "}"}]}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>')
+    _feed(split, [text[i:i + 3] for i in range(0, len(text), 3)])
+    streamed = _streamed_calls(split.sent)
+    assert [(v[1], json.loads(v[2])) for v in streamed.values()] == [("a", {"x": [1, {"y": "}"}]}), ("b", {})]
+    content, calls, more = split.finish()
+    assert content == "" and more == [] and [c.name for c in calls] == ["a", "b"]
 
 
 def test_tool_call_stream_releases_a_false_tag_start_and_bad_json_as_content():
@@ -143,12 +180,32 @@ def test_tool_call_stream_releases_a_false_tag_start_and_bad_json_as_content():
     assert _feed(split, ["a <t", "able>"]) == ["a ", "<table>"]
     bad = ToolCallStream()
     assert _feed(bad, ["<tool_call>{not json"]) == [""]
-    assert bad.finish() == ("<tool_call>{not json", [])
+    assert bad.sent == [] and bad.finish() == ("<tool_call>{not json", [], [])
 
 
-def test_tool_call_stream_with_a_forced_prefix_holds_everything():
+def test_tool_call_stream_with_a_forced_prefix_starts_inside_the_call():
     from deployments.llm.prompts import ToolCallStream
     split = ToolCallStream('<tool_call>\n{"name": "f", "arguments": ')
     assert _feed(split, ['{"x": 1}}', "\n</tool_call>"]) == ["", ""]
-    content, calls = split.finish()
+    assert [(d.name, d.arguments) for d in split.sent] == [("f", ""), (None, '{"x": 1}')]
+    content, calls, _ = split.finish()
     assert content == "" and calls[0].name == "f" and json.loads(calls[0].arguments) == {"x": 1}
+
+
+def test_tool_call_stream_sends_string_arguments_decoded_at_the_end():
+    from deployments.llm.prompts import ToolCallStream
+    split = ToolCallStream()
+    _feed(split, ['<tool_call>{"name": "f", "arguments": "{\\"x\\": ', '1}"}</tool_call>'])
+    assert [(d.name, d.arguments) for d in split.sent] == [("f", "")]
+    content, calls, more = split.finish()
+    assert [(d.index, d.arguments) for d in more] == [(0, '{"x": 1}')] and calls[0].arguments == '{"x": 1}'
+
+
+def test_tool_call_stream_sends_a_layout_it_could_not_stream_at_the_end():
+    from deployments.llm.prompts import ToolCallStream
+    split = ToolCallStream()
+    _feed(split, ['<tool_call>{"arguments": {"x": 1}, "name": "f"}</tool_call>'])   # name after arguments
+    assert split.sent == []
+    content, calls, more = split.finish()
+    assert content == "" and calls[0].name == "f"
+    assert [(d.index, d.name, json.loads(d.arguments)) for d in more] == [(0, "f", {"x": 1})]
