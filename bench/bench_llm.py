@@ -8,7 +8,7 @@ same size in this process, also greedy (the practical limit of this stack). Prin
     .venv/bin/python bench/bench_llm.py [--levels 1,8,32,128] [--tokens 64] [--seconds 30]
 
 --compare 64,64:separate,512 serves the model once per engine variant in one app (max_prefill_tokens,
-":separate" for mixed_steps off) and, at each level, runs them in turns (--rounds, order alternating)
+":separate" for mixed_steps off, ":cpsN" for max_chunks_per_s N) and, at each level, runs them in turns (--rounds, order alternating)
 with the static reference measured before and after: this machine drifts by ±20-40% within
 minutes, so only same-run ratios count.
 
@@ -194,8 +194,10 @@ def main():
     for item in (opts.compare.split(",") if opts.compare else []):
         mpt, *modes = item.split(":")
         mixed = "separate" not in modes
-        compare[f"mpt {mpt} {'mixed' if mixed else 'separate'}"] = (
-            f"{CHAT}@{item}", {"max_prefill_tokens": int(mpt), "mixed_steps": mixed})
+        overrides = {"max_prefill_tokens": int(mpt), "mixed_steps": mixed}
+        overrides.update({"max_chunks_per_s": float(m[3:]) for m in modes if m.startswith("cps")})
+        label = f"mpt {mpt} {'mixed' if mixed else 'separate'}" + "".join(f" {m}" for m in modes if m.startswith("cps"))
+        compare[label] = (f"{CHAT}@{item}", overrides)
     variants = {label: model for label, (model, _) in compare.items()} or {"ours" if opts.peer else "": CHAT}
     rounds = opts.rounds if compare or opts.peer else 1
     url, engine = opts.url, {}

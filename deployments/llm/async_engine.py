@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 from deployments.errors import OverloadedError
 from deployments.llm.engine import EngineRequest, LLMEngine
@@ -29,8 +30,9 @@ class EngineDeadError(RuntimeError):
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, *, max_in_flight_seqs: int, stream_interval_s: float = 0.0,
-                 max_chunks_per_s: float = 0.0):
+                 max_chunks_per_s: float = 0.0, metrics: Optional[Any] = None):
         self.engine = engine
+        self.metrics = metrics            # metrics.EngineMetrics, recorded after each step
         self.max_in_flight_seqs = max_in_flight_seqs
         self.stream_interval_s = stream_interval_s
         self.max_chunks_per_s = max_chunks_per_s
@@ -111,6 +113,7 @@ class AsyncLLMEngine:
                 self._wakeup.wait()
                 self._wakeup.clear()
                 continue
+            started = time.monotonic()
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # a bug or device failure: fail the requests, keep serving
@@ -118,6 +121,8 @@ class AsyncLLMEngine:
                 self._fail_all(exc)
                 continue
             self._deliver([(req.request_id, chunk) for req, chunk in outputs])
+            if self.metrics is not None:
+                self.metrics.record_step(self.engine, outputs, started, time.monotonic())
 
     def _drain_inbox(self) -> None:
         while self._inbox:

@@ -11,6 +11,7 @@ It is synchronous and single-threaded; `AsyncLLMEngine` (async_engine.py) runs i
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -36,6 +37,9 @@ class EngineRequest:
     max_tokens: list[int]                 # per prompt, already clamped to the context window
     seqs: list[Sequence] = field(default_factory=list)
     echo_sent: set = field(default_factory=set)
+    arrival: float = field(default_factory=time.monotonic)
+    scheduled_at: Optional[float] = None     # admitted into the running batch (monotonic)
+    first_token_at: Optional[float] = None   # set by the metrics, when recorded
 
     @property
     def finished(self) -> bool:
@@ -278,8 +282,11 @@ def _fork_rows(groups: list[PromptGroup], device: torch.device) -> torch.Tensor:
 
 def _start(groups: list[PromptGroup]) -> list[Sequence]:
     seqs = [s for g in groups for s in g.seqs]
+    now = time.monotonic()
     for s in seqs:
         s.status = Status.RUNNING
+        if s.owner is not None and s.owner.scheduled_at is None:
+            s.owner.scheduled_at = now
     return seqs
 
 

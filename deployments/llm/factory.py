@@ -21,5 +21,14 @@ def build_async_engine(cfg: ChatModelConfig):
                        mixed_steps=e.mixed_steps)
     async_engine = AsyncLLMEngine(engine, max_in_flight_seqs=e.max_num_seqs + e.max_waiting,
                                   stream_interval_s=e.stream_interval_ms / 1000,
-                                  max_chunks_per_s=e.max_chunks_per_s)
+                                  max_chunks_per_s=e.max_chunks_per_s, metrics=_metrics(cfg.id))
     return async_engine, tokenizer, max_model_len
+
+
+def _metrics(model: str):
+    """Ray's metrics where this runs inside Ray (a Serve replica), else none."""
+    import ray
+    if not ray.is_initialized():
+        return None
+    from deployments.llm.metrics import EngineMetrics
+    return EngineMetrics(model)

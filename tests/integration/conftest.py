@@ -19,6 +19,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+METRICS_PORT = [0]   # Ray's Prometheus endpoint of the running session
+
+
 @pytest.fixture(scope="session", params=["direct-ingress", "proxy"])
 def server_url(request):
     """The app as `make serve` runs it (direct ingress: the ingress replica serves HTTP itself) and
@@ -38,7 +41,8 @@ def server_url(request):
                                                   "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
                                                   "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT")}
     os.environ.update(env)   # read by the Ray processes that ray.init starts
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    METRICS_PORT[0] = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT[0])
     serve.start(http_options={"host": "127.0.0.1", "port": proxy_port if direct else port})
     serve.run(build_app(args), name="modelhub", route_prefix="/")
     yield f"http://127.0.0.1:{port}/v1"

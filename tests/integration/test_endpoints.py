@@ -237,3 +237,22 @@ def test_forced_tool_call_streams_its_arguments_in_fragments(client):
     streamed = "".join(p.function.arguments or "" for p in pieces)
     assert json.loads(streamed) == json.loads(whole.message.tool_calls[0].function.arguments)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_llm_metrics_reach_rays_prometheus_endpoint(client):
+    from tests.integration.conftest import METRICS_PORT
+    client.chat.completions.create(model=CHAT, messages=PARIS, max_tokens=4, temperature=0)
+    wanted = ["ray_modelhub_llm_time_to_first_token_seconds_count", "ray_modelhub_llm_generation_tokens_total",
+              "ray_modelhub_llm_num_requests_running"]
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:   # Ray's agent exports what replicas recorded every few seconds
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT[0]}/metrics", timeout=10).read().decode()
+        except OSError:
+            text = ""
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    lines = [ln for ln in text.splitlines() if ln.startswith(wanted[0])]
+    assert lines and all(f'model="{CHAT}"' in ln for ln in lines), [n for n in wanted if n not in text]
+    assert all(name in text for name in wanted)

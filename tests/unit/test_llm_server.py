@@ -188,3 +188,48 @@ def test_tools_stream_content_at_once_and_the_call_as_it_is_generated():
     deltas = [(d.id is not None, d.name, d.arguments) for c in chunks for ch in c.choices for d in ch.tool_call_deltas or []]
     assert deltas == [(True, "f", ""), (False, None, '{"x"'), (False, None, ": 1}")]   # before the reply ended
     assert chunks[2].choices[0].tool_call_deltas                                         # with the 3rd engine chunk
+
+
+class _FakeMetric:
+    def __init__(self, name, description="", boundaries=None, tag_keys=()):
+        self.name, self.tags, self.values = name, None, []
+
+    def set_default_tags(self, tags):
+        self.tags = tags
+
+    def observe(self, v):
+        self.values.append(v)
+
+    def inc(self, v=1.0):
+        self.values.append(v)
+
+    def set(self, v):
+        self.values.append(v)
+
+
+class _FakeMetricsModule:
+    Histogram = Counter = Gauge = _FakeMetric
+
+
+def test_engine_metrics_record_ttft_queue_latency_tokens_and_occupancy():
+    from deployments.llm.metrics import EngineMetrics
+    metrics = EngineMetrics("tiny", metrics=_FakeMetricsModule())
+
+    def factory(_cfg):
+        tok = ByteTokenizer()
+        engine = LLMEngine(MODEL, tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=4096)
+        return AsyncLLMEngine(engine, max_in_flight_seqs=8, metrics=metrics), tok, 64
+
+    async def go():
+        server = LLMServer(ChatModelConfig(id="tiny", kind="chat", source="x"), engine_factory=factory)
+        return await asyncio.gather(*(server.generate(chat(rid=f"r{i}", max_tokens=5)) for i in range(3)))
+    results = asyncio.run(go())
+    assert metrics.ttft.tags == {"model": "tiny"}
+    assert len(metrics.ttft.values) == len(metrics.queue.values) == len(metrics.e2e.values) == 3
+    assert max(metrics.queue.values) > 0                      # 3 requests, 2 slots: one waited
+    assert all(q <= t <= e for q, t, e in zip(sorted(metrics.queue.values), sorted(metrics.ttft.values),
+                                              sorted(metrics.e2e.values)))
+    assert sum(metrics.generation_tokens.values) == sum(r.usage.completion_tokens for r in results) == 15
+    assert sum(metrics.prompt_tokens.values) == sum(r.usage.prompt_tokens for r in results)
+    assert len(metrics.step.values) >= 5 and metrics.running.values[-1] == 0 and metrics.waiting.values[-1] == 0
+    assert max(metrics.waiting.values) >= 1
