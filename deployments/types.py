@@ -47,6 +47,7 @@ class GenerateRequest:
     messages: Optional[list[dict[str, Any]]] = None
     prompts: Optional[list[Prompt]] = None
     tools: Optional[ToolSpec] = None
+    response_format: Optional[dict[str, Any]] = None   # {"type": "json_object"} or {"type": "json_schema", "schema": ...}
 
 
 @dataclass

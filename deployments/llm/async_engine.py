@@ -120,9 +120,9 @@ class AsyncLLMEngine:
                 logger.exception("engine step failed; failing the requests in flight")
                 self._fail_all(exc)
                 continue
-            self._deliver([(req.request_id, chunk) for req, chunk in outputs])
-            if self.metrics is not None:
+            if self.metrics is not None:   # before delivery: a finished request is already counted
                 self.metrics.record_step(self.engine, outputs, started, time.monotonic())
+            self._deliver([(req.request_id, chunk) for req, chunk in outputs])
 
     def _drain_inbox(self) -> None:
         while self._inbox:

@@ -24,6 +24,7 @@ from deployments.llm.mixed import prompt_cache, run_mixed, supports_mixed_steps
 from deployments.llm.sampler import Sampler, compute_logprobs, make_generator
 from deployments.llm.scheduler import PromptGroup, Scheduler
 from deployments.llm.sequence import Sequence, Status
+from deployments.llm.structured import new_matcher
 from deployments.types import ChoiceDelta, GenerateChunk, SamplingParams, TokenLogprob, Usage
 
 
@@ -37,6 +38,7 @@ class EngineRequest:
     max_tokens: list[int]                 # per prompt, already clamped to the context window
     seqs: list[Sequence] = field(default_factory=list)
     echo_sent: set = field(default_factory=set)
+    grammar: Any = None                      # compiled response_format grammar (structured.py)
     arrival: float = field(default_factory=time.monotonic)
     scheduled_at: Optional[float] = None     # admitted into the running batch (monotonic)
     first_token_at: Optional[float] = None   # set by the metrics, when recorded
@@ -200,7 +202,9 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
-        if token in self.eos_ids:
+        if seq.matcher is not None:
+            seq.matcher.accept_token(token)
+        if token in self.eos_ids or (seq.matcher is not None and seq.matcher.is_terminated()):
             seq.finish("stop")
         elif seq.stop.append(seq.detok.push(token)):
             seq.finish("stop")
@@ -269,7 +273,7 @@ class LLMEngine:
             seed = None if params.seed is None else params.seed + p_index * n + j
             seq = Sequence(req.request_id, p_index * n + j, prompt, params, req.max_tokens[p_index],
                            IncrementalDetokenizer(self.tokenizer, prompt), StopMatcher(params.stop),
-                           make_generator(seed, self.device), owner=req)
+                           make_generator(seed, self.device), owner=req, matcher=new_matcher(req.grammar))
             seqs.append(seq)
         want = params.echo and params.logprobs is not None
         return PromptGroup(req.request_id, prompt, seqs, want_prompt_logprobs=want)

@@ -6,6 +6,7 @@ importing this module (as the ingress builder does) stays light. No FastAPI here
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Optional
@@ -22,6 +23,7 @@ class LLMServer:
         self.cfg = model_cfg
         self.engine, self.tokenizer, self.max_model_len = (engine_factory or build_async_engine)(model_cfg)
         self.created = int(time.time())
+        self._grammar_cache = None
 
     @staticmethod
     def default_options(cfg: ChatModelConfig) -> dict[str, Any]:
@@ -65,6 +67,8 @@ class LLMServer:
 
     async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         ereq, prefix = self._prepare(req)
+        if req.response_format is not None:   # compiling a schema takes ms to s: off the event loop
+            ereq.grammar = await asyncio.to_thread(self._grammars().compile, req.response_format)
         stream = self.engine.generate(ereq)
         if req.tools is None:
             async for chunk in stream:
@@ -92,6 +96,13 @@ class LLMServer:
                     top_p=self.cfg.engine.default_top_p if p.top_p is None else p.top_p)
         max_tokens = [self._max_tokens(len(ids), p.max_tokens, what) for ids in prompts]
         return EngineRequest(req.request_id, prompts, p, max_tokens), prefix
+
+    def _grammars(self):
+        if self._grammar_cache is None:
+            from deployments.llm.structured import Grammars
+            engine = self.engine.engine
+            self._grammar_cache = Grammars(self.tokenizer, engine.sampler.vocab_size, sorted(engine.eos_ids))
+        return self._grammar_cache
 
     def _tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -92,11 +92,32 @@ class ChatCompletionRequest(SamplingFields):
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise InvalidRequestError("Setting 'max_tokens' and 'max_completion_tokens' at the same time is not "
                                       "supported.", param="max_tokens", code="invalid_parameter_combination")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise UnsupportedParameterError(
-                f"response_format type '{self.response_format.type}' is not supported by this server yet.",
-                param="response_format")
+        self._check_response_format()
         self._check_tools()
+
+    def _check_response_format(self) -> None:
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return
+        if self.tools and self.tool_choice != "none":
+            raise UnsupportedParameterError("response_format json_object/json_schema cannot be combined with "
+                                            "tools on this server.", param="response_format")
+        if rf.type == "json_schema":
+            spec = rf.json_schema
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+                raise InvalidRequestError("Missing required parameter: 'response_format.json_schema.name'.",
+                                          param="response_format.json_schema.name", code="missing_required_parameter")
+            if "schema" in spec and not isinstance(spec["schema"], dict):
+                raise InvalidRequestError("Invalid type for 'response_format.json_schema.schema': expected an object.",
+                                          param="response_format.json_schema.schema", code="invalid_type")
+
+    def _response_format(self) -> Optional[dict[str, Any]]:
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object":
+            return {"type": "json_object"}
+        return {"type": "json_schema", "schema": rf.json_schema.get("schema")}
 
     def _check_tools(self) -> None:
         if not self.tools:
@@ -122,7 +143,7 @@ class ChatCompletionRequest(SamplingFields):
             logit_bias=self.bias_map(), seed=self.seed, stop=self.stop_list(), n=self.n or 1,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None)
         return GenerateRequest(request_id, params, messages=[m.model_dump(exclude_none=True) for m in self.messages],
-                               tools=self._tool_spec())
+                               tools=self._tool_spec(), response_format=self._response_format())
 
     def _tool_spec(self) -> Optional[ToolSpec]:
         if not self.tools or self.tool_choice == "none":

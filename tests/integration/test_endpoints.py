@@ -256,3 +256,26 @@ def test_llm_metrics_reach_rays_prometheus_endpoint(client):
     lines = [ln for ln in text.splitlines() if ln.startswith(wanted[0])]
     assert lines and all(f'model="{CHAT}"' in ln for ln in lines), [n for n in wanted if n not in text]
     assert all(name in text for name in wanted)
+
+
+def test_response_format_json_schema_and_json_object(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "country": {"enum": ["France", "Italy", "Spain"]}},
+              "required": ["city", "country"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "Name the capital of France and its country."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}},
+        temperature=0, max_tokens=60)
+    obj = json.loads(r.choices[0].message.content)
+    assert set(obj) == {"city", "country"} and obj["country"] in ("France", "Italy", "Spain")
+    assert r.choices[0].finish_reason == "stop"
+    free = client.chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "Give me a JSON object describing a cat."}],
+        response_format={"type": "json_object"}, temperature=0, max_tokens=120)
+    if free.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(free.choices[0].message.content), dict)
+    bad = client.chat.completions.with_raw_response.create
+    with pytest.raises(openai.BadRequestError) as err:
+        bad(model=CHAT, messages=PARIS, response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}})
+    assert err.value.body["param"] == "response_format"

@@ -1,0 +1,89 @@
+"""Structured output (`response_format` json_object / json_schema) with xgrammar.
+
+xgrammar compiles a JSON schema (or its built-in JSON grammar) against the tokenizer's vocabulary
+once; each sequence then gets its own GrammarMatcher. Before sampling, the matcher of every
+constrained row fills its row of a token bitmask, and the masked-out logits become -inf, so greedy
+and sampled choices alike can only produce text the grammar accepts; after sampling the matcher
+accepts the chosen token, and the sequence stops once the grammar is complete (the only token left
+is EOS). Compiled grammars are cached by schema. xgrammar is optional: without it a request with
+response_format json gets a 400 that says so.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import Any, Optional
+
+import torch
+
+from deployments.errors import InvalidRequestError, UnsupportedParameterError
+
+
+class Grammars:
+    """Compiles and caches grammars for one tokenizer (thread-safe: compiles run off the event loop)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], cache_size: int = 64):
+        self._tokenizer, self._vocab_size, self._stop = tokenizer, vocab_size, stop_token_ids
+        self._compiler = None
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def compile(self, response_format: dict[str, Any]) -> Any:
+        key = json.dumps(response_format, sort_keys=True)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            compiler = self._get_compiler()
+            schema = response_format.get("schema")
+            try:
+                grammar = (compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+                           if response_format["type"] == "json_schema" and schema is not None
+                           else compiler.compile_builtin_json_grammar())
+            except Exception as exc:  # xgrammar reports bad schemas as RuntimeError/ValueError
+                raise InvalidRequestError(f"Invalid JSON schema in 'response_format': {str(exc).splitlines()[0][:300]}",
+                                          param="response_format") from None
+            self._cache[key] = grammar
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return grammar
+
+    def _get_compiler(self):
+        if self._compiler is None:
+            xgr = _xgrammar()
+            if hasattr(self._tokenizer, "backend_tokenizer") or hasattr(self._tokenizer, "get_vocab"):
+                info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size,
+                                                          stop_token_ids=self._stop)
+            else:
+                raise UnsupportedParameterError("response_format json needs a Hugging Face tokenizer.",
+                                                param="response_format")
+            self._compiler = xgr.GrammarCompiler(info)
+        return self._compiler
+
+
+def new_matcher(grammar: Optional[Any]) -> Optional[Any]:
+    return None if grammar is None else _xgrammar().GrammarMatcher(grammar)
+
+
+def apply_grammars(logits: torch.Tensor, seqs: list) -> None:
+    """Masks, in place, the tokens each constrained row's grammar does not allow next. logits [B, V]."""
+    rows = [r for r, s in enumerate(seqs) if s.matcher is not None]
+    if not rows:
+        return
+    xgr = _xgrammar()
+    bitmask = xgr.allocate_token_bitmask(len(seqs), logits.shape[1])
+    for r in rows:
+        seqs[r].matcher.fill_next_token_bitmask(bitmask, r)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError:
+        raise UnsupportedParameterError(
+            "response_format json_object/json_schema needs the 'xgrammar' package on the server "
+            "(pip install xgrammar).", param="response_format") from None
+    return xgrammar
