@@ -26,7 +26,7 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """logits [B, V] for the next token of each sequence -> token ids [B]."""
-        logits = logits[:, : self.vocab_size].float()
+        logits = logits[:, : self.vocab_size].to(torch.float32, copy=True)   # the caller's stay raw (logprobs)
         self._apply_bias(logits, seqs)
         self._apply_penalties(logits, seqs)
         apply_grammars(logits, seqs)

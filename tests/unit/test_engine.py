@@ -154,6 +154,18 @@ def test_logit_bias_bans_and_forces_tokens(model):
     assert out_ids(forced) == [ord("Z")] * 6
 
 
+def test_logprobs_are_the_models_own_even_when_logit_bias_forces_the_token(model):
+    forced = req("f", "abc", logit_bias={65: 100.0}, logprobs=0, max_tokens=3)
+    engine = make_engine(model)
+    engine.add(forced)
+    entries = []
+    while engine.has_work():
+        for _, chunk in engine.step():
+            entries += [e for d in chunk.choices for e in d.logprobs or []]
+    assert out_ids(forced) == [65, 65, 65] and len(entries) == 3
+    assert all(e.logprob < -1.0 for e in entries)    # the model's own (~log 1/257), not the biased ~0
+
+
 def test_frequency_penalty_discourages_repeats(model):
     plain = req("p", "repeat", max_tokens=30)
     pen = req("q", "repeat", max_tokens=30, frequency_penalty=2.0, presence_penalty=2.0)
