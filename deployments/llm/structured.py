@@ -5,62 +5,57 @@ once; each sequence then gets its own GrammarMatcher. Before sampling, the match
 constrained row fills its row of a token bitmask, and the masked-out logits become -inf, so greedy
 and sampled choices alike can only produce text the grammar accepts; after sampling the matcher
 accepts the chosen token, and the sequence stops once the grammar is complete (the only token left
-is EOS). Compiled grammars are cached by schema. xgrammar is optional: without it a request with
-response_format json gets a 400 that says so.
+is EOS). xgrammar's compiler caches compiled grammars by schema. xgrammar is optional: without it a
+request with response_format json gets a 400 that says so.
 """
 from __future__ import annotations
 
 import json
+import re
 import threading
-from collections import OrderedDict
 from typing import Any, Optional
 
 import torch
 
 from deployments.errors import InvalidRequestError, UnsupportedParameterError
 
+_CACHE_BYTES = 256 << 20   # compiled grammars kept by xgrammar's compiler cache
+
 
 class Grammars:
-    """Compiles and caches grammars for one tokenizer (thread-safe: compiles run off the event loop)."""
+    """Compiles grammars for one tokenizer. xgrammar's compiler caches what it compiled (by schema)
+    and is thread-safe; compiles run off the event loop."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], cache_size: int = 64):
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]):
         self._tokenizer, self._vocab_size, self._stop = tokenizer, vocab_size, stop_token_ids
         self._compiler = None
-        self._cache: OrderedDict[str, Any] = OrderedDict()
-        self._cache_size = cache_size
         self._lock = threading.Lock()
 
     def compile(self, response_format: dict[str, Any]) -> Any:
-        key = json.dumps(response_format, sort_keys=True)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-            compiler = self._get_compiler()
-            schema = response_format.get("schema")
-            try:
-                grammar = (compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
-                           if response_format["type"] == "json_schema" and schema is not None
-                           else compiler.compile_builtin_json_grammar())
-            except Exception as exc:  # xgrammar reports bad schemas as RuntimeError/ValueError
-                raise InvalidRequestError(f"Invalid JSON schema in 'response_format': {str(exc).splitlines()[0][:300]}",
-                                          param="response_format") from None
-            self._cache[key] = grammar
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-            return grammar
+        compiler = self._get_compiler()
+        schema = response_format.get("schema")
+        try:
+            if response_format["type"] == "json_schema" and schema is not None:
+                return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+            return compiler.compile_builtin_json_grammar()
+        except Exception as exc:  # xgrammar reports bad schemas as RuntimeError/ValueError
+            raise InvalidRequestError(f"Invalid JSON schema in 'response_format': {_reason(exc)}",
+                                      param="response_format") from None
 
     def _get_compiler(self):
-        if self._compiler is None:
-            xgr = _xgrammar()
-            if hasattr(self._tokenizer, "backend_tokenizer") or hasattr(self._tokenizer, "get_vocab"):
+        with self._lock:
+            if self._compiler is None:
+                xgr = _xgrammar()
                 info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size,
                                                           stop_token_ids=self._stop)
-            else:
-                raise UnsupportedParameterError("response_format json needs a Hugging Face tokenizer.",
-                                                param="response_format")
-            self._compiler = xgr.GrammarCompiler(info)
-        return self._compiler
+                self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=_CACHE_BYTES)
+            return self._compiler
+
+
+def _reason(exc: Exception) -> str:
+    """xgrammar's message without its C++ source location ('[time] path.cc:123: ')."""
+    line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", line)[:300]
 
 
 def new_matcher(grammar: Optional[Any]) -> Optional[Any]:

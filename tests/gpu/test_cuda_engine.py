@@ -6,17 +6,20 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def test_engine_runs_on_cuda_in_bf16_and_batching_keeps_greedy_outputs():
+def _random_llama(dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from deployments.llm.engine import EngineRequest, LLMEngine
-    from deployments.types import SamplingParams
-    from tests.unit.fakes import ByteTokenizer
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=257, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
                       eos_token_id=256, pad_token_id=256)
-    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    return LlamaForCausalLM(cfg).to("cuda", dtype).eval()
+
+
+def test_engine_runs_on_cuda_in_bf16_and_batching_keeps_greedy_outputs():
+    from deployments.llm.engine import EngineRequest, LLMEngine
+    from deployments.types import SamplingParams
+    from tests.unit.fakes import ByteTokenizer
+    model = _random_llama(torch.bfloat16)
 
     def run(prompts):
         engine = LLMEngine(model, ByteTokenizer(), max_model_len=512, max_num_seqs=64,
@@ -36,16 +39,10 @@ def test_engine_runs_on_cuda_in_bf16_and_batching_keeps_greedy_outputs():
 
 
 def test_mixed_steps_on_cuda_match_separate_prefill_steps():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from deployments.llm.engine import EngineRequest, LLMEngine
     from deployments.types import SamplingParams
     from tests.unit.fakes import ByteTokenizer
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=257, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                      eos_token_id=256, pad_token_id=256)
-    model = LlamaForCausalLM(cfg).to("cuda", torch.float32).eval()
+    model = _random_llama(torch.float32)
 
     def run(mixed: bool):
         engine = LLMEngine(model, ByteTokenizer(), max_model_len=512, max_num_seqs=64,
