@@ -229,8 +229,7 @@ def test_forced_tool_call_streams_its_arguments_in_fragments(client):
     whole = client.chat.completions.create(**kw).choices[0]
     chunks = list(client.chat.completions.create(stream=True, **kw))
     pieces = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
-    if not whole.message.tool_calls:   # the small model did not close the JSON: nothing to compare
-        return
+    assert whole.message.tool_calls                      # greedy: SmolLM2 closes this forced call's JSON
     assert pieces[0].id and pieces[0].function.name == "get_weather" and pieces[0].function.arguments == ""
     assert all(p.id is None and p.index == 0 for p in pieces[1:])
     assert len(pieces) > 2                     # the arguments came in several fragments, as generated
@@ -270,12 +269,14 @@ def test_response_format_json_schema_and_json_object(client):
     assert set(obj) == {"city", "country"} and obj["country"] in ("France", "Italy", "Spain")
     assert r.choices[0].finish_reason == "stop"
     free = client.chat.completions.create(
-        model=CHAT, messages=[{"role": "user", "content": "Give me a JSON object describing a cat."}],
+        model=CHAT, messages=[{"role": "user", "content": "Return a JSON object with the keys name and age for "
+                                                          "a person called Ann who is 30."}],
         response_format={"type": "json_object"}, temperature=0, max_tokens=120)
-    if free.choices[0].finish_reason == "stop":
-        assert isinstance(json.loads(free.choices[0].message.content), dict)
+    assert free.choices[0].finish_reason == "stop"
+    assert "name" in json.loads(free.choices[0].message.content)   # greedy: {"name": "Ann", "age": 30}
     bad = client.chat.completions.with_raw_response.create
     with pytest.raises(openai.BadRequestError) as err:
         bad(model=CHAT, messages=PARIS, response_format={"type": "json_schema", "json_schema": {
             "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}})
     assert err.value.body["param"] == "response_format"
+    assert ".cc:" not in err.value.body["message"]         # no xgrammar internals in the message

@@ -161,6 +161,25 @@ def test_embeddings_float_and_base64():
     assert flt.data[0].embedding == [4.0] * 8 and flt.usage.prompt_tokens == 4
 
 
+def test_the_image_store_is_deployed_only_with_an_image_model():
+    from ingress.app import build_app
+    chat = {"id": CHAT, "kind": "chat", "source": "x"}
+    image = {"id": IMG, "kind": "image", "source": "builtin:x"}
+    assert build_app({"models": [chat]})._bound_deployment.init_args[2] is None
+    assert build_app({"models": [chat, image]})._bound_deployment.init_args[2] is not None
+
+
+def test_response_format_without_xgrammar_is_a_400_that_says_so(monkeypatch):
+    import sys
+
+    from deployments.errors import UnsupportedParameterError
+    from deployments.llm import structured
+    monkeypatch.setitem(sys.modules, "xgrammar", None)     # as if it were not installed
+    with pytest.raises(UnsupportedParameterError) as err:
+        structured.new_matcher(object())
+    assert err.value.param == "response_format" and "xgrammar" in str(err.value)
+
+
 def test_image_file_without_an_image_store_is_a_404():
     cfg = parse_app_config({"models": [{"id": CHAT, "kind": "chat", "source": "x"}]})
     app = create_api(ModelRegistry({CHAT: ModelEntry(cfg.models[0], FakeChatClient())}), image_store=None)
@@ -221,6 +240,9 @@ def test_images_b64_and_url_roundtrip_and_expiry():
      400, "response_format.json_schema.name", "missing_required_parameter"),
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"},
       "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "response_format", "unsupported_parameter"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": "not an object"}}},
+     400, "response_format.json_schema.schema", "invalid_type"),
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}},
      400, "response_format.type", "invalid_value"),
     ({"model": EMB, "messages": [{"role": "user", "content": "x"}]}, 400, "model", "model_not_supported"),
