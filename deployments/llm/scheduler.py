@@ -4,7 +4,8 @@ A group is one prompt with its `n` sequences (prefilled once, then forked). Grou
 arrival order while the batch stays within `max_num_seqs` rows and the KV budget
 (`max_num_batched_tokens`, padding included), and while the prompt tokens prefilled since the
 last decode step stay under `max_prefill_tokens` (the first prompt after a decode step always
-goes), so running streams keep moving and arrivals are admitted a few at a time.
+goes), so running streams keep moving and arrivals are admitted a few at a time. With mixed steps
+(engine.py) every step decodes, so the budget is per step.
 """
 from __future__ import annotations
 
