@@ -68,18 +68,21 @@ class LLMEngineConfig(StrictModel):
     max_num_batched_tokens: int = Field(
         65536, ge=16, description="KV budget: tokens (prompt + output, padding included) the running "
                                   "batch may hold. New sequences wait while it is full.")
-    max_prefill_tokens: int = Field(
-        64, ge=1, description="Most prompt tokens admitted per step (at least one prompt always goes, "
+    max_prefill_tokens: Optional[int] = Field(
+        None, ge=1, description="Most prompt tokens admitted per step (default: 64 on CPU, 2048 on CUDA, "
+                              "where a forward's cost hardly grows with its tokens; at least one prompt always goes, "
                               "however long): with mixed steps, prefilled in the same forward as the "
                               "running rows' decode; without, in prefill steps between two decode steps. "
                               "A burst is admitted over several steps, so running streams keep moving, and "
                               "closed-loop clients admitted a few at a time do not come back as cohorts "
                               "that queue for their first token. Larger values batch more prompts per "
                               "forward (TTFT against throughput: bench/README.md).")
-    mixed_steps: bool = Field(
-        True, description="Prefill new prompts in the same forward pass as the running rows' decode "
+    mixed_steps: Optional[bool] = Field(
+        None, description="Prefill new prompts in the same forward pass as the running rows' decode "
                           "(Llama-family attention without sliding window; other models always use "
-                          "separate prefill steps). Off: separate prefill steps.")
+                          "separate prefill steps). Off: separate prefill steps. Default: on for CPU, "
+                          "off on CUDA, where a step is launch-bound and separate prefill steps "
+                          "measured faster at 128 streams (docs/gpu.md).")
     max_waiting: int = Field(
         256, ge=0, description="Requests waiting for a batch slot; beyond it the answer is 503 "
                                "with Retry-After.")

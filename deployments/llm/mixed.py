@@ -13,8 +13,10 @@ per-token position_ids, so RoPE is right for each sequence. Only attention needs
 `MIXED` is registered as a transformers attention implementation and switched on for the duration
 of the forward. Per layer it appends the decode rows' new key/value to the running batch's
 left-padded cache and attends them against it (one batched SDPA, grouped query heads packed into
-the query as transformers does for decode), attends each prompt causally to itself, and keeps the
-prompts' keys/values, which the engine merges into the batch afterwards. It covers the standard
+the query as transformers does for decode), attends each prompt causally to itself (one SDPA for all
+prompts, with a block-diagonal causal mask: one call per layer however many prompts join, which
+matters on GPUs, where a call per prompt and layer is launch-bound), and keeps the prompts'
+keys/values, which the engine merges into the batch afterwards with one gather per layer. It covers the standard
 attention of Llama-family models (no sliding window, no soft-capping, no attention sinks);
 `supports_mixed_steps` says whether a model qualifies, and the engine uses separate prefill steps
 for the others.
@@ -41,7 +43,8 @@ class MixedStep:
     decode_mask: Optional[torch.Tensor]      # [B, 1, 1, T+1] bool, True = attend
     num_decode: int
     prompts: list[tuple[int, int]]           # (start, length) of each prompt in the packed row
-    new_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    prompt_mask: Optional[torch.Tensor] = None   # [L, L] bool block-diagonal causal mask (2+ prompts)
+    new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> prompts' k, v
 
 
 def supports_mixed_steps(model: Any) -> bool:
@@ -67,13 +70,13 @@ def mixed_attention(module, query, key, value, attention_mask, dropout: float = 
         lc.values = torch.cat([lc.values, v], dim=2)
         o = F.scaled_dot_product_attention(q, lc.keys, lc.values, attn_mask=step.decode_mask, scale=scaling)
         outs.append(o.reshape(b, hq, dim))
-    kept = step.new_kv.setdefault(layer, [])
-    for start, length in step.prompts:
-        q, k, v = (t[:, :, start:start + length] for t in (query, key, value))
-        kept.append((k, v))
+    if step.prompts:   # all prompts in one call: causal within each, blind to the others
+        q, k, v = query[:, :, b:], key[:, :, b:], value[:, :, b:]
+        step.new_kv[layer] = (k, v)
         if hq != hkv:   # enable_gqa=True takes a much slower path on CPU
             k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+        one = step.prompt_mask is None
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=step.prompt_mask, is_causal=one, scale=scaling)
         outs.append(o[0].transpose(0, 1))                                      # [L, Hq, D]
     return torch.cat(outs, dim=0).unsqueeze(0), None
 
@@ -100,7 +103,7 @@ def run_mixed(model: Any, tokens: torch.Tensor, positions: torch.Tensor, cache: 
         start += len(p)
     ids = torch.cat([tokens.view(-1)] + [torch.tensor(p, device=device) for p in prompts])
     pos = torch.cat([positions.view(-1)] + [torch.arange(len(p), device=device) for p in prompts])
-    step = MixedStep(cache, mask.bool()[:, None, None, :], b, spans)
+    step = MixedStep(cache, mask.bool()[:, None, None, :], b, spans, _block_causal(prompts, device))
     keep = torch.tensor(list(range(b)) + [s + n - 1 for s, n in spans], device=device)
     cfg = model.config
     previous = cfg._attn_implementation
@@ -113,23 +116,37 @@ def run_mixed(model: Any, tokens: torch.Tensor, positions: torch.Tensor, cache: 
     return out.logits[0], step
 
 
+def _block_causal(prompts: list[list[int]], device: torch.device) -> Optional[torch.Tensor]:
+    """[L, L] True where a prompt token may attend: earlier-or-same tokens of its own prompt."""
+    if len(prompts) < 2:
+        return None
+    owner = torch.repeat_interleave(torch.arange(len(prompts), device=device),
+                                    torch.tensor([len(p) for p in prompts], device=device))
+    n = owner.shape[0]
+    return (owner[:, None] == owner[None, :]) & torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
 def prompt_cache(step: MixedStep, lengths: list[int]) -> tuple[DynamicCache, torch.Tensor]:
-    """The step's prompts' keys/values as one left-padded cache (padding zeroed) and its [P, W] mask."""
+    """The step's prompts' keys/values as one left-padded cache (padding zeroed) and its [P, W] mask:
+    one gather per layer (slot 0 of the source is a zero column for the padding)."""
     width = max(lengths)
     layers = [step.new_kv[i] for i in sorted(step.new_kv)]
-    device = layers[0][0][0].device
+    device = layers[0][0].device
     mask = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
+    index = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
+    start = 1
     for row, n in enumerate(lengths):
         mask[row, width - n:] = 1
-    padded = []
-    for kv in layers:
-        ks, vs = zip(*kv)
-        padded.append((_left_padded(ks, width), _left_padded(vs, width)))
+        index[row, width - n:] = torch.arange(start, start + n, device=device)
+        start += n
+    flat = index.view(-1)
+    padded = [(_gather_rows(k, flat, len(lengths), width), _gather_rows(v, flat, len(lengths), width))
+              for k, v in layers]
     return DynamicCache(ddp_cache_data=padded), mask
 
 
-def _left_padded(parts, width: int) -> torch.Tensor:
-    out = parts[0].new_zeros(len(parts), parts[0].shape[1], width, parts[0].shape[3])
-    for row, t in enumerate(parts):
-        out[row, :, width - t.shape[2]:] = t[0]
-    return out
+def _gather_rows(packed: torch.Tensor, flat_index: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """packed [1, H, L, D] -> [rows, H, width, D], taking positions flat_index - 1 (0: zeros)."""
+    _, h, _, d = packed.shape
+    source = torch.cat([packed.new_zeros(1, h, 1, d), packed], dim=2)[0]          # [H, L+1, D]
+    return source.index_select(1, flat_index).view(h, rows, width, d).transpose(0, 1).contiguous()

@@ -57,3 +57,21 @@ def test_mixed_steps_on_cuda_match_separate_prefill_steps():
         return [r.seqs[0].output_ids for r in reqs]
 
     assert run(True) == run(False)
+
+
+def test_response_format_grammar_masks_logits_on_cuda():
+    """xgrammar applies the token bitmask with its CUDA kernel on GPU tensors (CPU code on CPU)."""
+    import json
+
+    pytest.importorskip("xgrammar")
+    from tests.unit.test_engine import _byte_grammar, make_engine, req, run_all
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "ok": {"type": "boolean"}},
+              "required": ["color", "ok"], "additionalProperties": False}
+    reqs = [req("g", "json please", max_tokens=60), req("s", "json", temperature=1.0, seed=1, n=3, max_tokens=60)]
+    for r in reqs:
+        r.grammar = _byte_grammar(schema)
+    texts, reasons, _ = run_all(make_engine(_random_llama(torch.bfloat16), max_prefill_tokens=8), reqs)
+    for rid, n in (("g", 1), ("s", 3)):
+        for i in range(n):
+            obj = json.loads(texts[rid][i])
+            assert obj["color"] in ("red", "green") and isinstance(obj["ok"], bool) and reasons[rid][i] == "stop"

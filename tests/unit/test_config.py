@@ -52,3 +52,15 @@ def test_parse_size_accepts_both_forms():
     assert parse_size("512x256") == (512, 256)
     assert parse_size("1024*1024") == (1024, 1024)
     assert parse_size("0x5") is None and parse_size("big") is None
+
+
+def test_engine_defaults_follow_the_device_unless_set():
+    import torch
+
+    from deployments.config import LLMEngineConfig
+    from deployments.llm.factory import device_defaults
+    assert device_defaults(LLMEngineConfig(), torch.device("cpu")) == (64, True)
+    assert device_defaults(LLMEngineConfig(), torch.device("cuda")) == (2048, False)
+    explicit = LLMEngineConfig(max_prefill_tokens=256, mixed_steps=True)
+    assert device_defaults(explicit, torch.device("cuda")) == (256, True)
+    assert device_defaults(LLMEngineConfig(mixed_steps=False), torch.device("cpu")) == (64, False)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# What a GPU machine of the device tool runs (no Ray, no weights there; transformers 5.23 and xgrammar
+# travel as wheels in .whl/). Writes logs and tables under $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi -L
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 120 python3 bench/bench_engine.py --arch llama-1b --levels 1,32,128 --seconds 5 \
+  --budgets 64,2048,2048:separate 2>&1 | tee "$OUT/bench_llama1b.md"
+timeout 150 python3 bench/bench_engine.py --arch llama-8b --levels 1,32,128 --seconds 5 \
+  --budgets 2048,64 --profile 32 2>&1 | tee "$OUT/bench_llama8b.md"
