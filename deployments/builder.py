@@ -25,8 +25,19 @@ def deployment_name(model_id: str, kind: str) -> str:
 def model_deployment(cfg: ChatModelConfig | EmbeddingModelConfig | ImageModelConfig) -> Any:
     cls = _SERVERS[cfg.kind]
     opts = cfg.deployment.serve_options(cls.default_options(cfg))
+    if cfg.kind == "chat" and cfg.engine.tensor_parallel_size > 1:
+        opts.update(tp_placement(cfg.engine.tensor_parallel_size, opts["ray_actor_options"]))
     return serve.deployment(cls, name=deployment_name(cfg.id, cfg.kind), **opts).bind(cfg)
 
 
 def image_store_deployment(ttl_s: int) -> Any:
     return serve.deployment(ImageStore, name="ImageStore", **ImageStore.default_options()).bind(ttl_s)
+
+
+def tp_placement(world: int, actor: dict[str, Any]) -> dict[str, Any]:
+    """One bundle per rank, each the replica's own resources (rank 0 runs in bundle 0), on one node."""
+    bundle = {"CPU": actor.get("num_cpus", 1)}
+    if actor.get("num_gpus"):
+        bundle["GPU"] = actor["num_gpus"]
+    return {"placement_group_bundles": [dict(bundle) for _ in range(world)],
+            "placement_group_strategy": "STRICT_PACK"}

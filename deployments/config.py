@@ -93,7 +93,10 @@ class LLMEngineConfig(StrictModel):
         1.0, ge=0, le=2, description="temperature for requests that omit it (OpenAI's default is 1.0; set "
                                      "a model card's recommendation, as vLLM does from generation_config).")
     default_top_p: float = Field(1.0, gt=0, le=1, description="top_p for requests that omit it.")
-    tensor_parallel_size: int = Field(1, ge=1, description="Ranks one replica shards the model over.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="Ranks one replica shards the model over (transformers' tp_plan 'auto'; the "
+                             "attention heads must divide by it). Each rank gets a bundle like the "
+                             "replica's ray_actor_options (e.g. num_gpus: 1), all on one node.")
     stream_interval_ms: float = Field(
         0.0, ge=0, description="Coalesce a stream's tokens into one chunk at most this often; 0 "
                                "sends whatever is ready each time the client side is free.")
@@ -110,13 +113,6 @@ class LLMEngineConfig(StrictModel):
     cache_dir: Optional[str] = Field(
         None, description="Where a dequantized copy of a GGUF checkpoint is cached; default "
                           "$MODELHUB_CACHE or ~/.cache/modelhub.")
-
-    @field_validator("tensor_parallel_size")
-    @classmethod
-    def _tp_supported(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("tensor_parallel_size > 1 is not implemented yet; set it to 1")
-        return v
 
 
 class EmbeddingEngineConfig(StrictModel):

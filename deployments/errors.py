@@ -81,3 +81,11 @@ class OverloadedError(ModelHubError):
                  headers: dict[str, str] | None = None, retry_after_s: int = 1):
         headers = {"Retry-After": str(max(1, int(retry_after_s))), **(headers or {})}
         super().__init__(message, param=param, code=code, headers=headers)
+
+
+class EngineUnavailableError(OverloadedError):
+    """A model's engine stopped (a bug, or a tensor-parallel rank was lost): its replica fails its
+    health check and Serve replaces it, so the client should retry (503)."""
+
+    type = "service_unavailable"
+    code = "engine_unavailable"

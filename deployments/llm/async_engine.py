@@ -17,21 +17,22 @@ import time
 from collections import deque
 from typing import Any, AsyncIterator, Optional
 
-from deployments.errors import OverloadedError
+from deployments.errors import EngineUnavailableError, OverloadedError
 from deployments.llm.engine import EngineRequest, LLMEngine
 from deployments.types import ChoiceDelta, GenerateChunk
 
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
+class EngineDeadError(EngineUnavailableError):
     pass
 
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, *, max_in_flight_seqs: int, stream_interval_s: float = 0.0,
-                 max_chunks_per_s: float = 0.0, metrics: Optional[Any] = None):
+                 max_chunks_per_s: float = 0.0, metrics: Optional[Any] = None, ranks: Optional[Any] = None):
         self.engine = engine
+        self.ranks = ranks                # tp.RankGroup: the other ranks of a tensor-parallel replica
         self.metrics = metrics            # metrics.EngineMetrics, recorded after each step
         self.max_in_flight_seqs = max_in_flight_seqs
         self.stream_interval_s = stream_interval_s
@@ -50,12 +51,19 @@ class AsyncLLMEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def check_health(self) -> None:
+        if not self.is_alive():
+            raise RuntimeError("LLM engine thread died")
+        if self.ranks is not None:
+            self.ranks.check()
+
     async def generate(self, req: EngineRequest) -> AsyncIterator[GenerateChunk]:
         nseqs = len(req.prompts) * req.params.n
         if self._in_flight_seqs + nseqs > self.max_in_flight_seqs:
             raise OverloadedError("Too many requests are queued for this model; retry shortly.")
         if not self.is_alive():
-            raise EngineDeadError("engine thread is not running")
+            raise EngineDeadError("This model's engine stopped; its replica is being replaced. Retry shortly.",
+                                  retry_after_s=10)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[req.request_id] = (asyncio.get_running_loop(), queue)
         self._in_flight_seqs += nseqs
@@ -119,6 +127,8 @@ class AsyncLLMEngine:
             except Exception as exc:  # a bug or device failure: fail the requests, keep serving
                 logger.exception("engine step failed; failing the requests in flight")
                 self._fail_all(exc)
+                if self.ranks is not None:   # the ranks may be out of step now: stop, so the health check fails
+                    return
                 continue
             if self.metrics is not None:   # before delivery: a finished request is already counted
                 self.metrics.record_step(self.engine, outputs, started, time.monotonic())

@@ -39,6 +39,7 @@ class EngineRequest:
     seqs: list[Sequence] = field(default_factory=list)
     echo_sent: set = field(default_factory=set)
     grammar: Any = None                      # compiled response_format grammar (structured.py)
+    response_format: Optional[dict] = None   # what `grammar` was compiled from (other TP ranks compile it too)
     arrival: float = field(default_factory=time.monotonic)
     scheduled_at: Optional[float] = None     # admitted into the running batch (monotonic)
     first_token_at: Optional[float] = None   # set by the metrics, when recorded
@@ -53,8 +54,10 @@ class EngineRequest:
 
 class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_model_len: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_prefill_tokens: int = 64, mixed_steps: bool = True):
+                 max_num_batched_tokens: int, max_prefill_tokens: int = 64, mixed_steps: bool = True,
+                 lockstep: Any = None):
         self.model = model
+        self.lockstep = lockstep            # tp.Lockstep when the model is sharded over ranks
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_model_len = max_model_len
@@ -70,6 +73,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ public API
 
     def add(self, req: EngineRequest) -> None:
+        if self.lockstep is not None:
+            self.lockstep.added(req)
         for p_index, prompt in enumerate(req.prompts):
             group = self._make_group(req, p_index, prompt)
             req.seqs.extend(group.seqs)
@@ -80,6 +85,8 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
+        if self.lockstep is not None:
+            self.lockstep.aborted(request_id)
         self.scheduler.abort(request_id)
         for s in req.seqs:
             if not s.finished:
@@ -97,6 +104,8 @@ class LLMEngine:
         gets one token); between two decode steps at most max_prefill_tokens are prefilled (at least
         one prompt), so a burst of arrivals delays running streams by a bounded amount per token,
         and a prompt that arrives during a small prefill step may follow it."""
+        if self.lockstep is not None:   # under TP, rank 0 sends this step's adds/aborts to the other ranks
+            self.lockstep.before_step()
         if self.mixed_steps and len(self.batch):
             groups = self.scheduler.next_prefills(self.batch)
             if groups:
@@ -194,6 +203,8 @@ class LLMEngine:
 
     def _sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         tokens = self.sampler(logits, seqs)
+        if self.lockstep is not None:   # every rank continues with rank 0's tokens
+            tokens = self.lockstep.tokens(tokens)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if want:
             self._token_logprobs(logits, tokens, seqs, want)

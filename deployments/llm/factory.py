@@ -1,31 +1,55 @@
 """Builds the real engine for a chat model config: device, dtype, weights, engine thread."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from deployments.config import ChatModelConfig, LLMEngineConfig
 from deployments.llm.async_engine import AsyncLLMEngine
 from deployments.llm.engine import LLMEngine
-from deployments.llm.loader import load_causal_lm
+from deployments.llm.loader import load_causal_lm, prepared_source
 from deployments.torch_utils import pick_device, pick_dtype, set_threads
 
 
 def build_async_engine(cfg: ChatModelConfig):
-    """Returns (AsyncLLMEngine, tokenizer, max_model_len)."""
+    """Returns (AsyncLLMEngine, tokenizer, max_model_len). With tensor_parallel_size > 1 this
+    replica is rank 0 and starts the other ranks (tp.py)."""
+    e = cfg.engine
+    ranks = None
+    if e.tensor_parallel_size > 1:
+        from deployments.llm.tp import RankGroup
+        source = prepared_source(cfg.source, e)     # a GGUF is dequantized once, here, before the ranks load
+        ranks = RankGroup(cfg, source, e.tensor_parallel_size)
+        engine, tokenizer = build_engine(cfg, source, tp=(0, e.tensor_parallel_size, ranks.address, ranks.port))
+        ranks.start()
+    else:
+        engine, tokenizer = build_engine(cfg, cfg.source)
+    async_engine = AsyncLLMEngine(engine, max_in_flight_seqs=e.max_num_seqs + e.max_waiting,
+                                  stream_interval_s=e.stream_interval_ms / 1000,
+                                  max_chunks_per_s=e.max_chunks_per_s, metrics=_metrics(cfg.id), ranks=ranks)
+    return async_engine, tokenizer, engine.max_model_len
+
+
+def build_engine(cfg: ChatModelConfig, source: str, tp: Optional[tuple[int, int, str, int]] = None):
+    """The engine over the whole model, or, with tp=(rank, world, address, port), over this rank's
+    shard (joining the ranks' process group first). Returns (LLMEngine, tokenizer)."""
     e = cfg.engine
     set_threads(e.num_threads)
     device = pick_device(e.device)
-    model, tokenizer = load_causal_lm(cfg.source, e, device, pick_dtype(e.dtype, device, cpu_bf16_if_native=True))
+    lockstep = None
+    if tp is not None:
+        from deployments.llm.tp import Lockstep, init_rank
+        rank, world, address, port = tp
+        lockstep = Lockstep(init_rank(rank, world, address, port, device), leader=rank == 0)
+    model, tokenizer = load_causal_lm(source, e, device, pick_dtype(e.dtype, device, cpu_bf16_if_native=True),
+                                      tp_size=tp[1] if tp else 1)
     model_limit = getattr(model.config, "max_position_embeddings", None) or 2048
-    max_model_len = min(e.max_model_len or model_limit, model_limit)
     prefill_tokens, mixed = device_defaults(e, device)
-    engine = LLMEngine(model, tokenizer, max_model_len=max_model_len, max_num_seqs=e.max_num_seqs,
-                       max_num_batched_tokens=e.max_num_batched_tokens, max_prefill_tokens=prefill_tokens,
-                       mixed_steps=mixed)
-    async_engine = AsyncLLMEngine(engine, max_in_flight_seqs=e.max_num_seqs + e.max_waiting,
-                                  stream_interval_s=e.stream_interval_ms / 1000,
-                                  max_chunks_per_s=e.max_chunks_per_s, metrics=_metrics(cfg.id))
-    return async_engine, tokenizer, max_model_len
+    engine = LLMEngine(model, tokenizer, max_model_len=min(e.max_model_len or model_limit, model_limit),
+                       max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
+                       max_prefill_tokens=prefill_tokens, mixed_steps=mixed, lockstep=lockstep)
+    return engine, tokenizer
 
 
 def device_defaults(e: LLMEngineConfig, device: torch.device) -> tuple[int, bool]:

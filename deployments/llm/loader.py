@@ -26,17 +26,29 @@ def cache_root(cfg_dir: str | None) -> str:
     return cfg_dir or os.environ.get("MODELHUB_CACHE") or os.path.expanduser("~/.cache/modelhub")
 
 
-def load_causal_lm(source: str, cfg: LLMEngineConfig, device: torch.device, dtype: torch.dtype):
-    """Returns (model, tokenizer), the model in eval mode on `device`."""
+def prepared_source(source: str, cfg: LLMEngineConfig) -> str:
+    """What from_pretrained loads: the dequantized copy of a GGUF (made on first use), else the
+    source's folder or hub id."""
     resolved = resolve_source(source)
     if resolved.kind == "builtin":
         raise ValueError(f"no builtin chat model named {resolved.path!r}")
-    path = dequantized_copy(resolved, cache_root(cfg.cache_dir)) if resolved.kind == "gguf" else resolved.path
+    return dequantized_copy(resolved, cache_root(cfg.cache_dir)) if resolved.kind == "gguf" else resolved.path
+
+
+def load_causal_lm(source: str, cfg: LLMEngineConfig, device: torch.device, dtype: torch.dtype, tp_size: int = 1):
+    """Returns (model, tokenizer), the model in eval mode on `device`. With tp_size > 1 (inside an
+    initialised process group: tp.py) only this rank's shard, by transformers' tp_plan "auto"."""
+    path = prepared_source(source, cfg)
     kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-    if cfg.revision and resolved.kind == "hub":
+    if cfg.revision and resolve_source(source).kind == "hub":
         kw["revision"] = cfg.revision
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device).eval()
+    if tp_size > 1:
+        from transformers.distributed import DistributedConfig
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, distributed_config=DistributedConfig(tp_size=tp_size, tp_plan="auto"), **kw).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device).eval()
     if cfg.chat_template:
         tokenizer.chat_template = cfg.chat_template
     return model, tokenizer

@@ -44,8 +44,7 @@ class LLMServer:
                 "in_flight_seqs": self.engine.num_in_flight_seqs}
 
     async def check_health(self) -> None:
-        if not self.engine.is_alive():
-            raise RuntimeError("LLM engine thread died")
+        self.engine.check_health()
 
     async def generate(self, req: GenerateRequest) -> GenerateResult:
         """The whole result at once (one Ray round trip for non-streaming calls)."""
@@ -69,6 +68,7 @@ class LLMServer:
         ereq, prefix = self._prepare(req)
         if req.response_format is not None:   # compiling a schema takes ms to s: off the event loop
             ereq.grammar = await asyncio.to_thread(self._grammars().compile, req.response_format)
+            ereq.response_format = req.response_format
         stream = self.engine.generate(ereq)
         if req.tools is None:
             async for chunk in stream:

@@ -27,8 +27,8 @@ def test_default_serve_config_is_valid():
      "did you mean 'num_replicas'?"),
     ({"models": [{"id": "a", "kind": "embedding", "source": "x", "sorce": "y"}]}, "did you mean 'source'?"),
     ({"models": [], "ingres": {}}, "did you mean 'ingress'?"),
-    ({"models": [{"id": "a", "kind": "chat", "source": "x", "engine": {"tensor_parallel_size": 2}}]},
-     "tensor_parallel_size > 1 is not implemented"),
+    ({"models": [{"id": "a", "kind": "chat", "source": "x", "engine": {"tensor_parallel_size": 0}}]},
+     "tensor_parallel_size"),
     ({"models": [{"id": "a", "kind": "image", "source": "x", "engine": {"sizes": ["huge"]}}]}, "WIDTHxHEIGHT"),
     ({"models": [{"id": "a", "kind": "chat", "source": "x"}, {"id": "a", "kind": "chat", "source": "y"}]},
      "appears twice"),
@@ -64,3 +64,13 @@ def test_engine_defaults_follow_the_device_unless_set():
     explicit = LLMEngineConfig(max_prefill_tokens=256, mixed_steps=True)
     assert device_defaults(explicit, torch.device("cuda")) == (256, True)
     assert device_defaults(LLMEngineConfig(mixed_steps=False), torch.device("cpu")) == (64, False)
+
+
+def test_a_tensor_parallel_chat_model_asks_serve_for_one_bundle_per_rank_on_one_node():
+    from deployments.builder import model_deployment
+    cfg = parse_app_config({"models": [{"id": "a", "kind": "chat", "source": "x",
+                                        "engine": {"tensor_parallel_size": 3},
+                                        "deployment": {"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 1}}}]})
+    replica = model_deployment(cfg.models[0])._bound_deployment._replica_config
+    assert replica.placement_group_bundles == [{"CPU": 0.5, "GPU": 1}] * 3
+    assert replica.placement_group_strategy == "STRICT_PACK"

@@ -233,3 +233,42 @@ def test_engine_metrics_record_ttft_queue_latency_tokens_and_occupancy():
     assert sum(metrics.prompt_tokens.values) == sum(r.usage.prompt_tokens for r in results)
     assert len(metrics.step.values) >= 5 and metrics.running.values[-1] == 0 and metrics.waiting.values[-1] == 0
     assert max(metrics.waiting.values) >= 1
+
+
+class _Ranks:
+    """Stands in for tp.RankGroup."""
+
+    def __init__(self):
+        self.lost = False
+
+    def check(self):
+        if self.lost:
+            raise RuntimeError("a tensor-parallel rank stopped")
+
+
+def test_under_tensor_parallelism_a_failed_step_stops_the_engine_and_fails_the_health_check():
+    from deployments.errors import EngineUnavailableError
+
+    async def go():
+        ranks = _Ranks()
+        engine = LLMEngine(MODEL, ByteTokenizer(), max_model_len=64, max_num_seqs=4, max_num_batched_tokens=4096)
+        server = LLMServer(ChatModelConfig(id="tiny", kind="chat", source="x"), engine_factory=lambda _:
+                           (AsyncLLMEngine(engine, max_in_flight_seqs=8, ranks=ranks), ByteTokenizer(), 64))
+        await server.check_health()
+        ranks.lost = True                                   # a rank's loop ended
+        with pytest.raises(RuntimeError, match="rank stopped"):
+            await server.check_health()
+        ranks.lost = False
+
+        def broken_step():
+            raise RuntimeError("collective failed: peer closed the connection")
+        engine.step = broken_step                           # e.g. the lost rank's peer in a collective
+        with pytest.raises(RuntimeError, match="collective failed"):
+            await server.generate(chat(rid="a", max_tokens=5))
+        await asyncio.sleep(0.1)
+        with pytest.raises(RuntimeError, match="engine thread died"):   # Serve replaces the replica
+            await server.check_health()
+        with pytest.raises(EngineUnavailableError) as info:             # meanwhile: 503, retry later
+            await server.generate(chat(rid="b", max_tokens=5))
+        assert info.value.status_code == 503 and info.value.headers["Retry-After"] == "10"
+    asyncio.run(go())
