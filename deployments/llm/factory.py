@@ -21,8 +21,8 @@ def build_async_engine(cfg: ChatModelConfig):
         from deployments.llm.tp import RankGroup
         source = prepared_source(cfg.source, e)     # a GGUF is dequantized once, here, before the ranks load
         ranks = RankGroup(cfg, source, e.tensor_parallel_size)
-        engine, tokenizer = build_engine(cfg, source, tp=(0, e.tensor_parallel_size, ranks.address, ranks.port))
-        ranks.start()
+        engine, tokenizer = ranks.join(
+            lambda: build_engine(cfg, source, tp=(0, e.tensor_parallel_size, ranks.address, ranks.port)))
     else:
         engine, tokenizer = build_engine(cfg, cfg.source)
     async_engine = AsyncLLMEngine(engine, max_in_flight_seqs=e.max_num_seqs + e.max_waiting,

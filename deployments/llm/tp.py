@@ -22,11 +22,12 @@ the ranks' loops). Serve then replaces the replica, and with it the ranks it own
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import socket
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -146,18 +147,42 @@ class RankGroup:
                        for r, a in enumerate(self.ranks, start=1)]
         self._loops: list[Any] = []
 
-    def start(self) -> None:
-        """After rank 0 has joined the group and loaded its shard: waits for the others, then
-        starts their loops."""
+    def join(self, build: Callable[[], Any]) -> Any:
+        """Runs rank 0's `build` (join the group, load the shard) while the other ranks set up, then
+        starts their loops. A rank that fails to set up fails the replica's start at once, rather
+        than after the group's rendezvous timeout."""
         import ray
+        result = run_watching(build, self._setup, ray.wait, ray.get)
         ray.get(self._setup)
         self._loops = [a.follow.remote() for a in self.ranks]
+        return result
 
     def check(self) -> None:
         import ray
         done, _ = ray.wait(self._loops, num_returns=1, timeout=0) if self._loops else ([], None)
         if done:
             raise RuntimeError("a tensor-parallel rank stopped")
+
+
+def run_watching(build: Callable[[], Any], others: list, wait: Callable, get: Callable, poll_s: float = 1.0) -> Any:
+    """build() on a helper thread; meanwhile each of `others` (Ray refs) that finishes is fetched,
+    so its error is raised here. A build stuck in a collective is abandoned with its thread (the
+    replica is failing anyway)."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tp-rank0")
+    future = pool.submit(build)
+    pending = list(others)
+    try:
+        while True:
+            try:
+                return future.result(timeout=poll_s)
+            except concurrent.futures.TimeoutError:
+                pass
+            if pending:
+                done, pending = wait(pending, num_returns=len(pending), timeout=0)
+                for ref in done:
+                    get(ref)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _free_port() -> int:

@@ -101,3 +101,20 @@ def test_two_ranks_stay_in_lockstep_and_match_the_whole_model(tmp_path):
         assert leader[rid] == reference[rid]
     assert leader["seeded"] == reference["seeded"]      # a seed reproduces across sharding too
     assert len(leader["aborted"][0]) < 30
+
+
+def test_rank_zero_fails_fast_when_another_rank_fails_to_set_up():
+    import threading
+
+    import pytest
+
+    from deployments.llm.tp import run_watching
+    stuck = threading.Event()                       # rank 0 waits in the rendezvous for a rank that died
+
+    def get(ref):
+        if ref == "bad":
+            raise RuntimeError("rank 2: CUDA out of memory")
+    with pytest.raises(RuntimeError, match="rank 2"):
+        run_watching(stuck.wait, ["ok", "bad"], lambda refs, num_returns, timeout: (refs, []), get, poll_s=0.01)
+    stuck.set()
+    assert run_watching(lambda: "engine", ["ok"], lambda refs, num_returns, timeout: (refs, []), get, poll_s=0.01) == "engine"
