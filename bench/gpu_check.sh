@@ -10,7 +10,8 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-python3 -m pytest -q -p no:cacheprovider tests/gpu   # tests/unit needs Ray (its conftest), which is not there 2>&1 | tee "$OUT/gpu_tests.log"
+# tests/gpu on CUDA, plus the engine's and TP's unit tests (CPU, no Ray needed) on that machine's stack
+python3 -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_engine.py tests/unit/test_tp.py 2>&1 | tee "$OUT/gpu_tests.log"
 # the engine's CUDA defaults ("auto": 2048 prompt tokens per step, separate prefill steps) against the static batch
 timeout 150 python3 bench/bench_engine.py --arch llama-1b --levels 1,32,128 --seconds 5 \
   --budgets auto,2048 2>&1 | tee "$OUT/bench_llama1b.md"
