@@ -16,7 +16,7 @@ left-padded cache and attends them against it (one batched SDPA, grouped query h
 the query as transformers does for decode), attends each prompt causally to itself (one SDPA for all
 prompts, with a block-diagonal causal mask: one call per layer however many prompts join, which
 matters on GPUs, where a call per prompt and layer is launch-bound), and keeps the prompts'
-keys/values, which the engine merges into the batch afterwards with one gather per layer. It covers the standard
+keys/values, which the engine merges into the batch afterwards. It covers the standard
 attention of Llama-family models (no sliding window, no soft-capping, no attention sinks);
 `supports_mixed_steps` says whether a model qualifies, and the engine uses separate prefill steps
 for the others.
@@ -128,25 +128,28 @@ def _block_causal(prompts: list[list[int]], device: torch.device) -> Optional[to
 
 def prompt_cache(step: MixedStep, lengths: list[int]) -> tuple[DynamicCache, torch.Tensor]:
     """The step's prompts' keys/values as one left-padded cache (padding zeroed) and its [P, W] mask:
-    one gather per layer (slot 0 of the source is a zero column for the padding)."""
+    one copy per layer tensor (a single prompt needs no padding, so its keys/values serve as they are;
+    the engine's merge copies them into the batch anyway)."""
     width = max(lengths)
     layers = [step.new_kv[i] for i in sorted(step.new_kv)]
     device = layers[0][0].device
     mask = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
-    index = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
-    start = 1
+    dest = []
     for row, n in enumerate(lengths):
         mask[row, width - n:] = 1
-        index[row, width - n:] = torch.arange(start, start + n, device=device)
-        start += n
-    flat = index.view(-1)
-    padded = [(_gather_rows(k, flat, len(lengths), width), _gather_rows(v, flat, len(lengths), width))
+        dest.extend(range(row * width + width - n, (row + 1) * width))
+    if len(lengths) == 1:
+        return DynamicCache(ddp_cache_data=layers), mask
+    dest_t = torch.tensor(dest, device=device)
+    padded = [(_left_padded(k, dest_t, len(lengths), width), _left_padded(v, dest_t, len(lengths), width))
               for k, v in layers]
     return DynamicCache(ddp_cache_data=padded), mask
 
 
-def _gather_rows(packed: torch.Tensor, flat_index: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-    """packed [1, H, L, D] -> [rows, H, width, D], taking positions flat_index - 1 (0: zeros)."""
+def _left_padded(packed: torch.Tensor, dest: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """packed [1, H, L, D] (the prompts one after another) -> [rows, H, width, D], each prompt
+    right-aligned in its row: position i of the packed row goes to flat slot dest[i]."""
     _, h, _, d = packed.shape
-    source = torch.cat([packed.new_zeros(1, h, 1, d), packed], dim=2)[0]          # [H, L+1, D]
-    return source.index_select(1, flat_index).view(h, rows, width, d).transpose(0, 1).contiguous()
+    out = packed.new_zeros(h, rows * width, d)
+    out.index_copy_(1, dest, packed[0])
+    return out.view(h, rows, width, d).transpose(0, 1)
