@@ -127,7 +127,7 @@ def engine_run(model, concurrency: int, prompt_len: int, tokens: int, seconds: f
     model.forward = timed_forward
     for _ in range(concurrency):
         new()
-    ttfts, steps, generated, finished = [], [], 0, 0
+    ttfts, steps, generated, finished, seen_first = [], [], 0, 0, set()
     begin = time.perf_counter()
     start = None
     profiler = None
@@ -142,8 +142,8 @@ def engine_run(model, concurrency: int, prompt_len: int, tokens: int, seconds: f
         for req, chunk in out:
             if start is not None:
                 generated += sum(1 for d in chunk.choices if d.text)
-            if req.first_token_at is None:
-                req.first_token_at = t1
+            if req.request_id not in seen_first:
+                seen_first.add(req.request_id)
                 if start is not None and inflight[req] >= start:
                     ttfts.append(t1 - inflight[req])
             if chunk.usage is not None:

@@ -29,7 +29,10 @@ def cache_root(cfg_dir: str | None) -> str:
 def prepared_source(source: str, cfg: LLMEngineConfig) -> str:
     """What from_pretrained loads: the dequantized copy of a GGUF (made on first use), else the
     source's folder or hub id."""
-    resolved = resolve_source(source)
+    return _prepared(resolve_source(source), cfg)
+
+
+def _prepared(resolved: ResolvedSource, cfg: LLMEngineConfig) -> str:
     if resolved.kind == "builtin":
         raise ValueError(f"no builtin chat model named {resolved.path!r}")
     return dequantized_copy(resolved, cache_root(cfg.cache_dir)) if resolved.kind == "gguf" else resolved.path
@@ -38,9 +41,10 @@ def prepared_source(source: str, cfg: LLMEngineConfig) -> str:
 def load_causal_lm(source: str, cfg: LLMEngineConfig, device: torch.device, dtype: torch.dtype, tp_size: int = 1):
     """Returns (model, tokenizer), the model in eval mode on `device`. With tp_size > 1 (inside an
     initialised process group: tp.py) only this rank's shard, by transformers' tp_plan "auto"."""
-    path = prepared_source(source, cfg)
+    resolved = resolve_source(source)
+    path = _prepared(resolved, cfg)
     kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-    if cfg.revision and resolve_source(source).kind == "hub":
+    if cfg.revision and resolved.kind == "hub":
         kw["revision"] = cfg.revision
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     if tp_size > 1:

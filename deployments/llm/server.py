@@ -100,8 +100,7 @@ class LLMServer:
     def _grammars(self):
         if self._grammar_cache is None:
             from deployments.llm.structured import Grammars
-            engine = self.engine.engine
-            self._grammar_cache = Grammars(self.tokenizer, engine.sampler.vocab_size, sorted(engine.eos_ids))
+            self._grammar_cache = Grammars.for_engine(self.engine.engine)
         return self._grammar_cache
 
     def _tokenize(self, prompt) -> list[int]:

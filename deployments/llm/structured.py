@@ -42,6 +42,11 @@ class Grammars:
             raise InvalidRequestError(f"Invalid JSON schema in 'response_format': {_reason(exc)}",
                                       param="response_format") from None
 
+    @classmethod
+    def for_engine(cls, engine: Any) -> "Grammars":
+        """Grammars over the engine's tokenizer, vocabulary and stop tokens."""
+        return cls(engine.tokenizer, engine.sampler.vocab_size, sorted(engine.eos_ids))
+
     def _get_compiler(self):
         with self._lock:
             if self._compiler is None:

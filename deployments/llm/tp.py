@@ -121,7 +121,7 @@ class TPRank:
         if response_format is not None:
             if self._grammars is None:
                 from deployments.llm.structured import Grammars
-                self._grammars = Grammars(self.tokenizer, self.engine.sampler.vocab_size, sorted(self.engine.eos_ids))
+                self._grammars = Grammars.for_engine(self.engine)
             req.grammar = self._grammars.compile(response_format)
         return req
 
