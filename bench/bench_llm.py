@@ -8,9 +8,10 @@ same size in this process, also greedy (the practical limit of this stack). Prin
     .venv/bin/python bench/bench_llm.py [--levels 1,8,32,128] [--tokens 64] [--seconds 30]
 
 --compare 64,64:separate,512 serves the model once per engine variant in one app (max_prefill_tokens,
-":separate" for mixed_steps off, ":cpsN" for max_chunks_per_s N) and, at each level, runs them in turns (--rounds, order alternating)
-with the static reference measured before and after: this machine drifts by ±20-40% within
-minutes, so only same-run ratios count.
+":separate" for mixed_steps off, ":cpsN" for max_chunks_per_s N, ":plain" for prepack_weights off)
+and, at each level, runs them in turns (--rounds, order alternating) with the static reference
+measured before and after: this machine drifts by ±20-40% within minutes, so only same-run ratios
+count.
 
 --peer starts Hugging Face `transformers serve --continuous-batching` (the peer named in issue #3)
 on the same weights (bf16, CPU) beside our app, and runs it in the same turns.
@@ -115,10 +116,12 @@ class StaticReference:
         from deployments.torch_utils import pick_dtype
         chat = next(m for m in default_args()["models"] if m["kind"] == "chat")
         self.models = {}
-        for name in dtypes:
-            dtype = pick_dtype(name, torch.device("cpu"), cpu_bf16_if_native=True)
-            model, self.tok = load_causal_lm(chat["source"], LLMEngineConfig(), torch.device("cpu"), dtype)
-            self.models[str(dtype).removeprefix("torch.")] = model
+        for name in dtypes:   # "auto+packed": HF generate on the weights our engine uses (prepack_weights)
+            base, packed = name.removesuffix("+packed"), name.endswith("+packed")
+            dtype = pick_dtype(base, torch.device("cpu"), cpu_bf16_if_native=True)
+            model, self.tok = load_causal_lm(chat["source"], LLMEngineConfig(prepack_weights=packed),
+                                             torch.device("cpu"), dtype)
+            self.models[str(dtype).removeprefix("torch.") + ("+packed" if packed else "")] = model
         self.tok.padding_side = "left"
 
     def run(self, batch: int, tokens: int) -> dict[str, float]:
@@ -174,7 +177,8 @@ def main():
     p.add_argument("--url", default=None, help="benchmark an already running server instead of starting one")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--ref-dtypes", default="auto,float32",
-                   help="dtypes of the static-batch reference ('auto' = what the server uses here)")
+                   help="dtypes of the static-batch reference ('auto' = what the server uses here; a "
+                        "'+packed' suffix runs HF generate on prepacked weights, as our engine does)")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--warmup", type=float, default=None, help="seconds per level not counted (default: seconds/3)")
     p.add_argument("--direct-ingress", action="store_true", help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
@@ -184,7 +188,7 @@ def main():
     p.add_argument("--max-prefill-tokens", type=int, default=None)
     p.add_argument("--compare", default=None,
                    help="engine variants served side by side and run in turns: comma-separated "
-                        "max_prefill_tokens values, each optionally with ':separate' (mixed_steps off)")
+                        "max_prefill_tokens values, each optionally with ':separate', ':cpsN' or ':plain'")
     p.add_argument("--rounds", type=int, default=2, help="turns per variant and level with --compare/--peer")
     p.add_argument("--peer", action="store_true", help="also run `transformers serve --continuous-batching`")
     opts = p.parse_args()
@@ -196,7 +200,10 @@ def main():
         mixed = "separate" not in modes
         overrides = {"max_prefill_tokens": int(mpt), "mixed_steps": mixed}
         overrides.update({"max_chunks_per_s": float(m[3:]) for m in modes if m.startswith("cps")})
-        label = f"mpt {mpt} {'mixed' if mixed else 'separate'}" + "".join(f" {m}" for m in modes if m.startswith("cps"))
+        if "plain" in modes:
+            overrides["prepack_weights"] = False
+        label = f"mpt {mpt} {'mixed' if mixed else 'separate'}" + "".join(
+            f" {m}" for m in modes if m.startswith("cps") or m == "plain")
         compare[label] = (f"{CHAT}@{item}", overrides)
     variants = {label: model for label, (model, _) in compare.items()} or {"ours" if opts.peer else "": CHAT}
     rounds = opts.rounds if compare or opts.peer else 1

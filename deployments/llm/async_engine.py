@@ -17,6 +17,8 @@ import time
 from collections import deque
 from typing import Any, AsyncIterator, Optional
 
+import torch
+
 from deployments.errors import EngineUnavailableError, OverloadedError
 from deployments.llm.engine import EngineRequest, LLMEngine
 from deployments.types import ChoiceDelta, GenerateChunk
@@ -115,6 +117,9 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
+        # torch applies its thread count to a new thread at the thread's first ATen parallel op, but
+        # oneDNN (the linear layers) reads OpenMP's own, which Ray sets to the replica's num_cpus
+        torch.set_num_threads(torch.get_num_threads())
         while True:
             self._drain_inbox()
             if not self.engine.has_work():

@@ -1,0 +1,66 @@
+"""CPU linear layers whose weights are reordered once, at load, into oneDNN's blocked layout.
+
+torch's F.linear on CPU hands the plain weight to oneDNN (bf16) or MKL (fp32) on every call, and the
+weight is reordered each time; IPEX and inductor's freezing pass pack it once instead, and so does
+this. Measured on the dev box (Zen 4, 2 threads, SmolLM2-135M's shapes): bf16 linears take
+0.45-0.55x the time at 1 row and 0.75-0.9x at 32-68 rows; the outputs are bit-identical to F.linear
+in bf16 and do not depend on the batch size. Imported only inside model replicas (needs torch).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = (torch.bfloat16, torch.float32)
+
+
+class PackedLinear(nn.Module):
+    """Inference-only stand-in for an nn.Linear on CPU. The plain weight is not kept (the packed copy
+    replaces it; a tied weight stays with the module that shares it)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Swaps every plain nn.Linear of a CPU model (bf16 or fp32) for a PackedLinear; returns how many
+    were swapped. A no-op where oneDNN is missing, or where a packed layer's output differs from the
+    plain one's beyond rounding (checked on the first layer)."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in _DTYPES]
+    if not found or not _available(found[0][2]):
+        return 0
+    for parent, name, child in found:
+        setattr(parent, name, PackedLinear(child))
+    return len(found)
+
+
+def _available(linear: nn.Linear) -> bool:
+    dtype = linear.weight.dtype
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    try:
+        with torch.inference_mode():
+            x = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+            same = torch.allclose(PackedLinear(linear)(x).float(), linear(x).float(), rtol=1e-2, atol=1e-3)
+    except RuntimeError as exc:   # an op missing from this torch build
+        logger.warning("prepacked linear layers unavailable (%s); using torch's", type(exc).__name__)
+        return False
+    if not same:
+        logger.warning("prepacked linear layers disagree with torch's on this machine; using torch's")
+    return same
