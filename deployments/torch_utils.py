@@ -1,8 +1,7 @@
 """Device and dtype choices shared by every model kind. Imported only inside model replicas."""
 from __future__ import annotations
 
-import threading
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -42,27 +41,3 @@ def set_threads(num_threads: Optional[int]) -> None:
     if num_threads:
         torch.set_num_threads(num_threads)
 
-
-def on_passing_thread(fn: Callable[[], Any]) -> Any:
-    """fn() on a new thread that ends when fn returns; its result (or exception) comes back here.
-
-    For loading a model whose steps run on another thread. libgomp keeps a pool of OpenMP workers
-    for each thread that ever ran a parallel region, and once the pools hold more threads than there
-    are CPUs, every worker sleeps between regions instead of spinning (its "throttled" spin count),
-    so each of a forward's ~200 parallel regions pays a futex wake-up. A thread that ends frees its
-    pool, leaving the stepping thread's the only one. Measured on the dev box: the LLM engine at one
-    stream ran 21 tok/s after a load on a thread that stays, 26-30 after a load on a passing one."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # re-raised on the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="model-load")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]

@@ -1,5 +1,5 @@
 """The embeddings Serve deployment: validate and tokenize per request, then @serve.batch gathers
-the inputs of concurrent requests into one encode call on a worker thread.
+the inputs of concurrent requests into one encode call on the model's thread.
 No FastAPI here; torch loads inside __init__ only.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from ray import serve
 
 from deployments.config import EmbeddingModelConfig
 from deployments.errors import InvalidRequestError, ModelHubError
+from deployments.threads import ModelThread
 from deployments.types import EmbedRequest, EmbedResult, ModelCard
 
 
@@ -19,7 +20,8 @@ class EmbeddingServer:
     def __init__(self, model_cfg: EmbeddingModelConfig, *, encoder_factory: Optional[Callable] = None):
         from deployments.embeddings.encoder import Encoder
         self.cfg = model_cfg
-        self.encoder = (encoder_factory or Encoder.load)(model_cfg.source, model_cfg.engine)
+        self._model_thread = ModelThread("encoder")   # loads and encodes: one OpenMP pool (threads.py)
+        self.encoder = self._model_thread.run(encoder_factory or Encoder.load, model_cfg.source, model_cfg.engine)
         # Batched per instance (a decorated method would share one queue among all instances).
         self._encode_batch = serve.batch(max_batch_size=model_cfg.engine.max_batch_size,
                                          batch_wait_timeout_s=model_cfg.engine.batch_wait_timeout_s)(self._encode)
@@ -54,7 +56,7 @@ class EmbeddingServer:
     async def _encode(self, requests: list[list[list[int]]]) -> list:
         """One encode call for the inputs of several requests; each gets its own rows back."""
         flat = [ids for req in requests for ids in req]
-        vectors = await asyncio.to_thread(self.encoder.encode, flat)
+        vectors = await self._model_thread.call(self.encoder.encode, flat)
         out, start = [], 0
         for req in requests:
             out.append(vectors[start:start + len(req)])

@@ -1,5 +1,5 @@
 """The images Serve deployment: checks a request against the model's limits, then @serve.batch
-gathers concurrent requests and runs one pipeline call per group of the same shape, on a worker
+gathers concurrent requests and runs one pipeline call per group of the same shape, on the model's
 thread. A caller that goes away marks its job cancelled; a call stops once all its jobs are.
 No FastAPI here; torch and diffusers load inside __init__ only.
 """
@@ -14,6 +14,7 @@ from ray import serve
 from deployments.config import ImageModelConfig
 from deployments.errors import InvalidRequestError
 from deployments.images.jobs import Cancelled, ImageJob, group_by_key
+from deployments.threads import ModelThread
 from deployments.types import ImageRequest, ImageResult, ModelCard
 
 
@@ -22,7 +23,8 @@ class ImageServer:
         from deployments.images.pipeline import ImagePipeline
         e = model_cfg.engine
         self.cfg = model_cfg
-        self.pipeline = (pipeline_factory or ImagePipeline.load)(model_cfg.source, e)
+        self._model_thread = ModelThread("pipeline")   # loads and generates: one OpenMP pool (threads.py)
+        self.pipeline = self._model_thread.run(pipeline_factory or ImagePipeline.load, model_cfg.source, e)
         # Batched per instance, not by decorating the method: a decorated method shares one queue
         # among all instances, bound to the event loop that first used it.
         self._generate_batch = serve.batch(max_batch_size=e.max_batch_size,
@@ -61,7 +63,7 @@ class ImageServer:
         results: dict[int, Optional[list[bytes]]] = {}
         for group in group_by_key(jobs):
             try:
-                pngs = await asyncio.to_thread(self.pipeline.generate, group)
+                pngs = await self._model_thread.call(self.pipeline.generate, group)
             except Cancelled:
                 pngs = [None] * len(group)
             results.update(zip(map(id, group), pngs))

@@ -9,7 +9,8 @@ from deployments.config import ChatModelConfig, LLMEngineConfig
 from deployments.llm.async_engine import AsyncLLMEngine
 from deployments.llm.engine import LLMEngine
 from deployments.llm.loader import load_causal_lm, prepared_source
-from deployments.torch_utils import on_passing_thread, pick_device, pick_dtype, set_threads
+from deployments.threads import on_passing_thread
+from deployments.torch_utils import pick_device, pick_dtype, set_threads
 
 
 def build_async_engine(cfg: ChatModelConfig):
@@ -23,7 +24,7 @@ def build_async_engine(cfg: ChatModelConfig):
         ranks = RankGroup(cfg, source, e.tensor_parallel_size)
         engine, tokenizer = ranks.join(
             lambda: build_engine(cfg, source, tp=(0, e.tensor_parallel_size, ranks.address, ranks.port)))
-    else:   # on a passing thread: only the engine thread keeps OpenMP workers (torch_utils)
+    else:   # on a passing thread: only the engine thread keeps OpenMP workers (threads.py)
         engine, tokenizer = on_passing_thread(lambda: build_engine(cfg, cfg.source))
     async_engine = AsyncLLMEngine(engine, max_in_flight_seqs=e.max_num_seqs + e.max_waiting,
                                   stream_interval_s=e.stream_interval_ms / 1000,

@@ -1,5 +1,4 @@
-"""Prepacked CPU linear layers (same outputs as torch's, applied by the loader unless told not to), and
-loading on a passing thread."""
+"""Prepacked CPU linear layers: same outputs as torch's, and the loader applies them unless told not to."""
 from __future__ import annotations
 
 import copy
@@ -77,21 +76,3 @@ def test_loader_packs_cpu_models_unless_told_not_to(tmp_path):
     with torch.inference_mode():
         assert torch.equal(on(ids).logits, off(ids).logits)
 
-
-def test_a_model_loads_on_a_thread_that_is_gone_afterwards():
-    import threading
-
-    from deployments.torch_utils import on_passing_thread
-    seen = {}
-
-    def load():
-        seen["thread"] = threading.current_thread()
-        return "model"
-
-    assert on_passing_thread(load) == "model"
-    assert seen["thread"] is not threading.current_thread() and not seen["thread"].is_alive()
-
-    def broken():
-        raise FileNotFoundError("no weights")
-    with pytest.raises(FileNotFoundError, match="no weights"):
-        on_passing_thread(broken)
