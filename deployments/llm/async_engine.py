@@ -26,8 +26,11 @@ from deployments.types import ChoiceDelta, GenerateChunk
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(EngineUnavailableError):
-    pass
+def _engine_stopped() -> EngineUnavailableError:
+    """For requests to an engine whose thread stopped (under TP, after a failed step): Serve is
+    replacing the replica."""
+    return EngineUnavailableError("This model's engine stopped; its replica is being replaced. Retry shortly.",
+                                  retry_after_s=10)
 
 
 class AsyncLLMEngine:
@@ -64,8 +67,7 @@ class AsyncLLMEngine:
         if self._in_flight_seqs + nseqs > self.max_in_flight_seqs:
             raise OverloadedError("Too many requests are queued for this model; retry shortly.")
         if not self.is_alive():
-            raise EngineDeadError("This model's engine stopped; its replica is being replaced. Retry shortly.",
-                                  retry_after_s=10)
+            raise _engine_stopped()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[req.request_id] = (asyncio.get_running_loop(), queue)
         self._in_flight_seqs += nseqs
@@ -131,9 +133,13 @@ class AsyncLLMEngine:
                 outputs = self.engine.step()
             except Exception as exc:  # a bug or device failure: fail the requests, keep serving
                 logger.exception("engine step failed; failing the requests in flight")
-                self._fail_all(exc)
-                if self.ranks is not None:   # the ranks may be out of step now: stop, so the health check fails
+                if self.ranks is not None:
+                    # the ranks may be out of step now (most likely one was lost): stop, so the health
+                    # check fails and Serve replaces the replica; the requests in flight get the 503 that
+                    # later ones get, since retrying is what works
+                    self._fail_all(_engine_stopped())
                     return
+                self._fail_all(exc)
                 continue
             if self.metrics is not None:   # before delivery: a finished request is already counted
                 self.metrics.record_step(self.engine, outputs, started, time.monotonic())

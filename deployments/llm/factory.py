@@ -19,8 +19,13 @@ def build_async_engine(cfg: ChatModelConfig):
     e = cfg.engine
     ranks = None
     if e.tensor_parallel_size > 1:
-        from deployments.llm.tp import RankGroup
+        from transformers import AutoConfig
+
+        from deployments.llm.tp import RankGroup, check_shardable
         source = prepared_source(cfg.source, e)     # a GGUF is dequantized once, here, before the ranks load
+        check_shardable(AutoConfig.from_pretrained(source, trust_remote_code=e.trust_remote_code,
+                                                   **({"revision": e.revision} if e.revision else {})),
+                        e.tensor_parallel_size)
         ranks = RankGroup(cfg, source, e.tensor_parallel_size)
         engine, tokenizer = ranks.join(
             lambda: build_engine(cfg, source, tp=(0, e.tensor_parallel_size, ranks.address, ranks.port)))

@@ -38,6 +38,17 @@ STEP_TIMEOUT = timedelta(minutes=10)      # a collective inside a step
 IDLE_TIMEOUT = timedelta(days=365)        # ranks wait on the control group while the replica is idle
 
 
+def check_shardable(model_config: Any, world: int) -> None:
+    """Raises ValueError, before any rank starts, when `world` does not divide the model's attention
+    or key/value heads (tp_plan "auto" splits both across the ranks)."""
+    heads = getattr(model_config, "num_attention_heads", None)
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    bad = [f"{n} {what}" for what, n in (("attention heads", heads), ("key/value heads", kv_heads)) if n and n % world]
+    if bad:
+        raise ValueError(f"tensor_parallel_size {world} must divide the model's heads, and it has "
+                         f"{' and '.join(bad)}. Choose a divisor of both.")
+
+
 class Lockstep:
     """The engine's hooks under TP (engine.py calls them). The leader (rank 0) records adds and
     aborts and sends them before each step; every rank takes rank 0's sampled tokens."""

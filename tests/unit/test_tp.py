@@ -118,3 +118,26 @@ def test_rank_zero_fails_fast_when_another_rank_fails_to_set_up():
         run_watching(stuck.wait, ["ok", "bad"], lambda refs, num_returns, timeout: (refs, []), get, poll_s=0.01)
     stuck.set()
     assert run_watching(lambda: "engine", ["ok"], lambda refs, num_returns, timeout: (refs, []), get, poll_s=0.01) == "engine"
+
+
+def test_a_rank_count_that_does_not_divide_the_heads_is_refused_before_any_rank_starts():
+    import pytest
+
+    from deployments.llm.tp import check_shardable
+    cfg = tiny_llama().config                              # 4 attention heads, 2 key/value heads
+    check_shardable(cfg, 2)
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 .* 4 attention heads and 2 key/value heads"):
+        check_shardable(cfg, 3)
+    with pytest.raises(ValueError, match="has 2 key/value heads\\."):
+        check_shardable(cfg, 4)
+
+
+def test_a_replica_with_such_a_rank_count_fails_to_start_with_that_message(tmp_path):
+    import pytest
+
+    from deployments.config import ChatModelConfig
+    from deployments.llm.factory import build_async_engine
+    tiny_llama().save_pretrained(tmp_path)
+    cfg = ChatModelConfig(id="tiny", kind="chat", source=str(tmp_path), engine={"tensor_parallel_size": 3})
+    with pytest.raises(ValueError, match="must divide the model's heads"):
+        build_async_engine(cfg)
