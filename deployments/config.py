@@ -83,6 +83,12 @@ class LLMEngineConfig(StrictModel):
                           "separate prefill steps). Off: separate prefill steps. Default: on for CPU, "
                           "off on CUDA, where a step is launch-bound and separate prefill steps "
                           "measured faster at 128 streams (docs/gpu.md).")
+    late_admission: bool = Field(
+        True, description="With mixed steps (Llama-family models, not under tensor parallelism): a prompt "
+                          "that arrives while a step's forward runs may join it before a quarter or half "
+                          "of the layers, run alone through the layers already done, and get its first "
+                          "token at the end of that step instead of the next. Costs the running rows the "
+                          "replayed layers. bench/README.md has the trade-off.")
     max_waiting: int = Field(
         256, ge=0, description="Requests waiting for a batch slot; beyond it the answer is 503 "
                                "with Retry-After.")

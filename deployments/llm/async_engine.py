@@ -35,8 +35,11 @@ def _engine_stopped() -> EngineUnavailableError:
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, *, max_in_flight_seqs: int, stream_interval_s: float = 0.0,
-                 max_chunks_per_s: float = 0.0, metrics: Optional[Any] = None, ranks: Optional[Any] = None):
+                 max_chunks_per_s: float = 0.0, metrics: Optional[Any] = None, ranks: Optional[Any] = None,
+                 late_admission: bool = True):
         self.engine = engine
+        if late_admission and ranks is None:   # under TP every rank must see the same adds at step start
+            engine.arrivals = self._arrivals
         self.ranks = ranks                # tp.RankGroup: the other ranks of a tensor-parallel replica
         self.metrics = metrics            # metrics.EngineMetrics, recorded after each step
         self.max_in_flight_seqs = max_in_flight_seqs
@@ -144,6 +147,13 @@ class AsyncLLMEngine:
             if self.metrics is not None:   # before delivery: a finished request is already counted
                 self.metrics.record_step(self.engine, outputs, started, time.monotonic())
             self._deliver([(req.request_id, chunk) for req, chunk in outputs])
+
+    def _arrivals(self) -> None:
+        """Called by the engine thread while a step's forward runs (late admission): moves the
+        requests posted since the step began into the engine. Stops at an abort, which must wait for
+        the step to end."""
+        while self._inbox and self._inbox[0][0] == "add":
+            self.engine.add(self._inbox.popleft()[1])
 
     def _drain_inbox(self) -> None:
         while self._inbox:

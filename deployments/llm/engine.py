@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from transformers import DynamicCache
 
 from deployments.llm.batch import RunningBatch
 from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher, TokenText
-from deployments.llm.mixed import prompt_cache, run_mixed, supports_mixed_steps
+from deployments.llm.mixed import prompt_cache, run_mixed, supports_late_admission, supports_mixed_steps
 from deployments.llm.sampler import Sampler, compute_logprobs, make_generator
 from deployments.llm.scheduler import PromptGroup, Scheduler
 from deployments.llm.sequence import Sequence, Status
@@ -69,6 +69,9 @@ class LLMEngine:
         self.requests: dict[str, EngineRequest] = {}
         self.mixed_steps = mixed_steps and supports_mixed_steps(model)
         self._prefill_since_decode = 0   # prompt tokens prefilled since the last decode step
+        # Late admission (mixed.run_mixed): set by the AsyncLLMEngine, it moves requests posted since
+        # the step began into the scheduler, so their prompts can join the step's forward midway.
+        self.arrivals: Optional[Callable[[], None]] = None
 
     # ------------------------------------------------------------------ public API
 
@@ -107,9 +110,7 @@ class LLMEngine:
         if self.lockstep is not None:   # under TP, rank 0 sends this step's adds/aborts to the other ranks
             self.lockstep.before_step()
         if self.mixed_steps and len(self.batch):
-            groups = self.scheduler.next_prefills(self.batch)
-            if groups:
-                return self._mixed_step(groups)
+            return self._mixed_step(self.scheduler.next_prefills(self.batch))
         touched: dict[str, EngineRequest] = {}
         spent = self._prefill_since_decode if len(self.batch) else 0
         groups = self.scheduler.next_prefills(self.batch, spent)
@@ -125,18 +126,17 @@ class LLMEngine:
         return [(req, self._chunk(req)) for req in touched.values()]
 
     def _mixed_step(self, groups: list[PromptGroup]) -> list[tuple[EngineRequest, GenerateChunk]]:
+        """Every running row decodes in one packed forward with the admitted prompts (and any that
+        join midway); an echo+logprobs prompt, which needs every position's logits, is prefilled in
+        its own forward first and then decodes with the rest."""
         touched = {g.request_id: self.requests[g.request_id] for g in groups}
         for g in groups:
-            if g.want_prompt_logprobs:   # needs every position's logits: its own forward, then it decodes below
+            if g.want_prompt_logprobs:
                 self._prefill([g])
-        packed = [g for g in groups if not g.want_prompt_logprobs]
         decoded = list(self.batch.seqs)
-        if packed:
-            self._mixed(packed)
-        else:
-            self._decode()
-            self.batch.remove_finished()
+        joined = self._mixed([g for g in groups if not g.want_prompt_logprobs])
         self._prefill_since_decode = 0
+        touched.update((g.request_id, self.requests[g.request_id]) for g in joined)
         touched.update((s.request_id, s.owner) for s in decoded)
         return [(req, self._chunk(req)) for req in touched.values()]
 
@@ -173,19 +173,43 @@ class LLMEngine:
         self._sample_and_append(out.logits[:, -1].index_select(0, rows), seqs)
         self._join(seqs, rows, cache, mask)
 
-    def _mixed(self, groups: list[PromptGroup]) -> None:
-        """One forward: a token for every running row and the first token of each new prompt."""
+    def _mixed(self, groups: list[PromptGroup]) -> list[PromptGroup]:
+        """One forward: a token for every running row and the first token of each new prompt.
+        Returns the prompt groups it prefilled: `groups`, then those that joined midway."""
         inputs = self.batch.step_inputs()
+        late: list[PromptGroup] = []
+
+        def poll() -> list[list[int]]:
+            picked = self._late_prefills(groups + late)
+            late.extend(picked)
+            return [g.prompt_ids for g in picked]
+        can_join = self.arrivals is not None and supports_late_admission(self.model)
         logits, step = run_mixed(self.model, inputs["input_ids"], inputs["position_ids"], self.batch.cache,
-                                 inputs["attention_mask"], [g.prompt_ids for g in groups])
+                                 inputs["attention_mask"], [g.prompt_ids for g in groups], poll if can_join else None)
+        groups = groups + late
         b = len(self.batch)
         rows = _fork_rows(groups, self.device)
         seqs = _start(groups)
         self._sample_and_append(logits.index_select(0, torch.cat([torch.arange(b, device=self.device), rows + b])),
                                 self.batch.seqs + seqs)
         self.batch.remove_finished()
-        cache, mask = prompt_cache(step, [len(g.prompt_ids) for g in groups])
-        self._join(seqs, rows, cache, mask)
+        if groups:
+            cache, mask = prompt_cache(step, [len(g.prompt_ids) for g in groups])
+            self._join(seqs, rows, cache, mask)
+        return groups
+
+    def _late_prefills(self, taken: list[PromptGroup]) -> list[PromptGroup]:
+        """Waiting prompts that may join the running forward, within the step's budgets given the
+        prompts it already `taken`; echo+logprobs prompts never do (they need their own forward)."""
+        self.arrivals()
+        if not self.scheduler.waiting or self.scheduler.waiting[0].want_prompt_logprobs:
+            return []
+        picked = self.scheduler.next_prefills(
+            self.batch, sum(len(g.prompt_ids) for g in taken), extra_rows=sum(len(g.seqs) for g in taken),
+            extra_width=max((len(g.prompt_ids) + 1 for g in taken), default=0))
+        cut = next((i for i, g in enumerate(picked) if g.want_prompt_logprobs), len(picked))
+        self.scheduler.waiting.extendleft(reversed(picked[cut:]))
+        return picked[:cut]
 
     def _join(self, seqs: list[Sequence], rows: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
         """Merges new sequences that did not finish on their first token into the batch; `rows` maps
@@ -292,7 +316,7 @@ class LLMEngine:
 
 def _fork_rows(groups: list[PromptGroup], device: torch.device) -> torch.Tensor:
     """Each sequence's prompt row: a group's n sequences share their prompt's logits and cache."""
-    return torch.tensor([r for r, g in enumerate(groups) for _ in g.seqs], device=device)
+    return torch.tensor([r for r, g in enumerate(groups) for _ in g.seqs], dtype=torch.long, device=device)
 
 
 def _start(groups: list[PromptGroup]) -> list[Sequence]:

@@ -23,16 +23,19 @@ for the others.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 MIXED = "modelhub_mixed"
 _MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite"}
+_LATE_TYPES = _MODEL_TYPES - {"granite"}   # embeddings scaled before the first layer: not replayed here
 
 
 @dataclass
@@ -45,6 +48,25 @@ class MixedStep:
     prompts: list[tuple[int, int]]           # (start, length) of each prompt in the packed row
     prompt_mask: Optional[torch.Tensor] = None   # [L, L] bool block-diagonal causal mask (2+ prompts)
     new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> prompts' k, v
+    late: Optional["LateAdmission"] = None
+
+
+@dataclass
+class LateAdmission:
+    """Prompts that join a step while its forward runs (see run_mixed). `poll` returns the prompts
+    that may join now (often none); `checkpoints` are the layers before which it is asked, until one
+    joins; after that, `position` replaces the layers' position inputs (now longer)."""
+
+    poll: Callable[[], list[list[int]]]
+    checkpoints: frozenset[int]
+    lengths: list[int]                                   # every prompt of the step, in packed order
+    keep: list[int]                                      # packed rows whose logits the step returns
+    joined: bool = False
+    position: Optional[dict[str, Any]] = None            # position_embeddings and position_ids
+
+
+def supports_late_admission(model: Any) -> bool:
+    return supports_mixed_steps(model) and model.config.model_type in _LATE_TYPES
 
 
 def supports_mixed_steps(model: Any) -> bool:
@@ -90,38 +112,122 @@ AttentionMaskInterface.register(MIXED, _no_mask)
 
 
 def run_mixed(model: Any, tokens: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-              mask: torch.Tensor, prompts: list[list[int]]) -> tuple[torch.Tensor, MixedStep]:
+              mask: torch.Tensor, prompts: list[list[int]],
+              poll: Optional[Callable[[], list[list[int]]]] = None) -> tuple[torch.Tensor, MixedStep]:
     """One packed forward over the running rows (tokens/positions [B, 1]; `mask` [B, T+1] already has
-    the new column) and the prompts. Returns logits [B + len(prompts), V] (each running row's next
-    token, then each prompt's last position) and the step, whose new_kv holds the prompts' keys and
-    values. The running cache gains one column per layer."""
+    the new column) and the prompts. Returns logits [B + P, V] (each running row's next token, then
+    each prompt's last position) and the step, whose new_kv holds the prompts' keys and values. The
+    running cache gains one column per layer.
+
+    With `poll` (late admission), prompts may also join while the forward runs: before a quarter and
+    before half of the layers, poll() says which waiting prompts join now. They are run alone
+    through the layers already done, then packed in for the rest, and get their first token at the
+    end of this step. Without it, a request that arrives just after a step began (as closed-loop
+    clients do) waits that whole step and then rides the next. Their prompts follow `prompts`."""
     device = tokens.device
     b = tokens.shape[0]
-    spans, start = [], b
-    for p in prompts:
-        spans.append((start, len(p)))
-        start += len(p)
     ids = torch.cat([tokens.view(-1)] + [torch.tensor(p, device=device) for p in prompts])
     pos = torch.cat([positions.view(-1)] + [torch.arange(len(p), device=device) for p in prompts])
-    step = MixedStep(cache, mask.bool()[:, None, None, :], b, spans, _block_causal(prompts, device))
-    keep = torch.tensor(list(range(b)) + [s + n - 1 for s, n in spans], device=device)
+    lengths = [len(p) for p in prompts]
+    step = MixedStep(cache, mask.bool()[:, None, None, :], b, _spans(b, lengths), _block_causal(lengths, device))
+    keep = list(range(b)) + [s + n - 1 for s, n in step.prompts]
+    if poll is not None:
+        layers = model.config.num_hidden_layers
+        step.late = LateAdmission(poll, frozenset({max(1, layers // 4), max(1, layers // 2)}), lengths, keep)
+        _hook_layers(model)
     cfg = model.config
     previous = cfg._attn_implementation
     cfg._attn_implementation = MIXED
+    head = model.lm_head
+    model.lm_head = _KeptRows(head, keep)   # keep grows if prompts join
     try:
         out = model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
-                    logits_to_keep=keep, mh_step=step)
+                    logits_to_keep=0, mh_step=step)
     finally:
         cfg._attn_implementation = previous
+        model.lm_head = head
     return out.logits[0], step
 
 
-def _block_causal(prompts: list[list[int]], device: torch.device) -> Optional[torch.Tensor]:
-    """[L, L] True where a prompt token may attend: earlier-or-same tokens of its own prompt."""
-    if len(prompts) < 2:
+class _KeptRows(nn.Module):
+    """The LM head on the packed rows whose logits a step needs."""
+
+    def __init__(self, head: nn.Module, keep: list[int]):
+        super().__init__()
+        self.head, self.keep = head, keep
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden[:, torch.tensor(self.keep, device=hidden.device)])
+
+
+def _hook_layers(model: Any) -> None:
+    if getattr(model, "_mh_late_hooks", False):
+        return
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(functools.partial(_before_layer, model.model), with_kwargs=True)
+    model._mh_late_hooks = True
+
+
+def _before_layer(decoder, module, args, kwargs):
+    step = kwargs.get("mh_step")
+    late = step.late if step is not None else None
+    if late is None:
         return None
-    owner = torch.repeat_interleave(torch.arange(len(prompts), device=device),
-                                    torch.tensor([len(p) for p in prompts], device=device))
+    layer = module.self_attn.layer_idx
+    if not late.joined and layer in late.checkpoints:
+        prompts = late.poll()
+        if prompts:
+            args = (_join(decoder, step, late, layer, args[0], kwargs, prompts),) + tuple(args[1:])
+    if late.position is not None:
+        kwargs.update(late.position)
+    return args, kwargs
+
+
+def _join(decoder, step: MixedStep, late: LateAdmission, layer: int, hidden: torch.Tensor, kwargs: dict,
+          prompts: list[list[int]]) -> torch.Tensor:
+    """Runs `prompts` alone through the decoder's layers [0, layer) and packs them in from `layer`
+    on: returns the longer hidden states; the step gains their spans, mask, keys/values and rows."""
+    device = hidden.device
+    lengths = [len(p) for p in prompts]
+    ids = torch.cat([torch.tensor(p, device=device) for p in prompts]).unsqueeze(0)
+    pos = torch.cat([torch.arange(n, device=device) for n in lengths]).unsqueeze(0)
+    alone = MixedStep(None, None, 0, _spans(0, lengths), _block_causal(lengths, device))
+    h = decoder.embed_tokens(ids)
+    pe = decoder.rotary_emb(h, position_ids=pos)
+    for i in range(layer):
+        h = decoder.layers[i](h, attention_mask=None, position_embeddings=pe, position_ids=pos,
+                              past_key_values=None, use_cache=False, mh_step=alone)
+    start = hidden.shape[1]
+    for i in range(layer):   # the layers already done: the step's prompts' keys/values, then theirs
+        k, v = alone.new_kv[i]
+        if i in step.new_kv:
+            k, v = torch.cat([step.new_kv[i][0], k], dim=2), torch.cat([step.new_kv[i][1], v], dim=2)
+        step.new_kv[i] = (k, v)
+    late.lengths.extend(lengths)
+    step.prompts = _spans(step.num_decode, late.lengths)
+    step.prompt_mask = _block_causal(late.lengths, device)
+    late.keep.extend(s + n - 1 for s, n in _spans(start, lengths))
+    cos, sin = kwargs["position_embeddings"]
+    late.position = {"position_embeddings": (torch.cat([cos, pe[0]], dim=1), torch.cat([sin, pe[1]], dim=1))}
+    if kwargs.get("position_ids") is not None:
+        late.position["position_ids"] = torch.cat([kwargs["position_ids"], pos], dim=1)
+    late.joined = True
+    return torch.cat([hidden, h], dim=1)
+
+
+def _spans(start: int, lengths: list[int]) -> list[tuple[int, int]]:
+    spans = []
+    for n in lengths:
+        spans.append((start, n))
+        start += n
+    return spans
+
+
+def _block_causal(lengths: list[int], device: torch.device) -> Optional[torch.Tensor]:
+    """[L, L] True where a prompt token may attend: earlier-or-same tokens of its own prompt."""
+    if len(lengths) < 2:
+        return None
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
     n = owner.shape[0]
     return (owner[:, None] == owner[None, :]) & torch.ones(n, n, dtype=torch.bool, device=device).tril()
 

@@ -37,11 +37,13 @@ class Scheduler:
     def abort(self, request_id: str) -> None:
         self.waiting = deque(g for g in self.waiting if g.request_id != request_id)
 
-    def next_prefills(self, batch: RunningBatch, spent: int = 0) -> list[PromptGroup]:
+    def next_prefills(self, batch: RunningBatch, spent: int = 0, extra_rows: int = 0,
+                      extra_width: int = 0) -> list[PromptGroup]:
         """Groups to prefill now. `spent`: prompt tokens already prefilled since the last decode
-        step; while it is 0 the head group always may go, otherwise only within the budget."""
+        step; while it is 0 the head group always may go, otherwise only within the budget.
+        `extra_rows`/`extra_width`: rows and width of prompts already taken for this step."""
         picked: list[PromptGroup] = []
-        rows, width, prefill = len(batch), batch.width + 1, spent
+        rows, width, prefill = len(batch) + extra_rows, max(batch.width + 1, extra_width), spent
         while self.waiting:
             group = self.waiting[0]
             n, length = len(group.seqs), len(group.prompt_ids)

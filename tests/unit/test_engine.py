@@ -420,3 +420,47 @@ def test_models_outside_the_llama_family_use_separate_prefill_steps(model):
         assert not make_engine(model).mixed_steps
     finally:
         cfg.sliding_window = saved
+
+
+def test_a_prompt_that_arrives_during_a_step_joins_it_midway_and_answers_as_alone(model):
+    def alone(r):
+        engine = make_engine(model, mixed_steps=True)
+        run_all(engine, [r])
+        return [s.output_ids for s in r.seqs]
+    expected = {rid: alone(req(rid, text, **kw)) for rid, text, kw in
+                [("late", "joins midway", {}), ("forked", "two of them", {"n": 2, "temperature": 0.8, "seed": 7}),
+                 ("running", "already here", {"max_tokens": 20})]}
+    engine = make_engine(model, mixed_steps=True)
+    running = req("running", "already here", max_tokens=20)
+    engine.add(running)
+    engine.step()                                       # running alone: prefilled, 1 token
+    posted = [req("late", "joins midway"), req("forked", "two of them", n=2, temperature=0.8, seed=7)]
+    polls = []
+
+    def arrivals():                                     # the AsyncLLMEngine's inbox, during the next forward
+        polls.append(len(posted))
+        while posted:
+            engine.add(posted.pop(0))
+    engine.arrivals = arrivals
+    touched = {r.request_id for r, _ in engine.step()}  # a decode step of `running` that they join
+    assert polls and touched == {"running", "late", "forked"}
+    assert [len(s.output_ids) for s in engine.requests["late"].seqs] == [1]
+    assert [len(s.output_ids) for s in engine.requests["forked"].seqs] == [1, 1]
+    late, forked = engine.requests["late"], engine.requests["forked"]
+    engine.arrivals = None
+    while engine.has_work():
+        engine.step()
+    assert [s.output_ids for s in late.seqs] == expected["late"]
+    assert [s.output_ids for s in forked.seqs] == expected["forked"]
+    assert [s.output_ids for s in running.seqs] == expected["running"]
+
+
+def test_a_late_prompt_waits_when_the_step_has_spent_its_prefill_budget(model):
+    engine = make_engine(model, mixed_steps=True, max_prefill_tokens=16)
+    engine.add(req("running", "already here"))
+    engine.step()
+    engine.add(req("first", "a prompt of 20 bytes"))     # admitted at the step's start: the budget is spent
+    engine.arrivals = lambda: engine.add(req("late", "another")) if "late" not in engine.requests else None
+    touched = {r.request_id for r, _ in engine.step()}
+    assert touched == {"running", "first"} and engine.requests["late"].seqs[0].output_ids == []
+    assert {r.request_id for r, _ in engine.step()} >= {"late"}   # the next step admits it at its start
