@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from deployments.llm.engine import EngineRequest, LLMEngine
-from deployments.prepacked import PackedLinear, prepack_linears
+from deployments.prepacked import PackedLinear, _available, prepack_linears
 from deployments.types import SamplingParams
 from tests.unit.fakes import ByteTokenizer, tiny_llama
 
@@ -76,3 +76,17 @@ def test_loader_packs_cpu_models_unless_told_not_to(tmp_path):
     with torch.inference_mode():
         assert torch.equal(on(ids).logits, off(ids).logits)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_layer_with_bias_gives_the_same_output(dtype):   # e.g. Qwen2's q/k/v projections
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 96, bias=True).to(dtype)
+    x = torch.randn(2, 5, 64).to(dtype)
+    if not _available(layer):
+        pytest.skip("oneDNN prepacking is not available for this dtype on this machine")
+    packed = PackedLinear(layer)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), layer(x), rtol=0 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=0 if dtype == torch.bfloat16 else 1e-5)
+    assert "bias=True" in repr(packed)
