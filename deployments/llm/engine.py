@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from deployments.llm.batch import RunningBatch
 from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher, TokenText
+from deployments.llm.mixed import install as install_mixed
 from deployments.llm.mixed import prompt_cache, run_mixed, supports_late_admission, supports_mixed_steps
 from deployments.llm.sampler import Sampler, compute_logprobs, make_generator
 from deployments.llm.scheduler import PromptGroup, Scheduler
@@ -68,6 +69,8 @@ class LLMEngine:
         self.token_text = TokenText(tokenizer)
         self.requests: dict[str, EngineRequest] = {}
         self.mixed_steps = mixed_steps and supports_mixed_steps(model)
+        if self.mixed_steps:
+            install_mixed(model)
         self._prefill_since_decode = 0   # prompt tokens prefilled since the last decode step
         # Late admission (mixed.run_mixed): set by the AsyncLLMEngine, it moves requests posted since
         # the step began into the scheduler, so their prompts can join the step's forward midway.

@@ -10,8 +10,8 @@ like vLLM's chunked-prefill scheduler.
 
 The model sees one packed row, [decode tokens of the B running rows | prompt 1 | prompt 2 ...], with
 per-token position_ids, so RoPE is right for each sequence. Only attention needs the structure:
-`MIXED` is registered as a transformers attention implementation and switched on for the duration
-of the forward. Per layer it appends the decode rows' new key/value to the running batch's
+`MIXED` is registered as a transformers attention implementation and installed once per model (it
+is plain SDPA outside a mixed step, so nothing is switched per step). Per layer it appends the decode rows' new key/value to the running batch's
 left-padded cache and attends them against it (one batched SDPA, grouped query heads packed into
 the query as transformers does for decode), attends each prompt causally to itself (one SDPA for all
 prompts, with a block-diagonal causal mask: one call per layer however many prompts join, which
@@ -24,6 +24,7 @@ for the others.
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 MIXED = "modelhub_mixed"
 _MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite"}
@@ -73,12 +75,28 @@ def supports_mixed_steps(model: Any) -> bool:
     cfg = model.config
     return (getattr(cfg, "model_type", None) in _MODEL_TYPES
             and not getattr(cfg, "sliding_window", None) and not getattr(cfg, "use_sliding_window", False)
-            and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager"))
+            and getattr(cfg, "_attn_implementation", None) in ("sdpa", MIXED))
+
+
+def install(model: Any) -> None:
+    """Prepares a model for mixed steps, once: MIXED becomes its attention implementation (plain
+    SDPA outside a mixed step), its LM head a KeptRows, and its layers get the late-admission hook.
+    Nothing is switched per step, so engines on other threads may share the model."""
+    if model.config._attn_implementation == MIXED:
+        return
+    model.config._attn_implementation = MIXED
+    model.lm_head = KeptRows(model.lm_head)
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(functools.partial(_before_layer, model.model), with_kwargs=True)
 
 
 def mixed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                     mh_step: Optional[MixedStep] = None, **kwargs):
-    """query [1, Hq, N, D], key/value [1, Hkv, N, D] -> ([1, N, Hq, D], None)."""
+    """query [1, Hq, N, D], key/value [1, Hkv, N, D] -> ([1, N, Hq, D], None). Outside a mixed step
+    (no mh_step), transformers' SDPA attention."""
+    if mh_step is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     step, layer = mh_step, module.layer_idx
     hq, hkv, dim = query.shape[1], key.shape[1], query.shape[-1]
     outs = []
@@ -103,12 +121,8 @@ def mixed_attention(module, query, key, value, attention_mask, dropout: float = 
     return torch.cat(outs, dim=0).unsqueeze(0), None
 
 
-def _no_mask(*args, **kwargs):
-    return None   # mixed_attention builds its own masks
-
-
 AttentionInterface.register(MIXED, mixed_attention)
-AttentionMaskInterface.register(MIXED, _no_mask)
+AttentionMaskInterface.register(MIXED, sdpa_mask)   # for forwards outside mixed steps; a mixed step builds its own
 
 
 def run_mixed(model: Any, tokens: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
@@ -134,38 +148,28 @@ def run_mixed(model: Any, tokens: torch.Tensor, positions: torch.Tensor, cache: 
     if poll is not None:
         layers = model.config.num_hidden_layers
         step.late = LateAdmission(poll, frozenset({max(1, layers // 4), max(1, layers // 2)}), lengths, keep)
-        _hook_layers(model)
-    cfg = model.config
-    previous = cfg._attn_implementation
-    cfg._attn_implementation = MIXED
-    head = model.lm_head
-    model.lm_head = _KeptRows(head, keep)   # keep grows if prompts join
+    install(model)
+    model.lm_head.local.keep = keep   # grows if prompts join
     try:
         out = model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
                     logits_to_keep=0, mh_step=step)
     finally:
-        cfg._attn_implementation = previous
-        model.lm_head = head
+        model.lm_head.local.keep = None
     return out.logits[0], step
 
 
-class _KeptRows(nn.Module):
-    """The LM head on the packed rows whose logits a step needs."""
+class KeptRows(nn.Module):
+    """A model's LM head after `install`: in a mixed step, on the packed rows whose logits the step
+    needs (set per thread); elsewhere the head as it was."""
 
-    def __init__(self, head: nn.Module, keep: list[int]):
+    def __init__(self, head: nn.Module):
         super().__init__()
-        self.head, self.keep = head, keep
+        self.head = head
+        self.local = threading.local()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden[:, torch.tensor(self.keep, device=hidden.device)])
-
-
-def _hook_layers(model: Any) -> None:
-    if getattr(model, "_mh_late_hooks", False):
-        return
-    for layer in model.model.layers:
-        layer.register_forward_pre_hook(functools.partial(_before_layer, model.model), with_kwargs=True)
-    model._mh_late_hooks = True
+        keep = getattr(self.local, "keep", None)
+        return self.head(hidden if keep is None else hidden[:, torch.tensor(keep, device=hidden.device)])
 
 
 def _before_layer(decoder, module, args, kwargs):

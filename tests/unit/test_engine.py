@@ -464,3 +464,30 @@ def test_a_late_prompt_waits_when_the_step_has_spent_its_prefill_budget(model):
     touched = {r.request_id for r, _ in engine.step()}
     assert touched == {"running", "first"} and engine.requests["late"].seqs[0].output_ids == []
     assert {r.request_id for r, _ in engine.step()} >= {"late"}   # the next step admits it at its start
+
+
+def test_engines_on_two_threads_may_share_a_model():
+    import threading
+    shared = tiny_llama()
+
+    def work(mixed):
+        engine = make_engine(shared, mixed_steps=mixed)
+        reqs = [req(f"{mixed}{i}", "shared model %d " % i + "y" * i, max_tokens=16) for i in range(6)]
+        run_all(engine, reqs)
+        return [out_ids(r) for r in reqs]
+    expected = {m: work(m) for m in (True, False)}
+    got, errors = {}, []
+
+    def run(mixed):
+        try:
+            for _ in range(3):
+                assert work(mixed) == expected[mixed]
+            got[mixed] = True
+        except Exception as exc:   # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(m,)) for m in (True, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == {True: True, False: True}
