@@ -8,7 +8,7 @@ import torch
 from deployments.config import ChatModelConfig, LLMEngineConfig
 from deployments.llm.async_engine import AsyncLLMEngine
 from deployments.llm.engine import LLMEngine
-from deployments.llm.loader import load_causal_lm, prepared_source
+from deployments.llm.loader import load_causal_lm, model_config, prepared_source
 from deployments.threads import on_passing_thread
 from deployments.torch_utils import pick_device, pick_dtype, set_threads
 
@@ -19,13 +19,9 @@ def build_async_engine(cfg: ChatModelConfig):
     e = cfg.engine
     ranks = None
     if e.tensor_parallel_size > 1:
-        from transformers import AutoConfig
-
         from deployments.llm.tp import RankGroup, check_shardable
         source = prepared_source(cfg.source, e)     # a GGUF is dequantized once, here, before the ranks load
-        check_shardable(AutoConfig.from_pretrained(source, trust_remote_code=e.trust_remote_code,
-                                                   **({"revision": e.revision} if e.revision else {})),
-                        e.tensor_parallel_size)
+        check_shardable(model_config(source, e), e.tensor_parallel_size)
         ranks = RankGroup(cfg, source, e.tensor_parallel_size)
         engine, tokenizer = ranks.join(
             lambda: build_engine(cfg, source, tp=(0, e.tensor_parallel_size, ranks.address, ranks.port)))

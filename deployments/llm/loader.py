@@ -41,11 +41,7 @@ def _prepared(resolved: ResolvedSource, cfg: LLMEngineConfig) -> str:
 def load_causal_lm(source: str, cfg: LLMEngineConfig, device: torch.device, dtype: torch.dtype, tp_size: int = 1):
     """Returns (model, tokenizer), the model in eval mode on `device`. With tp_size > 1 (inside an
     initialised process group: tp.py) only this rank's shard, by transformers' tp_plan "auto"."""
-    resolved = resolve_source(source)
-    path = _prepared(resolved, cfg)
-    kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-    if cfg.revision and resolved.kind == "hub":
-        kw["revision"] = cfg.revision
+    path, kw = _located(source, cfg)
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     if tp_size > 1:
         from transformers.distributed import DistributedConfig
@@ -59,6 +55,21 @@ def load_causal_lm(source: str, cfg: LLMEngineConfig, device: torch.device, dtyp
     if cfg.chat_template:
         tokenizer.chat_template = cfg.chat_template
     return model, tokenizer
+
+
+def model_config(source: str, cfg: LLMEngineConfig) -> Any:
+    """The model's transformers config, as load_causal_lm would find it (a GGUF is dequantized first)."""
+    path, kw = _located(source, cfg)
+    return AutoConfig.from_pretrained(path, **kw)
+
+
+def _located(source: str, cfg: LLMEngineConfig) -> tuple[str, dict[str, Any]]:
+    """(what from_pretrained loads, its keyword arguments)."""
+    resolved = resolve_source(source)
+    kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision and resolved.kind == "hub":
+        kw["revision"] = cfg.revision
+    return _prepared(resolved, cfg), kw
 
 
 def dequantized_copy(resolved: ResolvedSource, root: str) -> str:

@@ -10,9 +10,10 @@ like vLLM's chunked-prefill scheduler.
 
 The model sees one packed row, [decode tokens of the B running rows | prompt 1 | prompt 2 ...], with
 per-token position_ids, so RoPE is right for each sequence. Only attention needs the structure:
-`MIXED` is registered as a transformers attention implementation and installed once per model (it
-is plain SDPA outside a mixed step, so nothing is switched per step). Per layer it appends the decode rows' new key/value to the running batch's
-left-padded cache and attends them against it (one batched SDPA, grouped query heads packed into
+`MIXED` is registered as a transformers attention implementation and installed once per model
+(`install`: it is plain SDPA outside a mixed step, so nothing is switched per step). Per layer it
+appends the decode rows' new key/value to the running batch's left-padded cache and attends them
+against it (one batched SDPA, grouped query heads packed into
 the query as transformers does for decode), attends each prompt causally to itself (one SDPA for all
 prompts, with a block-diagonal causal mask: one call per layer however many prompts join, which
 matters on GPUs, where a call per prompt and layer is launch-bound), and keeps the prompts'
@@ -148,8 +149,7 @@ def run_mixed(model: Any, tokens: torch.Tensor, positions: torch.Tensor, cache: 
     if poll is not None:
         layers = model.config.num_hidden_layers
         step.late = LateAdmission(poll, frozenset({max(1, layers // 4), max(1, layers // 2)}), lengths, keep)
-    install(model)
-    model.lm_head.local.keep = keep   # grows if prompts join
+    model.lm_head.local.keep = keep   # (a KeptRows: the engine ran `install`) grows if prompts join
     try:
         out = model(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0), use_cache=False,
                     logits_to_keep=0, mh_step=step)
