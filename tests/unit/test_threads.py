@@ -64,3 +64,42 @@ def test_the_embedding_and_image_servers_load_and_run_on_their_model_thread():
 def _image_request():
     from deployments.types import ImageRequest
     return ImageRequest(prompt="a cat", n=1, width=64, height=64)
+
+
+def test_the_llm_engine_thread_runs_openmp_with_torchs_thread_count():
+    """oneDNN reads OpenMP's per-thread count, which a new thread takes from OMP_NUM_THREADS (Ray
+    sets it to the replica's num_cpus), not from torch.set_num_threads."""
+    import ctypes
+    import os
+
+    import torch
+
+    from deployments.llm.async_engine import AsyncLLMEngine
+    from deployments.llm.engine import EngineRequest, LLMEngine
+    from deployments.types import SamplingParams
+    from tests.unit.fakes import ByteTokenizer, tiny_llama
+    try:
+        omp = ctypes.CDLL("libgomp.so.1")
+    except OSError:
+        pytest.skip("torch does not use libgomp here")
+    if (os.cpu_count() or 1) < 2 or os.environ.get("OMP_NUM_THREADS") == "1":
+        pytest.skip("needs a new thread's OpenMP default to differ from 1")
+    engine = LLMEngine(tiny_llama(), ByteTokenizer(), max_model_len=64, max_num_seqs=2, max_num_batched_tokens=512)
+    seen, step = [], engine.step
+
+    def recording_step():
+        seen.append(omp.omp_get_max_threads())
+        return step()
+    engine.step = recording_step
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)                     # what the replica's config asks for
+    try:
+        async_engine = AsyncLLMEngine(engine, max_in_flight_seqs=4)
+
+        async def one():
+            p = SamplingParams(max_tokens=2, temperature=0.0)
+            return [c async for c in async_engine.generate(EngineRequest("t", [[1, 2, 3]], p, [2]))]
+        asyncio.run(one())
+    finally:
+        torch.set_num_threads(before)
+    assert seen and seen[0] == 1
