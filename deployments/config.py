@@ -118,12 +118,30 @@ class LLMEngineConfig(StrictModel):
                           "(bit-identical outputs in bf16; measured here 1.1x tok/s at 32 streams, 1.4x at "
                           "one: bench/README.md). False: torch's F.linear on the plain weights. Not "
                           "applied to tensor-parallel shards.")
+    batch_invariant: Optional[bool] = Field(
+        None, description="A request's output (greedy, or seeded) does not depend on what else is running: each "
+                          "row of a step is computed as it would be alone (decode attention per sequence over "
+                          "its own keys, never padding; a prompt's attention over its own tokens; a lone row "
+                          "through a linear layer as one of two where oneDNN's one-row kernel rounds "
+                          "differently). Costs throughput under load (bench/README.md). Needs mixed steps and "
+                          "prepacked weights. Default: on for CPU; not supported on CUDA (its GEMM kernels "
+                          "depend on the batch size).")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
     revision: Optional[str] = Field(None, description="HF revision (branch, tag or commit).")
     chat_template: Optional[str] = Field(None, description="Jinja chat template overriding the model's.")
     cache_dir: Optional[str] = Field(
         None, description="Where a dequantized copy of a GGUF checkpoint is cached; default "
                           "$MODELHUB_CACHE or ~/.cache/modelhub.")
+
+    @model_validator(mode="after")
+    def _invariance_needs(self):
+        if self.batch_invariant:
+            for clash, why in ((self.device == "cuda", "device 'cuda'"), (self.mixed_steps is False, "mixed_steps false"),
+                               (not self.prepack_weights, "prepack_weights false"),
+                               (self.tensor_parallel_size > 1, "tensor_parallel_size > 1")):
+                if clash:
+                    raise ValueError(f"batch_invariant true does not work with {why}")
+        return self
 
 
 class EmbeddingEngineConfig(StrictModel):

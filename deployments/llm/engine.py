@@ -26,6 +26,7 @@ from deployments.llm.sampler import Sampler, compute_logprobs, make_generator
 from deployments.llm.scheduler import PromptGroup, Scheduler
 from deployments.llm.sequence import Sequence, Status
 from deployments.llm.structured import new_matcher
+from deployments.prepacked import batch_invariant_rows
 from deployments.types import ChoiceDelta, GenerateChunk, SamplingParams, TokenLogprob, Usage
 
 
@@ -56,7 +57,7 @@ class EngineRequest:
 class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_prefill_tokens: int = 64, mixed_steps: bool = True,
-                 lockstep: Any = None):
+                 lockstep: Any = None, batch_invariant: bool = False):
         self.model = model
         self.lockstep = lockstep            # tp.Lockstep when the model is sharded over ranks
         self.tokenizer = tokenizer
@@ -69,6 +70,9 @@ class LLMEngine:
         self.token_text = TokenText(tokenizer)
         self.requests: dict[str, EngineRequest] = {}
         self.mixed_steps = mixed_steps and supports_mixed_steps(model)
+        self.batch_invariant = batch_invariant and self.mixed_steps
+        if self.batch_invariant:
+            batch_invariant_rows(model)
         if self.mixed_steps:
             install_mixed(model)
         self._prefill_since_decode = 0   # prompt tokens prefilled since the last decode step
@@ -112,7 +116,7 @@ class LLMEngine:
         and a prompt that arrives during a small prefill step may follow it."""
         if self.lockstep is not None:   # under TP, rank 0 sends this step's adds/aborts to the other ranks
             self.lockstep.before_step()
-        if self.mixed_steps and len(self.batch):
+        if self.mixed_steps and (len(self.batch) or self.batch_invariant):
             return self._mixed_step(self.scheduler.next_prefills(self.batch))
         touched: dict[str, EngineRequest] = {}
         spent = self._prefill_since_decode if len(self.batch) else 0
@@ -137,7 +141,8 @@ class LLMEngine:
             if g.want_prompt_logprobs:
                 self._prefill([g])
         decoded = list(self.batch.seqs)
-        joined = self._mixed([g for g in groups if not g.want_prompt_logprobs])
+        rest = [g for g in groups if not g.want_prompt_logprobs]
+        joined = self._mixed(rest) if rest or len(self.batch) else []
         self._prefill_since_decode = 0
         touched.update((g.request_id, self.requests[g.request_id]) for g in joined)
         touched.update((s.request_id, s.owner) for s in decoded)
@@ -179,7 +184,7 @@ class LLMEngine:
     def _mixed(self, groups: list[PromptGroup]) -> list[PromptGroup]:
         """One forward: a token for every running row and the first token of each new prompt.
         Returns the prompt groups it prefilled: `groups`, then those that joined midway."""
-        inputs = self.batch.step_inputs()
+        inputs = self.batch.step_inputs() if len(self.batch) else _no_rows(self.device)
         late: list[PromptGroup] = []
 
         def poll() -> list[list[int]]:
@@ -188,7 +193,8 @@ class LLMEngine:
             return [g.prompt_ids for g in picked]
         can_join = self.arrivals is not None and supports_late_admission(self.model)
         logits, step = run_mixed(self.model, inputs["input_ids"], inputs["position_ids"], self.batch.cache,
-                                 inputs["attention_mask"], [g.prompt_ids for g in groups], poll if can_join else None)
+                                 inputs["attention_mask"], [g.prompt_ids for g in groups], poll if can_join else None,
+                                 invariant=self.batch_invariant)
         groups = groups + late
         b = len(self.batch)
         rows = _fork_rows(groups, self.device)
@@ -315,6 +321,11 @@ class LLMEngine:
             seqs.append(seq)
         want = params.echo and params.logprobs is not None
         return PromptGroup(req.request_id, prompt, seqs, want_prompt_logprobs=want)
+
+
+def _no_rows(device: torch.device) -> dict:
+    empty = torch.zeros(0, 1, dtype=torch.long, device=device)
+    return {"input_ids": empty, "position_ids": empty, "attention_mask": None}
 
 
 def _fork_rows(groups: list[PromptGroup], device: torch.device) -> torch.Tensor:

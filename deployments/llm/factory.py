@@ -49,9 +49,15 @@ def build_engine(cfg: ChatModelConfig, source: str, tp: Optional[tuple[int, int,
                                       tp_size=tp[1] if tp else 1)
     model_limit = getattr(model.config, "max_position_embeddings", None) or 2048
     prefill_tokens, mixed = device_defaults(e, device)
+    invariant = e.batch_invariant
+    if invariant is None:
+        invariant = device.type == "cpu" and mixed and e.prepack_weights and tp is None
+    elif invariant and device.type != "cpu":
+        raise ValueError(f"batch_invariant true works on CPU only, and this replica runs on {device.type}")
     engine = LLMEngine(model, tokenizer, max_model_len=min(e.max_model_len or model_limit, model_limit),
                        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-                       max_prefill_tokens=prefill_tokens, mixed_steps=mixed, lockstep=lockstep)
+                       max_prefill_tokens=prefill_tokens, mixed_steps=mixed, lockstep=lockstep,
+                       batch_invariant=invariant)
     return engine, tokenizer
 
 

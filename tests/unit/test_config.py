@@ -32,6 +32,11 @@ def test_default_serve_config_is_valid():
     ({"models": [{"id": "a", "kind": "image", "source": "x", "engine": {"sizes": ["huge"]}}]}, "WIDTHxHEIGHT"),
     ({"models": [{"id": "a", "kind": "chat", "source": "x"}, {"id": "a", "kind": "chat", "source": "y"}]},
      "appears twice"),
+    ({"models": [{"id": "a", "kind": "chat", "source": "x", "engine": {"batch_invariant": True, "device": "cuda"}}]},
+     "batch_invariant true does not work with device 'cuda'"),
+    ({"models": [{"id": "a", "kind": "chat", "source": "x",
+                  "engine": {"batch_invariant": True, "prepack_weights": False}}]},
+     "batch_invariant true does not work with prepack_weights false"),
 ])
 def test_bad_config_names_the_problem(args, fragment):
     with pytest.raises(ConfigError) as info:
