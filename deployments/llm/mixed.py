@@ -21,6 +21,11 @@ keys/values, which the engine merges into the batch afterwards. It covers the st
 attention of Llama-family models (no sliding window, no soft-capping, no attention sinks);
 `supports_mixed_steps` says whether a model qualifies, and the engine uses separate prefill steps
 for the others.
+
+Batch-invariant steps (`run_mixed(invariant=True)`, the engine's default on CPU) give up the
+one-call attention for a result that does not depend on the batch: decode rows attend per group of
+one true length over their own keys only, and each prompt attends in its own call
+(docs/architecture.md, "Batch invariance").
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ class MixedStep:
     new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> prompts' k, v
     late: Optional["LateAdmission"] = None
     invariant: bool = False                  # batch-invariant attention (see _rowwise and _per_prompt)
-    row_groups: list[tuple[int, Any]] = field(default_factory=list)   # invariant: running rows by true length
+    row_lengths: list[int] = field(default_factory=list)   # invariant: each running row's true length
 
 
 @dataclass
@@ -109,10 +114,9 @@ def mixed_attention(module, query, key, value, attention_mask, dropout: float = 
         k = key[0, :, :b].transpose(0, 1).unsqueeze(2)                         # [B, Hkv, 1, D]
         v = value[0, :, :b].transpose(0, 1).unsqueeze(2)
         lc = step.cache.layers[layer]
-        lc.keys = torch.cat([lc.keys, k], dim=2)
-        lc.values = torch.cat([lc.values, v], dim=2)
+        lc.keys, lc.values = _append(lc.keys, k), _append(lc.values, v)
         if step.invariant:
-            o = _rowwise(q, lc.keys, lc.values, step.row_groups, scaling)
+            o = _rowwise(q, lc.keys, lc.values, step.row_lengths, scaling)
         else:
             o = F.scaled_dot_product_attention(q, lc.keys, lc.values, attn_mask=step.decode_mask, scale=scaling)
         outs.append(o.reshape(b, hq, dim))
@@ -136,29 +140,39 @@ AttentionInterface.register(MIXED, mixed_attention)
 AttentionMaskInterface.register(MIXED, sdpa_mask)   # for forwards outside mixed steps; a mixed step builds its own
 
 
-def _rowwise(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: list[tuple[int, Any]],
+_ROOM = 32   # columns of room a running cache tensor gets when it must be copied to grow
+
+
+def _append(t: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """t [B, H, W, D] with col [B, H, 1, D] as a new last column. torch.cat would copy the whole cache
+    every step; instead t gets _ROOM spare columns to its right when it is copied, and the next
+    appends write into them (t is then a view of that buffer, which nothing else uses: merges,
+    index_select and the engine's other copies make new tensors)."""
+    b, h, w, d = t.shape
+    row = t.stride(1)
+    start = t.storage_offset()
+    if (t.stride(3) == 1 and t.stride(2) == d and t.stride(0) == h * row and row % d == 0 and start < row
+            and start // d + w < row // d and t.untyped_storage().nbytes() >= b * h * row * t.element_size()):
+        grown = t.as_strided((b, h, w + 1, d), t.stride(), start)
+    else:
+        buf = t.new_empty(b, h, w + 1 + _ROOM, d)
+        buf[:, :, :w] = t
+        grown = buf[:, :, :w + 1]
+    grown[:, :, w:] = col
+    return grown
+
+
+def _rowwise(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: list[int],
              scaling: Optional[float]) -> torch.Tensor:
-    """Batch-invariant decode attention: each group of rows with the same true length n attends its
-    last n columns, with no padding and no mask. SDPA's result for a row depends on the padded width
-    it sees (measured: 117 of 300 length pairs differ), not on the other rows of its call, so a row
-    gets what it would get alone."""
+    """Batch-invariant decode attention: each row in its own SDPA call over its last n columns (its
+    true length), with no padding and no mask, as it would run alone. One call per row, because
+    SDPA's CPU kernel gives a row a result that depends on the padded width it sees, and (rarely) on
+    the other rows of its call: measured, 2 of 2489 rows of one length batched in one call differed
+    from their lone result (docs/architecture.md)."""
     width = keys.shape[2]
-    if len(rows) == 1 and rows[0][0] == width:
-        return F.scaled_dot_product_attention(q, keys, values, scale=scaling)
-    out = torch.empty_like(q)
-    for n, idx in rows:
-        out[idx] = F.scaled_dot_product_attention(q[idx], keys[idx, :, width - n:], values[idx, :, width - n:],
-                                                  scale=scaling)
-    return out
-
-
-def _row_groups(lengths: list[int], device: torch.device) -> list[tuple[int, Any]]:
-    """(length, rows) for each distinct length: rows as a slice when they are adjacent, else an index."""
-    groups: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        groups.setdefault(n, []).append(i)
-    return [(n, slice(r[0], r[-1] + 1) if r[-1] - r[0] + 1 == len(r) else torch.tensor(r, device=device))
-            for n, r in groups.items()]
+    return torch.cat([F.scaled_dot_product_attention(q[i:i + 1], keys[i:i + 1, :, width - n:],
+                                                     values[i:i + 1, :, width - n:], scale=scaling)
+                      for i, n in enumerate(lengths)])
 
 
 def run_mixed(model: Any, tokens: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
@@ -183,7 +197,7 @@ def run_mixed(model: Any, tokens: torch.Tensor, positions: torch.Tensor, cache: 
     step = MixedStep(cache, None if mask is None else mask.bool()[:, None, None, :], b, _spans(b, lengths),
                      None if invariant else _block_causal(lengths, device), invariant=invariant)
     if invariant and b:
-        step.row_groups = _row_groups(mask.sum(dim=1).tolist(), device)
+        step.row_lengths = mask.sum(dim=1).tolist()
     keep = list(range(b)) + [s + n - 1 for s, n in step.prompts]
     if poll is not None:
         layers = model.config.num_hidden_layers

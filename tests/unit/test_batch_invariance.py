@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from deployments.llm.engine import EngineRequest, LLMEngine
-from deployments.llm.mixed import _row_groups, _rowwise
+from deployments.llm.mixed import _rowwise
 from deployments.prepacked import PackedLinear, batch_invariant_rows, prepack_linears
 from deployments.types import SamplingParams
 from tests.unit.fakes import ByteTokenizer
@@ -102,7 +102,7 @@ def test_rowwise_attention_gives_each_row_its_lone_result():
     q = torch.randn(len(lengths), 2, 3, 64, generator=g).bfloat16()
     k = torch.randn(len(lengths), 2, width, 64, generator=g).bfloat16()
     v = torch.randn(len(lengths), 2, width, 64, generator=g).bfloat16()
-    out = _rowwise(q, k, v, _row_groups(lengths, q.device), None)
+    out = _rowwise(q, k, v, lengths, None)
     for i, n in enumerate(lengths):
         lone = F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, width - n:].contiguous(),
                                               v[i:i + 1, :, width - n:].contiguous())
