@@ -9,6 +9,8 @@ from deployments.config import ChatModelConfig, LLMEngineConfig
 from deployments.llm.async_engine import AsyncLLMEngine
 from deployments.llm.engine import LLMEngine
 from deployments.llm.loader import load_causal_lm, model_config, prepared_source
+from deployments.llm.mixed import supports_mixed_steps
+from deployments.prepacked import PackedLinear
 from deployments.threads import on_passing_thread
 from deployments.torch_utils import pick_device, pick_dtype, set_threads
 
@@ -49,16 +51,27 @@ def build_engine(cfg: ChatModelConfig, source: str, tp: Optional[tuple[int, int,
                                       tp_size=tp[1] if tp else 1)
     model_limit = getattr(model.config, "max_position_embeddings", None) or 2048
     prefill_tokens, mixed = device_defaults(e, device)
-    invariant = e.batch_invariant
-    if invariant is None:
-        invariant = device.type == "cpu" and mixed and e.prepack_weights and tp is None
-    elif invariant and device.type != "cpu":
-        raise ValueError(f"batch_invariant true works on CPU only, and this replica runs on {device.type}")
+    invariant = _batch_invariant(e, model, device, mixed, tp is not None)
     engine = LLMEngine(model, tokenizer, max_model_len=min(e.max_model_len or model_limit, model_limit),
                        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
                        max_prefill_tokens=prefill_tokens, mixed_steps=mixed, lockstep=lockstep,
                        batch_invariant=invariant)
     return engine, tokenizer
+
+
+def _batch_invariant(e: LLMEngineConfig, model, device: torch.device, mixed: bool, sharded: bool) -> bool:
+    """engine.batch_invariant, or its default: on where it can hold (CPU, mixed steps for this model,
+    prepacked weights, one rank). Asked for where it cannot, the replica fails to start and says why."""
+    missing = [why for bad, why in (
+        (device.type != "cpu", f"runs on CPU only (this replica runs on {device.type})"),
+        (not (mixed and supports_mixed_steps(model)), "needs mixed steps (Llama-family attention without "
+                                                      "sliding window, mixed_steps not false)"),
+        (not any(isinstance(m, PackedLinear) for m in model.modules()),
+         "needs prepacked weights (oneDNN here, prepack_weights not false)"),
+        (sharded, "does not work under tensor parallelism")) if bad]
+    if e.batch_invariant and missing:
+        raise ValueError("batch_invariant true " + "; ".join(missing))
+    return not missing if e.batch_invariant is None else e.batch_invariant
 
 
 def device_defaults(e: LLMEngineConfig, device: torch.device) -> tuple[int, bool]:

@@ -23,9 +23,8 @@ attention of Llama-family models (no sliding window, no soft-capping, no attenti
 for the others.
 
 Batch-invariant steps (`run_mixed(invariant=True)`, the engine's default on CPU) give up the
-one-call attention for a result that does not depend on the batch: decode rows attend per group of
-one true length over their own keys only, and each prompt attends in its own call
-(docs/architecture.md, "Batch invariance").
+one-call attention for a result that does not depend on the batch: each decode row attends in its
+own call over its own keys only, and so does each prompt (docs/architecture.md, "Batch invariance").
 """
 from __future__ import annotations
 
@@ -57,7 +56,7 @@ class MixedStep:
     prompt_mask: Optional[torch.Tensor] = None   # [L, L] bool block-diagonal causal mask (2+ prompts)
     new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> prompts' k, v
     late: Optional["LateAdmission"] = None
-    invariant: bool = False                  # batch-invariant attention (see _rowwise and _per_prompt)
+    invariant: bool = False                  # batch-invariant attention: a call per row and per prompt
     row_lengths: list[int] = field(default_factory=list)   # invariant: each running row's true length
 
 

@@ -120,3 +120,19 @@ def test_lone_rows_of_a_linear_layer_match_their_rows_in_a_batch():
         together = layer(x)
         assert all(torch.equal(layer(x[r:r + 1])[0], together[r]) for r in range(300))
         assert torch.equal(layer(x[:7]), together[:7])
+
+
+def test_invariance_is_on_by_default_where_it_holds_and_refused_where_it_cannot(model):
+    from deployments.config import LLMEngineConfig
+    from deployments.llm.factory import _batch_invariant
+    from tests.unit.fakes import tiny_llama
+    cpu = torch.device("cpu")
+    assert _batch_invariant(LLMEngineConfig(), model, cpu, mixed=True, sharded=False)
+    assert not _batch_invariant(LLMEngineConfig(batch_invariant=False), model, cpu, mixed=True, sharded=False)
+    assert not _batch_invariant(LLMEngineConfig(), model, cpu, mixed=False, sharded=False)
+    plain = tiny_llama()                                    # fp32, not prepacked
+    assert not _batch_invariant(LLMEngineConfig(), plain, cpu, mixed=True, sharded=False)
+    with pytest.raises(ValueError, match="needs prepacked weights"):
+        _batch_invariant(LLMEngineConfig(batch_invariant=True), plain, cpu, mixed=True, sharded=False)
+    with pytest.raises(ValueError, match="runs on CPU only"):
+        _batch_invariant(LLMEngineConfig(batch_invariant=True), model, torch.device("cuda"), mixed=True, sharded=False)
