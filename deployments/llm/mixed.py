@@ -50,14 +50,20 @@ class MixedStep:
     """What one mixed forward needs, handed to every attention layer as a forward kwarg."""
 
     cache: Optional[DynamicCache]            # the running rows' cache (None: no running rows)
-    decode_mask: Optional[torch.Tensor]      # [B, 1, 1, T+1] bool, True = attend
+    decode_mask: Optional[torch.Tensor]      # [B, 1, 1, T+1] bool, True = attend (unused when invariant)
     num_decode: int
-    prompts: list[tuple[int, int]]           # (start, length) of each prompt in the packed row
+    invariant: bool = False                  # batch-invariant attention: a call per row and per prompt
+    row_lengths: list[int] = field(default_factory=list)   # invariant: each running row's true length
+    prompts: list[tuple[int, int]] = field(default_factory=list)   # (start, length) of each prompt (set_prompts)
     prompt_mask: Optional[torch.Tensor] = None   # [L, L] bool block-diagonal causal mask (2+ prompts)
     new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> prompts' k, v
     late: Optional["LateAdmission"] = None
-    invariant: bool = False                  # batch-invariant attention: a call per row and per prompt
-    row_lengths: list[int] = field(default_factory=list)   # invariant: each running row's true length
+
+    def set_prompts(self, lengths: list[int], device: torch.device) -> None:
+        """The prompts of the packed row, after the decode rows: their spans, and the mask of their
+        one-call attention (none when invariant: each prompt attends in its own call)."""
+        self.prompts = _spans(self.num_decode, lengths)
+        self.prompt_mask = None if self.invariant else _block_causal(lengths, device)
 
 
 @dataclass
@@ -193,10 +199,9 @@ def run_mixed(model: Any, tokens: torch.Tensor, positions: torch.Tensor, cache: 
     ids = torch.cat([tokens.view(-1)] + [torch.tensor(p, device=device) for p in prompts])
     pos = torch.cat([positions.view(-1)] + [torch.arange(len(p), device=device) for p in prompts])
     lengths = [len(p) for p in prompts]
-    step = MixedStep(cache, None if mask is None else mask.bool()[:, None, None, :], b, _spans(b, lengths),
-                     None if invariant else _block_causal(lengths, device), invariant=invariant)
-    if invariant and b:
-        step.row_lengths = mask.sum(dim=1).tolist()
+    step = MixedStep(cache, None if mask is None or invariant else mask.bool()[:, None, None, :], b,
+                     invariant=invariant, row_lengths=mask.sum(dim=1).tolist() if invariant and b else [])
+    step.set_prompts(lengths, device)
     keep = list(range(b)) + [s + n - 1 for s, n in step.prompts]
     if poll is not None:
         layers = model.config.num_hidden_layers
@@ -247,8 +252,8 @@ def _join(decoder, step: MixedStep, late: LateAdmission, layer: int, hidden: tor
     lengths = [len(p) for p in prompts]
     ids = torch.cat([torch.tensor(p, device=device) for p in prompts]).unsqueeze(0)
     pos = torch.cat([torch.arange(n, device=device) for n in lengths]).unsqueeze(0)
-    alone = MixedStep(None, None, 0, _spans(0, lengths), None if step.invariant else _block_causal(lengths, device),
-                      invariant=step.invariant)
+    alone = MixedStep(None, None, 0, invariant=step.invariant)
+    alone.set_prompts(lengths, device)
     h = decoder.embed_tokens(ids)
     pe = decoder.rotary_emb(h, position_ids=pos)
     for i in range(layer):
@@ -261,8 +266,7 @@ def _join(decoder, step: MixedStep, late: LateAdmission, layer: int, hidden: tor
             k, v = torch.cat([step.new_kv[i][0], k], dim=2), torch.cat([step.new_kv[i][1], v], dim=2)
         step.new_kv[i] = (k, v)
     late.lengths.extend(lengths)
-    step.prompts = _spans(step.num_decode, late.lengths)
-    step.prompt_mask = None if step.invariant else _block_causal(late.lengths, device)
+    step.set_prompts(late.lengths, device)
     late.keep.extend(s + n - 1 for s, n in _spans(start, lengths))
     cos, sin = kwargs["position_embeddings"]
     late.position = {"position_embeddings": (torch.cat([cos, pe[0]], dim=1), torch.cat([sin, pe[1]], dim=1))}
