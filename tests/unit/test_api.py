@@ -5,6 +5,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 
 import httpx2
 import numpy as np
@@ -23,7 +24,7 @@ from tests.unit.fakes import FakeChatClient, FakeEmbedClient, FakeImageClient, F
 CHAT, EMB, IMG = "fake-chat", "fake-embed", "fake-image"
 
 
-def make_app(chat_client=None, api_keys_env=None, store=None):
+def make_app(chat_client=None, api_keys_env=None, store=None, **kw):
     cfg = parse_app_config({"models": [
         {"id": CHAT, "kind": "chat", "source": "x"},
         {"id": EMB, "kind": "embedding", "source": "x"},
@@ -31,7 +32,7 @@ def make_app(chat_client=None, api_keys_env=None, store=None):
     ]})
     clients = {CHAT: chat_client or FakeChatClient(), EMB: FakeEmbedClient(), IMG: FakeImageClient()}
     registry = ModelRegistry({m.id: ModelEntry(m, clients[m.id]) for m in cfg.models})
-    return create_api(registry, image_store=store or FakeImageStore(), api_keys_env=api_keys_env)
+    return create_api(registry, image_store=store or FakeImageStore(), api_keys_env=api_keys_env, **kw)
 
 
 def client_for(app, api_key="test") -> openai.AsyncOpenAI:
@@ -321,7 +322,9 @@ def test_unexpected_error_is_500_with_request_id_and_no_internals():
     r = run(go())
     assert r.status_code == 500
     err = r.json()["error"]
-    assert "abc-123" in err["message"] and "secret" not in err["message"] and err["type"] == "server_error"
+    # the message names the server's own id for the request; the client's is only echoed
+    assert re.search(r"Request id: req_[0-9a-f]{32}\.", err["message"])
+    assert "secret" not in err["message"] and err["type"] == "server_error"
     assert r.headers["x-request-id"] == "abc-123"
 
 
