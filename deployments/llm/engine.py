@@ -121,6 +121,7 @@ class LLMEngine:
         and a prompt that arrives during a small prefill step may follow it."""
         if self.lockstep is not None:   # under TP, rank 0 sends this step's adds/aborts to the other ranks
             self.lockstep.before_step()
+        self._fit_kv_budget()
         if self.mixed_steps and (len(self.batch) or self.batch_invariant):
             return self._mixed_step(self.scheduler.next_prefills(self.batch))
         touched: dict[str, EngineRequest] = {}
@@ -143,15 +144,26 @@ class LLMEngine:
         its own forward first and then decodes with the rest."""
         touched = {g.request_id: self.requests[g.request_id] for g in groups}
         for g in groups:
-            if g.want_prompt_logprobs:
+            if g.alone:
                 self._prefill([g])
         decoded = list(self.batch.seqs)
-        rest = [g for g in groups if not g.want_prompt_logprobs]
+        rest = [g for g in groups if not g.alone]
         joined = self._mixed(rest) if rest or len(self.batch) else []
         self._prefill_since_decode = 0
         touched.update((g.request_id, self.requests[g.request_id]) for g in joined)
         touched.update((s.request_id, s.owner) for s in decoded)
         return [(req, self._chunk(req)) for req in touched.values()]
+
+    def _fit_kv_budget(self) -> None:
+        """Keeps the running batch's cache, after this step's new column, within the KV budget
+        (max_num_batched_tokens): the most recently admitted rows go back to the waiting queue, to
+        be recomputed when there is room again (vLLM's recompute preemption). A lone row is never
+        preempted."""
+        budget = self.scheduler.max_num_batched_tokens
+        while len(self.batch) > 1 and len(self.batch) * (self.batch.width + 1) > budget:
+            victim = self.batch.seqs[-1]
+            self.batch.remove(lambda s: s is victim)
+            self.scheduler.preempt(victim)
 
     # ------------------------------------------------------------------ model work
 
@@ -159,14 +171,16 @@ class LLMEngine:
         """Prompts of similar length are prefilled together (left-padded): on CPU a batch of 32
         short prompts costs ~2.5x less per prompt than one at a time. Echo+logprobs prompts,
         which need every position's logits, go alone."""
-        alone = [g for g in groups if g.want_prompt_logprobs]
-        for g in alone:
-            self._prefill([g])
-        for chunk in _similar_lengths(sorted((g for g in groups if not g.want_prompt_logprobs),
+        for g in groups:
+            if g.alone:
+                self._prefill([g])
+        for chunk in _similar_lengths(sorted((g for g in groups if not g.alone),
                                              key=lambda g: len(g.prompt_ids))):
             self._prefill(chunk)
 
     def _prefill(self, groups: list[PromptGroup]) -> None:
+        if len(groups) == 1 and groups[0].resume:
+            return self._resume(groups[0])
         if len(groups) == 1 and groups[0].want_prompt_logprobs:
             return self._prefill_with_prompt_logprobs(groups[0])
         width = max(len(g.prompt_ids) for g in groups)
@@ -179,6 +193,16 @@ class LLMEngine:
                          past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
         _zero_padding(out.past_key_values, mask)
         self._start_and_join(groups, out.logits[:, -1], out.past_key_values, mask)
+
+    def _resume(self, group: PromptGroup) -> None:
+        """A preempted sequence's tokens so far go through the model again to rebuild its cache;
+        then it decodes on from its last token (nothing is sampled here)."""
+        ids = torch.tensor([group.prompt_ids], device=self.device)
+        out = self.model(input_ids=ids, past_key_values=DynamicCache(config=self.model.config), use_cache=True,
+                         logits_to_keep=1)
+        seq = group.seqs[0]
+        seq.status = Status.RUNNING
+        self.batch.add([seq], out.past_key_values, torch.ones(1, ids.shape[1], dtype=torch.long, device=self.device))
 
     def _start_and_join(self, groups: list[PromptGroup], last_logits: torch.Tensor, cache: DynamicCache,
                         mask: torch.Tensor) -> None:
@@ -238,12 +262,12 @@ class LLMEngine:
         """Waiting prompts that may join the running forward, within the step's budgets given the
         prompts it already `taken`; echo+logprobs prompts never do (they need their own forward)."""
         self.arrivals()
-        if not self.scheduler.waiting or self.scheduler.waiting[0].want_prompt_logprobs:
+        if not self.scheduler.waiting or self.scheduler.waiting[0].alone:
             return []
         picked = self.scheduler.next_prefills(
             self.batch, sum(len(g.prompt_ids) for g in taken), extra_rows=sum(len(g.seqs) for g in taken),
             extra_width=max((len(g.prompt_ids) + 1 for g in taken), default=0))
-        cut = next((i for i, g in enumerate(picked) if g.want_prompt_logprobs), len(picked))
+        cut = next((i for i, g in enumerate(picked) if g.alone), len(picked))
         self.scheduler.waiting.extendleft(reversed(picked[cut:]))
         return picked[:cut]
 

@@ -565,3 +565,20 @@ def test_a_failure_processing_one_requests_token_fails_that_request_only(model, 
     assert errors and all(rid == "bad" for rid, _ in errors) and isinstance(errors[0][1], KeyError)
     assert len(good.seqs[0].output_ids) == 6 and good.seqs[0].finish_reason == "length"
     assert "bad" not in engine.requests and not engine.has_work()
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_kv_growth_stays_within_the_budget_by_preempting_and_recomputing(model, mixed):
+    budget = 120
+    reqs = lambda: [req(f"r{i}", "abcdefgh"[: 3 + i], max_tokens=30) for i in range(4)]   # noqa: E731
+    alone, _, _ = run_all(make_engine(model, mixed_steps=mixed), reqs())
+    engine = make_engine(model, max_num_batched_tokens=budget, mixed_steps=mixed)
+    preempted = []
+    real_preempt = engine.scheduler.preempt
+    engine.scheduler.preempt = lambda seq: (preempted.append(seq.request_id), real_preempt(seq))
+    cache_sizes = []
+    texts, reasons, _ = run_all(engine, reqs(), on_step=lambda e: cache_sizes.append(
+        (len(e.batch), len(e.batch) * e.batch.width)))
+    assert preempted                                                  # the budget bit
+    assert all(tokens <= budget for rows, tokens in cache_sizes if rows > 1)
+    assert texts == alone and all(r == {0: "length"} for r in reasons.values())
