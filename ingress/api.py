@@ -25,7 +25,8 @@ logger = logging.getLogger("modelhub.ingress")
 
 def create_api(registry: ModelRegistry, *, image_store: Any = None, api_keys_env: Optional[str] = None,
                log_prompts: bool = False, public_url: Optional[str] = None,
-               limits: Optional[RequestLimits] = None, readiness: Optional[Readiness] = None) -> FastAPI:
+               limits: Optional[RequestLimits] = None, readiness: Optional[Readiness] = None,
+               echo_request_id: bool = True) -> FastAPI:
     """`readiness()` returns {model id: {"healthy": bool, ...detail}} for /ready (app.py asks Serve)."""
     app = FastAPI(title="ModelHub Serve", version="0.1.0", docs_url="/docs", redoc_url=None)
     limits = limits or RequestLimits()
@@ -54,7 +55,8 @@ def create_api(registry: ModelRegistry, *, image_store: Any = None, api_keys_env
                             status_code=200 if ok else 503, headers={} if ok else {"Retry-After": "5"})
 
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=limits.max_body_bytes,
+                       echo_request_id=echo_request_id)
     return app
 
 

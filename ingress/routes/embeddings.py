@@ -22,5 +22,4 @@ async def embeddings(request: Request):
     result = await bounded(request, entry.client.embed(body.to_embed_request()))
     request.state.usage = Usage(result.prompt_tokens, 0)
     payload = embedding_response(result.embeddings, body.model, result.prompt_tokens, body.encoding_format or "float")
-    return Response(dumps(payload), media_type="application/json",
-                    headers={"x-request-id": request.state.request_id})
+    return Response(dumps(payload), media_type="application/json")
