@@ -7,6 +7,7 @@ Anything else is a bug: 500 with the request id, the traceback in the log, no in
 from __future__ import annotations
 
 import logging
+import reprlib
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -136,7 +137,7 @@ def _param(loc: list) -> str:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = reprlib.repr(value)   # bounded in depth and length, whatever the client sent
     return text if len(text) <= 40 else text[:37] + "..."
 
 

@@ -64,6 +64,10 @@ ODD = [  # inputs that once got a 500
     ("/v1/chat/completions", json.dumps({"model": CHAT, "messages": MSG, "tools": [
         {"type": "function", "function": {"name": "f", "parameters": json.loads("{\"a\":" * 200 + "1" + "}" * 200)}}]})
      .encode()),
+    ("/v1/chat/completions", json.dumps({"model": CHAT, "messages": MSG, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "s", "schema": json.loads('{"a":' * 40 + "1" + "}" * 40)}}})
+     .encode()),
+    ("/v1/chat/completions", json.dumps({"model": CHAT, "messages": json.loads("[" * 900 + "]" * 900)}).encode()),
     ("/v1/chat/completions", b'{"model": "m", "messages": NaN}'),
     ("/v1/embeddings", b"\xff\xfe"),
 ]
