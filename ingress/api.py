@@ -20,7 +20,7 @@ from ingress.routes import chat, completions, embeddings, images, models
 
 Readiness = Callable[[], Awaitable[dict[str, dict[str, Any]]]]
 
-logger = logging.getLogger("modelhub.ingress")
+logger = logging.getLogger("ray.serve.modelhub.ingress")   # under ray.serve: Serve configures its handlers in replicas
 
 
 def create_api(registry: ModelRegistry, *, image_store: Any = None, api_keys_env: Optional[str] = None,

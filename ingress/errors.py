@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import EngineUnavailableError, InvalidRequestError, ModelHubError, OverloadedError
 
-logger = logging.getLogger("modelhub.ingress")
+logger = logging.getLogger("ray.serve.modelhub.ingress")   # under ray.serve: Serve configures its handlers in replicas
 
 
 def error_body(message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:

@@ -16,8 +16,8 @@ from typing import Any, Optional
 from deployments.errors import PayloadTooLargeError
 from ingress.errors import error_response, to_modelhub_error
 
-logger = logging.getLogger("modelhub.ingress")
-access_logger = logging.getLogger("modelhub.access")
+logger = logging.getLogger("ray.serve.modelhub.ingress")   # under ray.serve: Serve configures its handlers in replicas
+access_logger = logging.getLogger("ray.serve.modelhub.access")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _MAX_LOGGED = 128   # characters of a client-supplied string in the access log
 

@@ -65,3 +65,28 @@ def test_ready_lists_every_model_healthy_and_health_is_liveness(server_url):
     models = ready.json()["models"]
     assert set(models) == {CHAT, EMB, IMG}
     assert all(m["healthy"] and m["status"] == "HEALTHY" and m["running_replicas"] >= 1 for m in models.values())
+
+
+def test_each_request_leaves_one_access_log_line_in_the_ingress_replica_log_without_its_prompt(server_url):
+    import glob
+    import os
+
+    import ray
+    marker = f"access-{os.getpid()}-{time.time_ns()}"
+    with httpx.Client(timeout=60) as h:
+        r = h.post(server_url + "/chat/completions", headers={"x-request-id": marker}, json={
+            "model": CHAT, "max_tokens": 2, "messages": [{"role": "user", "content": "SECRET-" + marker}]})
+    assert r.status_code == 200
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs", "serve")
+    lines: list[str] = []
+    deadline = time.time() + 60
+    while time.time() < deadline and not lines:
+        for path in glob.glob(os.path.join(logs, "replica_modelhub_Ingress_*.log")):
+            with open(path, errors="replace") as f:
+                lines += [ln for ln in f if marker in ln]
+        time.sleep(0.5)
+    access = [ln for ln in lines if '"client_request_id": "%s"' % marker in ln]
+    assert len(access) == 1, lines
+    entry = json.loads(access[0][access[0].index('{"id"'):access[0].rindex("}") + 1])
+    assert entry["status"] == 200 and entry["route"] == "/v1/chat/completions" and entry["completion_tokens"] <= 2
+    assert not any("SECRET-" in ln for ln in lines)

@@ -89,9 +89,9 @@ def test_access_log_has_one_line_per_request_without_prompts(caplog):
                 {"role": "user", "content": "SECRET prompt"}]}, headers={"x-request-id": "c-1"})
             await h.post("/v1/chat/completions", json={**PARIS, "model": "evil\n" + "m" * 500})
             await h.post("/v1/embeddings", json={"model": EMB, "input": "SECRET"})
-    with caplog.at_level(logging.INFO, logger="modelhub.access"):
+    with caplog.at_level(logging.INFO, logger="ray.serve.modelhub.access"):
         run(go())
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "modelhub.access"]
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "ray.serve.modelhub.access"]
     assert len(lines) == 3
     chat_ok, missing, emb = lines
     assert chat_ok["status"] == 200 and chat_ok["route"] == "/v1/chat/completions" and chat_ok["model"] == CHAT
@@ -106,7 +106,7 @@ def test_image_file_urls_are_logged_by_route_not_by_token(caplog):
     async def go():
         async with raw_client(make_app()) as h:
             return await h.get("/v1/images/files/s3cr3t-token.png")
-    with caplog.at_level(logging.INFO, logger="modelhub.access"):
+    with caplog.at_level(logging.INFO, logger="ray.serve.modelhub.access"):
         assert run(go()).status_code == 404
     assert not any("s3cr3t" in r.getMessage() for r in caplog.records)
 
