@@ -99,6 +99,12 @@ class LLMEngineConfig(StrictModel):
         1.0, ge=0, le=2, description="temperature for requests that omit it (OpenAI's default is 1.0; set "
                                      "a model card's recommendation, as vLLM does from generation_config).")
     default_top_p: float = Field(1.0, gt=0, le=1, description="top_p for requests that omit it.")
+    default_max_tokens: Optional[int] = Field(
+        None, ge=1, description="Generation length for requests that set neither max_tokens nor "
+                                "max_completion_tokens (clamped to the room left in the context window). "
+                                "Unset: OpenAI's defaults, i.e. chat generates until a stop or the context "
+                                "window is full, and completions generate 16 tokens. The IONOS API documents "
+                                "16 for both: set 16 to match it.")
     tensor_parallel_size: int = Field(
         1, ge=1, description="Ranks one replica shards the model over (transformers' tp_plan 'auto'; the "
                              "attention heads must divide by it). Each rank gets a bundle like the "
@@ -171,7 +177,9 @@ class ImageEngineConfig(StrictModel):
 
     device: Device = Field("auto", description="'auto' picks cuda when available, else cpu.")
     dtype: DType = Field("auto", description="'auto' is float32 on CPU and float16 on CUDA.")
-    sizes: list[str] = Field(["1024x1024"], min_length=1, description="Allowed WxH sizes; the first is the default.")
+    sizes: list[str] = Field(["1024*1024"], min_length=1, description="Allowed sizes, written W*H as in the IONOS "
+                                                                      "API (WxH is accepted and shown as W*H); the "
+                                                                      "first is the default.")
     default_steps: int = Field(30, ge=1, le=500, description="num_inference_steps when the request sets none.")
     max_steps: int = Field(100, ge=1, le=500, description="Largest num_inference_steps a request may ask for.")
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance when the request sets none.")
@@ -188,10 +196,18 @@ class ImageEngineConfig(StrictModel):
     @field_validator("sizes")
     @classmethod
     def _sizes_parse(cls, v: list[str]) -> list[str]:
+        out = []
         for s in v:
-            if parse_size(s) is None:
-                raise ValueError(f"size {s!r} is not WIDTHxHEIGHT")
-        return v
+            parsed = parse_size(s)
+            if parsed is None:
+                raise ValueError(f"size {s!r} is not WIDTH*HEIGHT")
+            out.append(format_size(*parsed))
+        return out
+
+
+def format_size(width: int, height: int) -> str:
+    """The one way sizes are shown (model cards, errors, responses): W*H, as the IONOS API writes them."""
+    return f"{width}*{height}"
 
 
 def parse_size(size: str) -> Optional[tuple[int, int]]:

@@ -78,7 +78,7 @@ class ModelRegistry:
         self._cards: Optional[list[ModelCard]] = None
 
     def get(self, model_id: Optional[str], kind: str) -> ModelEntry:
-        if model_id is None:   # images may omit `model`: take the first image model
+        if model_id is None:   # images and embeddings may omit `model`: the first model of that kind answers
             model_id = next((k for k, e in self.entries.items() if e.cfg.kind == kind), None)
             if model_id is None:
                 raise ModelNotFoundError(f"No {kind} model is configured.", param="model")

@@ -16,6 +16,8 @@ from deployments.errors import ContextLengthExceededError, InvalidRequestError
 from deployments.types import (Choice, ChoiceDelta, GenerateChunk, GenerateRequest, GenerateResult,
                                ModelCard)
 
+LEGACY_COMPLETIONS_MAX_TOKENS = 16   # OpenAI's default max_tokens for /v1/completions
+
 
 class LLMServer:
     def __init__(self, model_cfg: ChatModelConfig, *, engine_factory: Optional[Callable] = None):
@@ -124,7 +126,7 @@ class LLMServer:
         limit = self.max_model_len
         room = limit - prompt_len
         if asked is None and room >= 1:
-            return room
+            return min(room, self._default_max_tokens(what))
         wanted = prompt_len + (asked or 1)
         if wanted > limit:
             raise ContextLengthExceededError(
@@ -132,6 +134,13 @@ class LLMServer:
                 f"{wanted} tokens ({prompt_len} in the {what}, {asked or 1} in the completion). "
                 f"Please reduce the length of the {what} or completion.", param=what)
         return asked
+
+    def _default_max_tokens(self, what: str) -> int:
+        """The configured default, else OpenAI's: no cap for chat, 16 for legacy completions."""
+        configured = self.cfg.engine.default_max_tokens
+        if configured is not None:
+            return configured
+        return LEGACY_COMPLETIONS_MAX_TOKENS if what == "prompt" else self.max_model_len
 
 
 async def _with_tool_calls(stream: AsyncIterator[GenerateChunk], prefix: str) -> AsyncIterator[GenerateChunk]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from deployments.errors import InvalidRequestError
 
@@ -35,6 +35,14 @@ class SamplingFields(WireModel):
     logit_bias: Optional[dict[str, int]] = None
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
     user: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nucleus_sentinel(cls, data):
+        """`top_p: -1` means no nucleus filtering (the IONOS API documents it as the default)."""
+        if isinstance(data, dict) and type(data.get("top_p")) in (int, float) and data["top_p"] == -1:
+            return {**data, "top_p": 1.0}
+        return data
 
     @field_validator("model")
     @classmethod

@@ -16,8 +16,8 @@ async def embeddings(request: Request):
     body = await parse_body(request, EmbeddingRequest)
     state = request.app.state
     entry = state.registry.get(body.model, "embedding")
-    state.log_request(request, body.model, body.user, body.input)
+    state.log_request(request, entry.cfg.id, body.user, body.input)
     result = await entry.client.embed(body.to_embed_request())
-    payload = embedding_response(result.embeddings, body.model, result.prompt_tokens, body.encoding_format or "float")
+    payload = embedding_response(result.embeddings, entry.cfg.id, result.prompt_tokens, body.encoding_format or "float")
     return Response(dumps(payload), media_type="application/json",
                     headers={"x-request-id": request.state.request_id})

@@ -290,7 +290,7 @@ def test_image_size_error_lists_allowed_sizes():
     async def go():
         async with raw_client(make_app()) as h:
             return await h.post("/v1/images/generations", json={"model": IMG, "prompt": "p", "size": "1x1"})
-    assert "64x64, 32x32" in run(go()).json()["error"]["message"]
+    assert "64*64, 32*32" in run(go()).json()["error"]["message"]
 
 
 def test_invalid_json_is_400_not_422():
@@ -340,3 +340,50 @@ def test_api_keys_checked_in_one_place(monkeypatch):
     assert len(ok.data) == 3
     assert missing.status_code == 401 and "API key" in missing.json()["error"]["message"]
     assert health.status_code == 200
+
+
+def test_top_p_minus_one_means_no_nucleus_filtering_and_other_negatives_stay_400():
+    fake = FakeChatClient()
+    async def go():
+        async with raw_client(make_app(fake)) as h:
+            ok = await h.post("/v1/chat/completions", json={"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+                                                            "top_p": -1})
+            legacy = await h.post("/v1/completions", json={"model": CHAT, "prompt": "x", "top_p": -1.0})
+            bad = await h.post("/v1/chat/completions", json={"model": CHAT, "top_p": -0.5,
+                                                             "messages": [{"role": "user", "content": "x"}]})
+            return ok, legacy, bad
+    ok, legacy, bad = run(go())
+    assert ok.status_code == 200 and legacy.status_code == 200
+    assert [r.sampling.top_p for r in fake.requests] == [1.0, 1.0]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_p"
+    assert bad.json()["error"]["code"] == "decimal_below_min_value"
+
+
+def test_embeddings_without_model_are_answered_by_the_first_embedding_model():
+    async def go():
+        async with raw_client(make_app()) as h:
+            return await h.post("/v1/embeddings", json={"input": "abc", "encoding_format": "float"})
+    r = run(go())
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == EMB and r.json()["data"][0]["embedding"] == [3.0] * 8
+
+
+def test_completions_leave_the_default_length_to_the_model():
+    fake = FakeChatClient()
+    async def go():
+        async with raw_client(make_app(fake)) as h:
+            return await h.post("/v1/completions", json={"model": CHAT, "prompt": "x"})
+    assert run(go()).status_code == 200
+    assert fake.requests[0].sampling.max_tokens is None    # the model's default_max_tokens, else OpenAI's 16
+
+
+def test_image_response_and_size_errors_write_sizes_w_star_h():
+    async def go():
+        async with raw_client(make_app()) as h:
+            ok = await h.post("/v1/images/generations", json={"model": IMG, "prompt": "p", "size": "32x32",
+                                                              "response_format": "b64_json"})
+            bad = await h.post("/v1/images/generations", json={"model": IMG, "prompt": "p", "size": "16*16"})
+            return ok, bad
+    ok, bad = run(go())
+    assert ok.json()["size"] == "32*32"
+    assert bad.json()["error"]["message"].startswith("Invalid size '16*16'")
