@@ -172,6 +172,23 @@ class EmbeddingEngineConfig(StrictModel):
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
 
 
+class RerankEngineConfig(StrictModel):
+    """Options of the sentence-transformers CrossEncoder deployment (/v1/rerank and /v1/score)."""
+
+    device: Device = Field("auto", description="'auto' picks cuda when available, else cpu.")
+    dtype: DType = Field("auto", description="'auto' keeps the checkpoint's float32 on CPU, float16 on CUDA.")
+    max_batch_size: int = Field(64, ge=1, description="Requests @serve.batch gathers into one call.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill up.")
+    max_batch_tokens: int = Field(
+        2048, ge=1, description="Token budget of one forward pass (padding included); a batch's "
+                                "(query, document) pairs are cut into length-sorted sub-batches under it.")
+    max_documents: int = Field(1024, ge=1, description="Documents (pairs) one request may score.")
+    truncate: bool = Field(False, description="Truncate pairs over the model's maximum length instead of "
+                                              "rejecting them with 400.")
+    num_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (CPU only).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
+
+
 class ImageEngineConfig(StrictModel):
     """Options of the diffusers text-to-image deployment."""
 
@@ -245,7 +262,12 @@ class ImageModelConfig(_ModelBase):
     engine: ImageEngineConfig = Field(default_factory=ImageEngineConfig)
 
 
-ModelConfig = Annotated[Union[ChatModelConfig, EmbeddingModelConfig, ImageModelConfig],
+class RerankModelConfig(_ModelBase):
+    kind: Literal["rerank"]
+    engine: RerankEngineConfig = Field(default_factory=RerankEngineConfig)
+
+
+ModelConfig = Annotated[Union[ChatModelConfig, EmbeddingModelConfig, ImageModelConfig, RerankModelConfig],
                         Field(discriminator="kind")]
 
 
@@ -308,7 +330,8 @@ def _explain(err: dict[str, Any]) -> str:
     return f"  unknown key {where!r}{suggestion} (allowed here: {', '.join(sorted(allowed))})"
 
 
-_KINDS = {"chat": ChatModelConfig, "embedding": EmbeddingModelConfig, "image": ImageModelConfig}
+_KINDS = {"chat": ChatModelConfig, "embedding": EmbeddingModelConfig, "image": ImageModelConfig,
+          "rerank": RerankModelConfig}
 
 
 def _allowed_keys(loc: list) -> list[str]:

@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, Request
 from ingress.auth import ApiKeyAuth
 from ingress.backends import ModelRegistry
 from ingress.errors import error_response, install_error_handlers, to_modelhub_error
-from ingress.routes import chat, completions, embeddings, images, models
+from ingress.routes import chat, completions, embeddings, images, models, rerank, tokenize, version
 
 logger = logging.getLogger("modelhub.ingress")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -52,14 +52,14 @@ class RequestIdMiddleware:
 
 def create_api(registry: ModelRegistry, *, image_store: Any = None, api_keys_env: Optional[str] = None,
                log_prompts: bool = False, public_url: Optional[str] = None) -> FastAPI:
-    app = FastAPI(title="ModelHub Serve", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="ModelHub Serve", version=version.server_version(), docs_url="/docs", redoc_url=None)
     app.state.registry = registry
     app.state.image_store = image_store
     app.state.public_url = public_url.rstrip("/") if public_url else None
     app.state.log_request = _request_logger(log_prompts)
     auth = ApiKeyAuth(api_keys_env)
     guarded = [Depends(auth)]
-    for module in (models, chat, completions, embeddings, images):
+    for module in (models, chat, completions, embeddings, images, rerank, tokenize, version):
         app.include_router(module.router, dependencies=guarded)
     app.include_router(images.files_router)
 

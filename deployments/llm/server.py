@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 from deployments.config import ChatModelConfig
 from deployments.errors import ContextLengthExceededError, InvalidRequestError
 from deployments.types import (Choice, ChoiceDelta, GenerateChunk, GenerateRequest, GenerateResult,
-                               ModelCard)
+                               ModelCard, TokenizeRequest, TokenizeResult)
 
 LEGACY_COMPLETIONS_MAX_TOKENS = 16   # OpenAI's default max_tokens for /v1/completions
 
@@ -36,7 +36,8 @@ class LLMServer:
 
     def card(self) -> ModelCard:
         return ModelCard(id=self.cfg.id, kind="chat", created=self.created, owned_by=self.cfg.owned_by,
-                         capabilities=["chat.completions", "completions", "tools", "logprobs", "streaming"],
+                         capabilities=["chat.completions", "completions", "tools", "logprobs", "streaming",
+                                       "tokenize"],
                          context_length=self.max_model_len)
 
     def stats(self) -> dict[str, int]:
@@ -78,6 +79,22 @@ class LLMServer:
             return
         async for chunk in _with_tool_calls(stream, prefix):
             yield chunk
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
+        """Token ids exactly as generation would see them: chat messages through the chat template
+        (with `tools` as generation offers them), or a plain prompt."""
+        if req.messages is not None:
+            from deployments.llm.prompts import render_chat
+            text, _ = render_chat(self.tokenizer, req.messages, req.tools)
+        else:
+            text = req.prompt or ""
+        ids = self.tokenizer(text, add_special_tokens=req.add_special_tokens)["input_ids"]
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return TokenizeResult(list(ids), self.max_model_len, strs)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        self._check_token_ids(tokens, "tokens")
+        return self.tokenizer.decode(tokens)
 
     # ------------------------------------------------------------------ request preparation
 

@@ -387,3 +387,18 @@ def test_image_response_and_size_errors_write_sizes_w_star_h():
     ok, bad = run(go())
     assert ok.json()["size"] == "32*32"
     assert bad.json()["error"]["message"].startswith("Invalid size '16*16'")
+
+
+def test_version_and_utility_endpoints_sit_behind_the_same_auth(monkeypatch):
+    from ingress.routes.version import server_version
+    monkeypatch.setenv("TEST_MODELHUB_KEYS", "k1")
+    app = make_app(api_keys_env="TEST_MODELHUB_KEYS")
+    async def go():
+        async with raw_client(app) as h:
+            denied = [await h.post(p, json={}) for p in ("/tokenize", "/detokenize", "/v1/rerank", "/v1/score")]
+            denied.append(await h.get("/version"))
+            ok = await h.get("/version", headers={"Authorization": "Bearer k1"})
+            return denied, ok
+    denied, ok = run(go())
+    assert [r.status_code for r in denied] == [401] * 5
+    assert ok.status_code == 200 and ok.json() == {"version": server_version()}

@@ -16,8 +16,8 @@ def test_default_serve_config_is_valid():
     app = cfg["applications"][0]
     assert app["import_path"] == "ingress.app:build_app"
     parsed = parse_app_config(app["args"])
-    assert [m.kind for m in parsed.models] == ["chat", "embedding", "image"]
-    assert "random" in parsed.models[2].id
+    assert [m.kind for m in parsed.models] == ["chat", "embedding", "image", "rerank"]
+    assert "random" in parsed.models[2].id and "random" in parsed.models[3].id   # built in code: named random
 
 
 @pytest.mark.parametrize("args,fragment", [

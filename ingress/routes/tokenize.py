@@ -1,0 +1,26 @@
+"""POST /tokenize and POST /detokenize (vLLM's utility endpoints), for chat models."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ingress.pipeline import json_response, parse_body
+from ingress.protocol.tokenize import DetokenizeRequest, TokenizeBody, tokenize_json
+
+router = APIRouter()
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request):
+    body = await parse_body(request, TokenizeBody)
+    body.check()
+    state = request.app.state
+    entry = state.registry.get(body.model, "chat")
+    state.log_request(request, entry.cfg.id, None, getattr(body, "messages", None) or getattr(body, "prompt", None))
+    return json_response(tokenize_json(await entry.client.tokenize(body.to_tokenize_request())), request)
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request):
+    body = await parse_body(request, DetokenizeRequest)
+    entry = request.app.state.registry.get(body.model, "chat")
+    return json_response({"prompt": await entry.client.detokenize(body.tokens)}, request)
