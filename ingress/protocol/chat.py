@@ -9,7 +9,7 @@ from pydantic import Field, StrictBool, model_validator
 from deployments.errors import InvalidRequestError, UnsupportedParameterError
 from deployments.types import (Choice, ChoiceDelta, GenerateRequest, SamplingParams, TokenLogprob,
                                ToolCall, ToolSpec, Usage)
-from ingress.protocol.common import SamplingFields, WireModel
+from ingress.protocol.common import ChatNoOpFields, SamplingFields, WireModel
 
 
 class TextPart(WireModel):
@@ -73,7 +73,7 @@ class ResponseFormat(WireModel):
     json_schema: Optional[dict[str, Any]] = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
     messages: list[Message] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
@@ -86,6 +86,7 @@ class ChatCompletionRequest(SamplingFields):
 
     def check(self) -> None:
         self.check_common()
+        self.check_no_ops()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("The 'top_logprobs' parameter is only allowed when 'logprobs' is enabled.",
                                       param="top_logprobs")

@@ -402,3 +402,30 @@ def test_version_and_utility_endpoints_sit_behind_the_same_auth(monkeypatch):
     denied, ok = run(go())
     assert [r.status_code for r in denied] == [401] * 5
     assert ok.status_code == 200 and ok.json() == {"version": server_version()}
+
+
+def test_openai_fields_that_cannot_change_the_output_are_accepted_as_no_ops():
+    no_ops = {"store": False, "metadata": {"team": "search"}, "safety_identifier": "u-1", "prompt_cache_key": "k",
+              "prompt_cache_retention": "24h", "service_tier": "auto", "modalities": ["text"]}
+    async def go():
+        async with raw_client(make_app()) as h:
+            return await h.post("/v1/chat/completions", json={"model": CHAT, "messages": [{"role": "user", "content": "ab"}],
+                                                              **no_ops})
+    r = run(go())
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "ba"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("store", True), ("service_tier", "priority"), ("modalities", ["text", "audio"]), ("audio", {"voice": "x"}),
+    ("reasoning_effort", "low"), ("verbosity", "low"), ("prediction", {"type": "content", "content": "x"}),
+    ("web_search_options", {}), ("functions", [{"name": "f"}]), ("function_call", "auto"),
+    ("metadata", {f"k{i}": "v" for i in range(17)}),
+])
+def test_openai_fields_that_would_change_the_output_are_400_naming_them(field, value):
+    async def go():
+        async with raw_client(make_app()) as h:
+            return await h.post("/v1/chat/completions", json={"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+                                                              field: value})
+    r = run(go())
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
