@@ -248,22 +248,22 @@ class _ModelBase(StrictModel):
 
 
 class ChatModelConfig(_ModelBase):
-    kind: Literal["chat"]
+    kind: Literal["chat"] = Field(description="Serves /v1/chat/completions, /v1/completions, /tokenize and /detokenize.")
     engine: LLMEngineConfig = Field(default_factory=LLMEngineConfig)
 
 
 class EmbeddingModelConfig(_ModelBase):
-    kind: Literal["embedding"]
+    kind: Literal["embedding"] = Field(description="Serves /v1/embeddings, and /v1/rerank and /v1/score by cosine similarity.")
     engine: EmbeddingEngineConfig = Field(default_factory=EmbeddingEngineConfig)
 
 
 class ImageModelConfig(_ModelBase):
-    kind: Literal["image"]
+    kind: Literal["image"] = Field(description="Serves /v1/images/generations.")
     engine: ImageEngineConfig = Field(default_factory=ImageEngineConfig)
 
 
 class RerankModelConfig(_ModelBase):
-    kind: Literal["rerank"]
+    kind: Literal["rerank"] = Field(description="Serves /v1/rerank and /v1/score with a sentence-transformers CrossEncoder.")
     engine: RerankEngineConfig = Field(default_factory=RerankEngineConfig)
 
 
@@ -294,8 +294,9 @@ class IngressConfig(StrictModel):
 class AppConfig(StrictModel):
     """The application: a list of models behind one OpenAI-compatible ingress."""
 
-    models: list[ModelConfig] = Field(min_length=1)
-    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    models: list[ModelConfig] = Field(min_length=1, description="The models to serve, one deployment each. "
+                                      "`kind` picks the endpoints a model answers and its keys (below).")
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP side.")
 
     @model_validator(mode="after")
     def _unique_ids(self):
