@@ -7,7 +7,8 @@ imports torch.
 """
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, Optional
 
 from ray import serve
 
@@ -16,6 +17,7 @@ from deployments.config import AppConfig, parse_app_config
 from ingress.api import create_api
 from ingress.backends import HandleClient, ModelEntry, ModelRegistry
 from ingress.coalesce import EmbeddingCoalescer
+from ingress.startup import announce_when_ready
 
 INGRESS_DEFAULTS: dict[str, Any] = {
     "num_replicas": 1, "max_ongoing_requests": 1024, "max_queued_requests": 4096,
@@ -29,6 +31,11 @@ class IngressServer:
         registry = ModelRegistry({m.id: ModelEntry(m, self._client(m, handles[m.id], cfg)) for m in cfg.models})
         self._api = create_api(registry, image_store=image_store, api_keys_env=cfg.ingress.api_keys_env,
                                log_prompts=cfg.ingress.log_prompts, public_url=cfg.ingress.public_url)
+        self._announce: Optional[asyncio.Task] = None
+
+        async def announce() -> None:   # Serve runs the app's startup hooks once the replica's loop runs
+            self._announce = asyncio.create_task(announce_when_ready(registry, cfg.ingress.public_url))
+        self._api.router.on_startup.append(announce)
 
     @staticmethod
     def _client(model: Any, handle: Any, cfg: AppConfig) -> Any:

@@ -14,6 +14,7 @@ from ray import serve
 from deployments.config import ImageModelConfig, format_size
 from deployments.errors import InvalidRequestError
 from deployments.images.jobs import Cancelled, ImageJob, group_by_key
+from deployments.loading import loading
 from deployments.threads import ModelThread
 from deployments.types import ImageRequest, ImageResult, ModelCard
 
@@ -24,7 +25,8 @@ class ImageServer:
         e = model_cfg.engine
         self.cfg = model_cfg
         self._model_thread = ModelThread("pipeline")   # loads and generates: one OpenMP pool (threads.py)
-        self.pipeline = self._model_thread.run(pipeline_factory or ImagePipeline.load, model_cfg.source, e)
+        with loading(model_cfg):
+            self.pipeline = self._model_thread.run(pipeline_factory or ImagePipeline.load, model_cfg.source, e)
         # Batched per instance, not by decorating the method: a decorated method shares one queue
         # among all instances, bound to the event loop that first used it.
         self._generate_batch = serve.batch(max_batch_size=e.max_batch_size,

@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from deployments.config import ChatModelConfig
 from deployments.errors import ContextLengthExceededError, InvalidRequestError
+from deployments.loading import loading
 from deployments.types import (Choice, ChoiceDelta, GenerateChunk, GenerateRequest, GenerateResult,
                                ModelCard, TokenizeRequest, TokenizeResult)
 
@@ -23,7 +24,8 @@ class LLMServer:
     def __init__(self, model_cfg: ChatModelConfig, *, engine_factory: Optional[Callable] = None):
         from deployments.llm.factory import build_async_engine
         self.cfg = model_cfg
-        self.engine, self.tokenizer, self.max_model_len = (engine_factory or build_async_engine)(model_cfg)
+        with loading(model_cfg):
+            self.engine, self.tokenizer, self.max_model_len = (engine_factory or build_async_engine)(model_cfg)
         self.created = int(time.time())
         self._grammar_cache = None
 

@@ -12,6 +12,7 @@ from ray import serve
 
 from deployments.config import RerankModelConfig
 from deployments.errors import InvalidRequestError
+from deployments.loading import loading
 from deployments.threads import ModelThread
 from deployments.types import ModelCard, ScoreRequest, ScoreResult
 
@@ -21,8 +22,9 @@ class RerankServer:
         from deployments.rerank.scorer import CrossEncoderScorer
         self.cfg = model_cfg
         self._model_thread = ModelThread("cross-encoder")   # loads and scores: one OpenMP pool (threads.py)
-        self.scorer = self._model_thread.run(scorer_factory or CrossEncoderScorer.load, model_cfg.source,
-                                             model_cfg.engine)
+        with loading(model_cfg):
+            self.scorer = self._model_thread.run(scorer_factory or CrossEncoderScorer.load, model_cfg.source,
+                                                 model_cfg.engine)
         # Batched per instance (a decorated method would share one queue among all instances).
         self._score_batch = serve.batch(max_batch_size=model_cfg.engine.max_batch_size,
                                         batch_wait_timeout_s=model_cfg.engine.batch_wait_timeout_s)(self._score)
