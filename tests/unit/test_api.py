@@ -429,3 +429,21 @@ def test_openai_fields_that_would_change_the_output_are_400_naming_them(field, v
                                                               field: value})
     r = run(go())
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
+    ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0]"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+     "messages[0].content"),
+])
+def test_openai_features_the_compat_table_lists_as_refused_are_400(extra, param):
+    async def go():
+        async with raw_client(make_app()) as h:
+            return await h.post("/v1/chat/completions", json={
+                "model": CHAT, "messages": [{"role": "user", "content": "x"}], **extra})
+    r = run(go())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith(param), r.json()
