@@ -13,7 +13,9 @@ from typing import Any, Iterator
 
 from deployments.sources import SourceError, resolve_source
 
-logger = logging.getLogger("modelhub.models")
+# Under "ray.serve": in a replica only that logger's records reach the replica log and the console of
+# `serve run` (Serve sets it up; other loggers stay at Python's WARNING default).
+logger = logging.getLogger("ray.serve.modelhub.models")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from deployments.types import ModelCard
 
-logger = logging.getLogger("modelhub.ingress")
+logger = logging.getLogger("ray.serve.modelhub.ingress")   # under ray.serve: see deployments/loading.py
 ENDPOINTS = {"chat": "/v1/chat/completions", "embedding": "/v1/embeddings", "image": "/v1/images/generations",
              "rerank": "/v1/rerank"}
 

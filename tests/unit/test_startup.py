@@ -19,7 +19,7 @@ def registry(embed_client=None):
 
 
 def test_ready_line_lists_each_model_kind_and_url(caplog):
-    with caplog.at_level(logging.INFO, logger="modelhub.ingress"):
+    with caplog.at_level(logging.INFO, logger="ray.serve.modelhub.ingress"):
         asyncio.run(announce_when_ready(registry(), "https://hub.example"))
     line = caplog.records[-1].getMessage()
     assert "\n" not in line
@@ -32,7 +32,7 @@ def test_a_model_that_never_answers_is_reported_not_ready(caplog):
     class Broken(FakeEmbedClient):
         async def card(self):
             raise RuntimeError("replica died")
-    with caplog.at_level(logging.INFO, logger="modelhub.ingress"):
+    with caplog.at_level(logging.INFO, logger="ray.serve.modelhub.ingress"):
         asyncio.run(announce_when_ready(registry(Broken()), "http://h"))
     assert caplog.records[-1].levelno == logging.ERROR and "not ready" in caplog.records[-1].getMessage()
 
