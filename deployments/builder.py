@@ -9,20 +9,21 @@ from typing import Any
 
 from ray import serve
 
-from deployments.config import ChatModelConfig, EmbeddingModelConfig, ImageModelConfig
+from deployments.config import ModelConfig
 from deployments.embeddings.server import EmbeddingServer
 from deployments.images.server import ImageServer
 from deployments.images.store import ImageStore
 from deployments.llm.server import LLMServer
+from deployments.rerank.server import RerankServer
 
-_SERVERS = {"chat": LLMServer, "embedding": EmbeddingServer, "image": ImageServer}
+_SERVERS = {"chat": LLMServer, "embedding": EmbeddingServer, "image": ImageServer, "rerank": RerankServer}
 
 
 def deployment_name(model_id: str, kind: str) -> str:
     return f"{kind}:{re.sub(r'[^A-Za-z0-9_.-]+', '--', model_id)}"
 
 
-def model_deployment(cfg: ChatModelConfig | EmbeddingModelConfig | ImageModelConfig) -> Any:
+def model_deployment(cfg: ModelConfig) -> Any:
     cls = _SERVERS[cfg.kind]
     opts = cfg.deployment.serve_options(cls.default_options(cfg))
     if cfg.kind == "chat" and cfg.engine.tensor_parallel_size > 1:

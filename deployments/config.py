@@ -100,6 +100,12 @@ class LLMEngineConfig(StrictModel):
         1.0, ge=0, le=2, description="temperature for requests that omit it (OpenAI's default is 1.0; set "
                                      "a model card's recommendation, as vLLM does from generation_config).")
     default_top_p: float = Field(1.0, gt=0, le=1, description="top_p for requests that omit it.")
+    default_max_tokens: Optional[int] = Field(
+        None, ge=1, description="Generation length for requests that set neither max_tokens nor "
+                                "max_completion_tokens (clamped to the room left in the context window). "
+                                "Unset: OpenAI's defaults, i.e. chat generates until a stop or the context "
+                                "window is full, and completions generate 16 tokens. The IONOS API documents "
+                                "16 for both: set 16 to match it.")
     tensor_parallel_size: int = Field(
         1, ge=1, description="Ranks one replica shards the model over (transformers' tp_plan 'auto'; the "
                              "attention heads must divide by it). Each rank gets a bundle like the "
@@ -174,12 +180,31 @@ class EmbeddingEngineConfig(StrictModel):
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
 
 
+class RerankEngineConfig(StrictModel):
+    """Options of the sentence-transformers CrossEncoder deployment (/v1/rerank and /v1/score)."""
+
+    device: Device = Field("auto", description="'auto' picks cuda when available, else cpu.")
+    dtype: DType = Field("auto", description="'auto' keeps the checkpoint's float32 on CPU, float16 on CUDA.")
+    max_batch_size: int = Field(64, ge=1, description="Requests @serve.batch gathers into one call.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill up.")
+    max_batch_tokens: int = Field(
+        2048, ge=1, description="Token budget of one forward pass (padding included); a batch's "
+                                "(query, document) pairs are cut into length-sorted sub-batches under it.")
+    max_documents: int = Field(1024, ge=1, description="Documents (pairs) one request may score.")
+    truncate: bool = Field(False, description="Truncate pairs over the model's maximum length instead of "
+                                              "rejecting them with 400.")
+    num_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (CPU only).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
+
+
 class ImageEngineConfig(StrictModel):
     """Options of the diffusers text-to-image deployment."""
 
     device: Device = Field("auto", description="'auto' picks cuda when available, else cpu.")
     dtype: DType = Field("auto", description="'auto' is float32 on CPU and float16 on CUDA.")
-    sizes: list[str] = Field(["1024x1024"], min_length=1, description="Allowed WxH sizes; the first is the default.")
+    sizes: list[str] = Field(["1024*1024"], min_length=1, description="Allowed sizes, written W*H as in the IONOS "
+                                                                      "API (WxH is accepted and shown as W*H); the "
+                                                                      "first is the default.")
     default_steps: int = Field(30, ge=1, le=500, description="num_inference_steps when the request sets none.")
     max_steps: int = Field(100, ge=1, le=500, description="Largest num_inference_steps a request may ask for.")
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance when the request sets none.")
@@ -196,10 +221,18 @@ class ImageEngineConfig(StrictModel):
     @field_validator("sizes")
     @classmethod
     def _sizes_parse(cls, v: list[str]) -> list[str]:
+        out = []
         for s in v:
-            if parse_size(s) is None:
-                raise ValueError(f"size {s!r} is not WIDTHxHEIGHT")
-        return v
+            parsed = parse_size(s)
+            if parsed is None:
+                raise ValueError(f"size {s!r} is not WIDTH*HEIGHT")
+            out.append(format_size(*parsed))
+        return out
+
+
+def format_size(width: int, height: int) -> str:
+    """The one way sizes are shown (model cards, errors, responses): W*H, as the IONOS API writes them."""
+    return f"{width}*{height}"
 
 
 _SIZE = re.compile(r"([0-9]{1,5})[x*]([0-9]{1,5})")   # ASCII digits only: str.isdigit also takes '²' and '١'
@@ -226,21 +259,26 @@ class _ModelBase(StrictModel):
 
 
 class ChatModelConfig(_ModelBase):
-    kind: Literal["chat"]
+    kind: Literal["chat"] = Field(description="Serves /v1/chat/completions, /v1/completions, /tokenize and /detokenize.")
     engine: LLMEngineConfig = Field(default_factory=LLMEngineConfig)
 
 
 class EmbeddingModelConfig(_ModelBase):
-    kind: Literal["embedding"]
+    kind: Literal["embedding"] = Field(description="Serves /v1/embeddings, and /v1/rerank and /v1/score by cosine similarity.")
     engine: EmbeddingEngineConfig = Field(default_factory=EmbeddingEngineConfig)
 
 
 class ImageModelConfig(_ModelBase):
-    kind: Literal["image"]
+    kind: Literal["image"] = Field(description="Serves /v1/images/generations.")
     engine: ImageEngineConfig = Field(default_factory=ImageEngineConfig)
 
 
-ModelConfig = Annotated[Union[ChatModelConfig, EmbeddingModelConfig, ImageModelConfig],
+class RerankModelConfig(_ModelBase):
+    kind: Literal["rerank"] = Field(description="Serves /v1/rerank and /v1/score with a sentence-transformers CrossEncoder.")
+    engine: RerankEngineConfig = Field(default_factory=RerankEngineConfig)
+
+
+ModelConfig = Annotated[Union[ChatModelConfig, EmbeddingModelConfig, ImageModelConfig, RerankModelConfig],
                         Field(discriminator="kind")]
 
 
@@ -299,8 +337,9 @@ class IngressConfig(StrictModel):
 class AppConfig(StrictModel):
     """The application: a list of models behind one OpenAI-compatible ingress."""
 
-    models: list[ModelConfig] = Field(min_length=1)
-    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    models: list[ModelConfig] = Field(min_length=1, description="The models to serve, one deployment each. "
+                                      "`kind` picks the endpoints a model answers and its keys (below).")
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP side.")
 
     @model_validator(mode="after")
     def _unique_ids(self):
@@ -335,7 +374,8 @@ def _explain(err: dict[str, Any]) -> str:
     return f"  unknown key {where!r}{suggestion} (allowed here: {', '.join(sorted(allowed))})"
 
 
-_KINDS = {"chat": ChatModelConfig, "embedding": EmbeddingModelConfig, "image": ImageModelConfig}
+_KINDS = {"chat": ChatModelConfig, "embedding": EmbeddingModelConfig, "image": ImageModelConfig,
+          "rerank": RerankModelConfig}
 
 
 def _allowed_keys(loc: list) -> list[str]:

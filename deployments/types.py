@@ -138,6 +138,39 @@ class EmbedResult:
     prompt_tokens: int
 
 
+# ----------------------------------------------------------------------------- tokenize / score
+
+@dataclass
+class TokenizeRequest:
+    """vLLM's /tokenize: a plain prompt, or chat messages rendered as generation renders them."""
+
+    prompt: Optional[str] = None
+    messages: Optional[list[dict[str, Any]]] = None
+    tools: Optional[ToolSpec] = None
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+@dataclass
+class TokenizeResult:
+    tokens: list[int]
+    max_model_len: int
+    token_strs: Optional[list[str]] = None
+
+
+@dataclass
+class ScoreRequest:
+    """Relevance of each (query, document) pair."""
+
+    pairs: list[tuple[str, str]]
+
+
+@dataclass
+class ScoreResult:
+    scores: list[float]
+    prompt_tokens: int
+
+
 # ----------------------------------------------------------------------------- images
 
 @dataclass
@@ -164,7 +197,7 @@ class ModelCard:
     """What /v1/models shows about a model beyond id/object/created/owned_by."""
 
     id: str
-    kind: Literal["chat", "embedding", "image"]
+    kind: Literal["chat", "embedding", "image", "rerank"]
     created: int
     owned_by: str = "modelhub"
     capabilities: list[str] = field(default_factory=list)

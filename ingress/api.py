@@ -16,7 +16,7 @@ from ingress.auth import ApiKeyAuth
 from ingress.backends import ModelRegistry
 from ingress.errors import install_error_handlers
 from ingress.middleware import RequestContextMiddleware
-from ingress.routes import chat, completions, embeddings, images, models
+from ingress.routes import chat, completions, embeddings, images, models, rerank, tokenize, version
 
 Readiness = Callable[[], Awaitable[dict[str, dict[str, Any]]]]
 
@@ -28,7 +28,7 @@ def create_api(registry: ModelRegistry, *, image_store: Any = None, api_keys_env
                limits: Optional[RequestLimits] = None, readiness: Optional[Readiness] = None,
                echo_request_id: bool = True) -> FastAPI:
     """`readiness()` returns {model id: {"healthy": bool, ...detail}} for /ready (app.py asks Serve)."""
-    app = FastAPI(title="ModelHub Serve", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="ModelHub Serve", version=version.server_version(), docs_url="/docs", redoc_url=None)
     limits = limits or RequestLimits()
     app.state.registry = registry
     app.state.image_store = image_store
@@ -37,7 +37,7 @@ def create_api(registry: ModelRegistry, *, image_store: Any = None, api_keys_env
     app.state.log_prompt = _prompt_logger(log_prompts)
     auth = ApiKeyAuth(api_keys_env)
     guarded = [Depends(auth)]
-    for module in (models, chat, completions, embeddings, images):
+    for module in (models, chat, completions, embeddings, images, rerank, tokenize, version):
         app.include_router(module.router, dependencies=guarded)
     app.include_router(images.files_router)
 

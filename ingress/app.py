@@ -7,7 +7,8 @@ imports torch.
 """
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, Optional
 
 from ray import serve
 
@@ -17,6 +18,7 @@ from ingress.api import create_api
 from ingress.backends import HandleClient, ModelEntry, ModelRegistry
 from ingress.coalesce import EmbeddingCoalescer
 from ingress.readiness import ServeReadiness
+from ingress.startup import announce_when_ready
 
 INGRESS_DEFAULTS: dict[str, Any] = {
     "num_replicas": 1, "max_ongoing_requests": 1024, "max_queued_requests": 4096,
@@ -33,6 +35,11 @@ class IngressServer:
                                log_prompts=cfg.ingress.log_prompts, public_url=cfg.ingress.public_url,
                                limits=cfg.ingress.limits, readiness=readiness,
                                echo_request_id=False)   # Serve's own middleware echoes x-request-id
+        self._announce: Optional[asyncio.Task] = None
+
+        async def announce() -> None:   # Serve runs the app's startup hooks once the replica's loop runs
+            self._announce = asyncio.create_task(announce_when_ready(registry, cfg.ingress.public_url))
+        self._api.router.on_startup.append(announce)
 
     @staticmethod
     def _client(model: Any, handle: Any, cfg: AppConfig) -> Any:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Protocol
+from typing import Any, AsyncIterator, Optional, Protocol, Union
 
 from deployments.config import ModelConfig
 from deployments.errors import InvalidRequestError, ModelNotFoundError
 from ingress.errors import transport_error
 from deployments.types import (EmbedRequest, EmbedResult, GenerateChunk, GenerateRequest, GenerateResult,
-                               ImageRequest, ImageResult, ModelCard)
+                               ImageRequest, ImageResult, ModelCard, ScoreRequest, ScoreResult, TokenizeRequest,
+                               TokenizeResult)
 
 
 class ModelClient(Protocol):
@@ -23,6 +24,9 @@ class ModelClient(Protocol):
     def generate_stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]: ...
     async def embed(self, req: EmbedRequest) -> EmbedResult: ...
     async def images(self, req: ImageRequest) -> ImageResult: ...
+    async def score(self, req: ScoreRequest) -> ScoreResult: ...
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResult: ...
+    async def detokenize(self, tokens: list[int]) -> str: ...
 
 
 class HandleClient:
@@ -58,6 +62,15 @@ class HandleClient:
     async def images(self, req: ImageRequest) -> ImageResult:
         return await _call(self.handle.generate.remote(req))
 
+    async def score(self, req: ScoreRequest) -> ScoreResult:
+        return await _call(self.handle.score.remote(req))
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
+        return await _call(self.handle.tokenize.remote(req))
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        return await _call(self.handle.detokenize.remote(tokens))
+
 
 async def _call(response: Any) -> Any:
     """Awaits a handle call; Ray's busy/unavailable/lost errors become typed errors here, so no
@@ -77,7 +90,8 @@ class ModelEntry:
     client: Any
 
 
-_KIND_ENDPOINT = {"chat": "chat and completions", "embedding": "embeddings", "image": "image generation"}
+_KIND_ENDPOINT = {"chat": "chat, completions and tokenize", "embedding": "embeddings, rerank and score",
+                  "image": "image generation", "rerank": "rerank and score"}
 
 
 class ModelRegistry:
@@ -85,15 +99,19 @@ class ModelRegistry:
         self.entries = entries
         self._cards: Optional[list[ModelCard]] = None
 
-    def get(self, model_id: Optional[str], kind: str) -> ModelEntry:
-        if model_id is None:   # images may omit `model`: take the first image model
-            model_id = next((k for k, e in self.entries.items() if e.cfg.kind == kind), None)
+    def get(self, model_id: Optional[str], kind: Union[str, tuple[str, ...]]) -> ModelEntry:
+        """The entry serving `model_id` for an endpoint that takes models of `kind` (one kind, or
+        several in order of preference). Endpoints whose `model` is optional pass None: the first
+        model configured of the first kind that has one answers."""
+        kinds = (kind,) if isinstance(kind, str) else kind
+        if model_id is None:
+            model_id = next((k for want in kinds for k, e in self.entries.items() if e.cfg.kind == want), None)
             if model_id is None:
-                raise ModelNotFoundError(f"No {kind} model is configured.", param="model")
+                raise ModelNotFoundError(f"No {' or '.join(kinds)} model is configured.", param="model")
         entry = self.entries.get(model_id)
         if entry is None:
             raise ModelNotFoundError(f"The model `{model_id}` does not exist or you do not have access to it.")
-        if entry.cfg.kind != kind:
+        if entry.cfg.kind not in kinds:
             raise InvalidRequestError(
                 f"The model `{model_id}` is a {entry.cfg.kind} model and serves {_KIND_ENDPOINT[entry.cfg.kind]} "
                 f"only, not this endpoint.", param="model", code="model_not_supported")

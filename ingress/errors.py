@@ -129,8 +129,8 @@ def _param(loc: list) -> str:
     for p in loc:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif "[" in str(p) or str(p).startswith(("list", "str", "int", "function-")):
-            continue   # pydantic union-branch labels
+        elif "[" in str(p) or str(p) in ("str", "int", "float", "bool") or str(p).startswith("function-"):
+            continue   # pydantic union-branch labels (never a field such as `stream_options`)
         else:
             out += ("." if out else "") + str(p)
     return out or "body"

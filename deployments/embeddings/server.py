@@ -12,6 +12,7 @@ from ray import serve
 
 from deployments.config import EmbeddingModelConfig
 from deployments.errors import InvalidRequestError, ModelHubError
+from deployments.loading import loading
 from deployments.threads import ModelThread
 from deployments.types import EmbedRequest, EmbedResult, ModelCard
 
@@ -21,7 +22,9 @@ class EmbeddingServer:
         from deployments.embeddings.encoder import Encoder
         self.cfg = model_cfg
         self._model_thread = ModelThread("encoder")   # loads and encodes: one OpenMP pool (threads.py)
-        self.encoder = self._model_thread.run(encoder_factory or Encoder.load, model_cfg.source, model_cfg.engine)
+        with loading(model_cfg):
+            self.encoder = self._model_thread.run(encoder_factory or Encoder.load, model_cfg.source,
+                                                  model_cfg.engine)
         # Batched per instance (a decorated method would share one queue among all instances).
         self._encode_batch = serve.batch(max_batch_size=model_cfg.engine.max_batch_size,
                                          batch_wait_timeout_s=model_cfg.engine.batch_wait_timeout_s)(self._encode)

@@ -11,9 +11,10 @@ from typing import Any, Callable, Optional
 
 from ray import serve
 
-from deployments.config import ImageModelConfig
+from deployments.config import ImageModelConfig, format_size
 from deployments.errors import InvalidRequestError
 from deployments.images.jobs import Cancelled, ImageJob, group_by_key
+from deployments.loading import loading
 from deployments.threads import ModelThread
 from deployments.types import ImageRequest, ImageResult, ModelCard
 
@@ -24,7 +25,8 @@ class ImageServer:
         e = model_cfg.engine
         self.cfg = model_cfg
         self._model_thread = ModelThread("pipeline")   # loads and generates: one OpenMP pool (threads.py)
-        self.pipeline = self._model_thread.run(pipeline_factory or ImagePipeline.load, model_cfg.source, e)
+        with loading(model_cfg):
+            self.pipeline = self._model_thread.run(pipeline_factory or ImagePipeline.load, model_cfg.source, e)
         # Batched per instance, not by decorating the method: a decorated method shares one queue
         # among all instances, bound to the event loop that first used it.
         self._generate_batch = serve.batch(max_batch_size=e.max_batch_size,
@@ -73,8 +75,9 @@ class ImageServer:
 def check_image_request(req: ImageRequest, cfg: ImageModelConfig) -> None:
     """Raises a 400 naming what is allowed. Shared by the ingress (early) and the replica."""
     e = cfg.engine
-    if f"{req.width}x{req.height}" not in {s.replace("*", "x") for s in e.sizes}:
-        raise InvalidRequestError(f"Invalid size '{req.width}x{req.height}' for model '{cfg.id}'. "
+    size = format_size(req.width, req.height)
+    if size not in e.sizes:
+        raise InvalidRequestError(f"Invalid size '{size}' for model '{cfg.id}'. "
                                   f"Allowed sizes: {', '.join(e.sizes)}.", param="size", code="invalid_value")
     if not 1 <= req.n <= e.max_n:
         raise InvalidRequestError(f"Invalid n={req.n} for model '{cfg.id}': it must be between 1 and {e.max_n}.",

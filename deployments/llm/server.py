@@ -14,15 +14,19 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from deployments.config import ChatModelConfig
 from deployments.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
+from deployments.loading import loading
 from deployments.types import (Choice, ChoiceDelta, GenerateChunk, GenerateRequest, GenerateResult,
-                               ModelCard)
+                               ModelCard, TokenizeRequest, TokenizeResult)
+
+LEGACY_COMPLETIONS_MAX_TOKENS = 16   # OpenAI's default max_tokens for /v1/completions
 
 
 class LLMServer:
     def __init__(self, model_cfg: ChatModelConfig, *, engine_factory: Optional[Callable] = None):
         from deployments.llm.factory import build_async_engine
         self.cfg = model_cfg
-        self.engine, self.tokenizer, self.max_model_len = (engine_factory or build_async_engine)(model_cfg)
+        with loading(model_cfg):
+            self.engine, self.tokenizer, self.max_model_len = (engine_factory or build_async_engine)(model_cfg)
         self.created = int(time.time())
         self._grammar_cache = None
         self._compile_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
@@ -36,7 +40,8 @@ class LLMServer:
 
     def card(self) -> ModelCard:
         return ModelCard(id=self.cfg.id, kind="chat", created=self.created, owned_by=self.cfg.owned_by,
-                         capabilities=["chat.completions", "completions", "tools", "logprobs", "streaming"],
+                         capabilities=["chat.completions", "completions", "tools", "logprobs", "streaming",
+                                       "tokenize"],
                          context_length=self.max_model_len)
 
     def stats(self) -> dict[str, int]:
@@ -78,6 +83,22 @@ class LLMServer:
             return
         async for chunk in _with_tool_calls(stream, prefix):
             yield chunk
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
+        """Token ids exactly as generation would see them: chat messages through the chat template
+        (with `tools` as generation offers them), or a plain prompt."""
+        if req.messages is not None:
+            from deployments.llm.prompts import render_chat
+            text, _ = render_chat(self.tokenizer, req.messages, req.tools)
+        else:
+            text = req.prompt or ""
+        ids = self.tokenizer(text, add_special_tokens=req.add_special_tokens)["input_ids"]
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return TokenizeResult(list(ids), self.max_model_len, strs)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        self._check_token_ids(tokens, "tokens")
+        return self.tokenizer.decode(tokens)
 
     # ------------------------------------------------------------------ request preparation
 
@@ -140,7 +161,7 @@ class LLMServer:
         limit = self.max_model_len
         room = limit - prompt_len
         if asked is None and room >= 1:
-            return room
+            return min(room, self._default_max_tokens(what))
         wanted = prompt_len + (asked or 1)
         if wanted > limit:
             raise ContextLengthExceededError(
@@ -148,6 +169,13 @@ class LLMServer:
                 f"{wanted} tokens ({prompt_len} in the {what}, {asked or 1} in the completion). "
                 f"Please reduce the length of the {what} or completion.", param=what)
         return asked
+
+    def _default_max_tokens(self, what: str) -> int:
+        """The configured default, else OpenAI's: no cap for chat, 16 for legacy completions."""
+        configured = self.cfg.engine.default_max_tokens
+        if configured is not None:
+            return configured
+        return LEGACY_COMPLETIONS_MAX_TOKENS if what == "prompt" else self.max_model_len
 
 
 async def _with_tool_calls(stream: AsyncIterator[GenerateChunk], prefix: str) -> AsyncIterator[GenerateChunk]:

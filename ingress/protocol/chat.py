@@ -10,7 +10,7 @@ from deployments.errors import InvalidRequestError, UnsupportedParameterError
 from deployments.types import (Choice, ChoiceDelta, GenerateRequest, SamplingParams, TokenLogprob,
                                ToolCall, ToolSpec, Usage)
 from deployments.config import RequestLimits
-from ingress.protocol.common import SamplingFields, WireModel, check_depth, over_limit
+from ingress.protocol.common import ChatNoOpFields, SamplingFields, WireModel, check_depth, over_limit
 
 
 class TextPart(WireModel):
@@ -80,7 +80,7 @@ class ResponseFormat(WireModel):
     json_schema: Optional[dict[str, Any]] = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
     messages: list[Message] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
@@ -111,6 +111,7 @@ class ChatCompletionRequest(SamplingFields):
 
     def check(self) -> None:
         self.check_common()
+        self.check_no_ops()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("The 'top_logprobs' parameter is only allowed when 'logprobs' is enabled.",
                                       param="top_logprobs")

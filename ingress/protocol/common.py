@@ -6,12 +6,12 @@ parameter this server does not implement can never be silently ignored.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from deployments.config import RequestLimits
-from deployments.errors import InvalidRequestError
+from deployments.errors import InvalidRequestError, UnsupportedParameterError
 
 _TOKEN_ID = re.compile(r"-?[0-9]{1,12}")   # ASCII only: str.isdigit also takes '²' and '١', which int() refuses
 
@@ -64,6 +64,14 @@ class SamplingFields(WireModel):
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
     user: Optional[str] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nucleus_sentinel(cls, data):
+        """`top_p: -1` means no nucleus filtering (the IONOS API documents it as the default)."""
+        if isinstance(data, dict) and type(data.get("top_p")) in (int, float) and data["top_p"] == -1:
+            return {**data, "top_p": 1.0}
+        return data
+
     @field_validator("model")
     @classmethod
     def _model_given(cls, v: str) -> str:
@@ -108,3 +116,35 @@ class SamplingFields(WireModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatNoOpFields(WireModel):
+    """Current OpenAI chat fields that cannot change what this server generates, accepted as
+    documented no-ops (docs/openai-compat.md). A value that asks for a behaviour this server lacks
+    (storing the completion, audio output, a paid service tier) is refused naming the field."""
+
+    store: Optional[StrictBool] = None
+    metadata: Optional[dict[str, str]] = None
+    safety_identifier: Optional[str] = Field(None, max_length=64)
+    prompt_cache_key: Optional[str] = None
+    prompt_cache_retention: Optional[Literal["in_memory", "24h"]] = None
+    service_tier: Optional[str] = None
+    modalities: Optional[list[Literal["text", "audio"]]] = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, v):
+        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+            raise ValueError("metadata holds at most 16 pairs, keys up to 64 and values up to 512 characters")
+        return v
+
+    def check_no_ops(self) -> None:
+        if self.store:
+            raise UnsupportedParameterError("'store': true is not supported: this server keeps no completions.",
+                                            param="store")
+        if self.service_tier not in (None, "auto", "default"):
+            raise UnsupportedParameterError(f"service_tier {self.service_tier!r} is not supported; this server has "
+                                            "one tier ('auto' or 'default').", param="service_tier")
+        if self.modalities is not None and self.modalities != ["text"]:
+            raise UnsupportedParameterError("Only text output is supported: 'modalities' must be [\"text\"].",
+                                            param="modalities")

@@ -15,7 +15,7 @@ PromptInput = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[Stric
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: Optional[int] = Field(16, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=1)   # None: the model's default_max_tokens, else 16
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     echo: Optional[StrictBool] = False
     best_of: Optional[int] = Field(None, ge=0, le=20)

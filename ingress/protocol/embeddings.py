@@ -15,7 +15,7 @@ EmbeddingInput = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[St
 
 
 class EmbeddingRequest(WireModel):
-    model: str = Field(min_length=1)
+    model: Optional[str] = Field(None, min_length=1)   # omitted: the first embedding model configured
     input: EmbeddingInput
     encoding_format: Optional[Literal["float", "base64"]] = "float"
     dimensions: Optional[int] = Field(None, ge=1)

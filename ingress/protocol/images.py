@@ -34,6 +34,6 @@ class ImageGenerationRequest(WireModel):
         parsed = parse_size(size)
         if parsed is None:
             raise InvalidRequestError(f"Invalid size '{size}'. Allowed sizes: {', '.join(allowed)} "
-                                      "(written WxH or W*H).", param="size", code="invalid_value")
+                                      "(written W*H; WxH is accepted too).", param="size", code="invalid_value")
         return ImageRequest(self.prompt, self.n or 1, parsed[0], parsed[1], self.seed, self.negative_prompt,
                             self.num_inference_steps, self.guidance_scale)

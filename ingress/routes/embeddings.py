@@ -18,8 +18,9 @@ async def embeddings(request: Request):
     request.state.model = body.model
     state = request.app.state
     entry = state.registry.get(body.model, "embedding")
+    request.state.model = entry.cfg.id   # `model` may be omitted
     state.log_prompt(request, body.input)
     result = await bounded(request, entry.client.embed(body.to_embed_request()))
     request.state.usage = Usage(result.prompt_tokens, 0)
-    payload = embedding_response(result.embeddings, body.model, result.prompt_tokens, body.encoding_format or "float")
+    payload = embedding_response(result.embeddings, entry.cfg.id, result.prompt_tokens, body.encoding_format or "float")
     return Response(dumps(payload), media_type="application/json")

@@ -6,6 +6,7 @@ import base64
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from deployments.config import format_size
 from deployments.errors import NotFoundError
 from deployments.images.server import check_image_request
 from ingress.pipeline import bounded, json_response, now, parse_body
@@ -22,6 +23,7 @@ async def generate_images(request: Request):
     request.state.model = body.model
     state = request.app.state
     entry = state.registry.get(body.model, "image")
+    request.state.model = entry.cfg.id   # `model` may be omitted
     sizes = entry.cfg.engine.sizes
     ireq = body.to_image_request(sizes[0], sizes)
     check_image_request(ireq, entry.cfg)
@@ -33,7 +35,7 @@ async def generate_images(request: Request):
         stored = await state.image_store.put.remote(result.pngs)
         base = state.public_url or str(request.base_url).rstrip("/")
         data = [{"url": f"{base}{FILES_PATH}/{token}.png"} for token, _ in stored]
-    return json_response({"created": now(), "data": data, "size": f"{ireq.width}x{ireq.height}",
+    return json_response({"created": now(), "data": data, "size": format_size(ireq.width, ireq.height),
                           "output_format": "png"}, request)
 
 

@@ -25,7 +25,7 @@ def test_models_describe_what_each_model_is(client):
     models = {m.id: m.model_extra for m in client.models.list().data}
     assert models[CHAT]["kind"] == "chat" and models[CHAT]["context_length"] == 8192
     assert models[EMB]["embedding_dimensions"] == 384
-    assert "64x64" in models[IMG]["image_sizes"]
+    assert "64*64" in models[IMG]["image_sizes"]        # sizes are shown W*H, as the IONOS API writes them
     assert client.models.retrieve(CHAT).id == CHAT
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no/such-model")

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 import numpy as np
 
 from deployments.types import (Choice, ChoiceDelta, EmbedResult, GenerateChunk, GenerateResult, ImageResult,
-                               ModelCard, TokenLogprob, ToolCall, ToolCallDelta, Usage)
+                               ModelCard, ScoreResult, TokenizeResult, TokenLogprob, ToolCall, ToolCallDelta, Usage)
 
 
 class ByteTokenizer:
@@ -90,6 +90,27 @@ class FakeChatClient:
             yield GenerateChunk([ChoiceDelta(i, c, lp, "stop" if last else None) for i in range(req.sampling.n)],
                                 Usage(3, len(text) * req.sampling.n) if last else None)
             await asyncio.sleep(0)
+
+
+    async def tokenize(self, req) -> TokenizeResult:
+        self.requests.append(req)
+        text = req.prompt if req.messages is None else "".join(m["content"] for m in req.messages)
+        ids = list(text.encode())
+        return TokenizeResult(ids, 128, [chr(i) for i in ids] if req.return_token_strs else None)
+
+    async def detokenize(self, tokens) -> str:
+        return bytes(tokens).decode()
+
+
+class FakeRerankClient:
+    """Scores a pair by the words its two texts share."""
+
+    async def card(self) -> ModelCard:
+        return ModelCard(id="fake-rerank", kind="rerank", created=1, capabilities=["rerank", "score"])
+
+    async def score(self, req) -> ScoreResult:
+        scores = [float(len(set(q.split()) & set(d.split()))) for q, d in req.pairs]
+        return ScoreResult(scores, sum(len(q) + len(d) for q, d in req.pairs))
 
 
 class FakeEmbedClient:

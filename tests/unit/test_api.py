@@ -291,7 +291,7 @@ def test_image_size_error_lists_allowed_sizes():
     async def go():
         async with raw_client(make_app()) as h:
             return await h.post("/v1/images/generations", json={"model": IMG, "prompt": "p", "size": "1x1"})
-    assert "64x64, 32x32" in run(go()).json()["error"]["message"]
+    assert "64*64, 32*32" in run(go()).json()["error"]["message"]
 
 
 def test_invalid_json_is_400_not_422():
@@ -343,3 +343,110 @@ def test_api_keys_checked_in_one_place(monkeypatch):
     assert len(ok.data) == 3
     assert missing.status_code == 401 and "API key" in missing.json()["error"]["message"]
     assert health.status_code == 200
+
+
+def test_top_p_minus_one_means_no_nucleus_filtering_and_other_negatives_stay_400():
+    fake = FakeChatClient()
+    async def go():
+        async with raw_client(make_app(fake)) as h:
+            ok = await h.post("/v1/chat/completions", json={"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+                                                            "top_p": -1})
+            legacy = await h.post("/v1/completions", json={"model": CHAT, "prompt": "x", "top_p": -1.0})
+            bad = await h.post("/v1/chat/completions", json={"model": CHAT, "top_p": -0.5,
+                                                             "messages": [{"role": "user", "content": "x"}]})
+            return ok, legacy, bad
+    ok, legacy, bad = run(go())
+    assert ok.status_code == 200 and legacy.status_code == 200
+    assert [r.sampling.top_p for r in fake.requests] == [1.0, 1.0]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_p"
+    assert bad.json()["error"]["code"] == "decimal_below_min_value"
+
+
+def test_embeddings_without_model_are_answered_by_the_first_embedding_model():
+    async def go():
+        async with raw_client(make_app()) as h:
+            return await h.post("/v1/embeddings", json={"input": "abc", "encoding_format": "float"})
+    r = run(go())
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == EMB and r.json()["data"][0]["embedding"] == [3.0] * 8
+
+
+def test_completions_leave_the_default_length_to_the_model():
+    fake = FakeChatClient()
+    async def go():
+        async with raw_client(make_app(fake)) as h:
+            return await h.post("/v1/completions", json={"model": CHAT, "prompt": "x"})
+    assert run(go()).status_code == 200
+    assert fake.requests[0].sampling.max_tokens is None    # the model's default_max_tokens, else OpenAI's 16
+
+
+def test_image_response_and_size_errors_write_sizes_w_star_h():
+    async def go():
+        async with raw_client(make_app()) as h:
+            ok = await h.post("/v1/images/generations", json={"model": IMG, "prompt": "p", "size": "32x32",
+                                                              "response_format": "b64_json"})
+            bad = await h.post("/v1/images/generations", json={"model": IMG, "prompt": "p", "size": "16*16"})
+            return ok, bad
+    ok, bad = run(go())
+    assert ok.json()["size"] == "32*32"
+    assert bad.json()["error"]["message"].startswith("Invalid size '16*16'")
+
+
+def test_version_and_utility_endpoints_sit_behind_the_same_auth(monkeypatch):
+    from ingress.routes.version import server_version
+    monkeypatch.setenv("TEST_MODELHUB_KEYS", "k1")
+    app = make_app(api_keys_env="TEST_MODELHUB_KEYS")
+    async def go():
+        async with raw_client(app) as h:
+            denied = [await h.post(p, json={}) for p in ("/tokenize", "/detokenize", "/v1/rerank", "/v1/score")]
+            denied.append(await h.get("/version"))
+            ok = await h.get("/version", headers={"Authorization": "Bearer k1"})
+            return denied, ok
+    denied, ok = run(go())
+    assert [r.status_code for r in denied] == [401] * 5
+    assert ok.status_code == 200 and ok.json() == {"version": server_version()}
+
+
+def test_openai_fields_that_cannot_change_the_output_are_accepted_as_no_ops():
+    no_ops = {"store": False, "metadata": {"team": "search"}, "safety_identifier": "u-1", "prompt_cache_key": "k",
+              "prompt_cache_retention": "24h", "service_tier": "auto", "modalities": ["text"]}
+    async def go():
+        async with raw_client(make_app()) as h:
+            return await h.post("/v1/chat/completions", json={"model": CHAT, "messages": [{"role": "user", "content": "ab"}],
+                                                              **no_ops})
+    r = run(go())
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "ba"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("store", True), ("service_tier", "priority"), ("modalities", ["text", "audio"]), ("audio", {"voice": "x"}),
+    ("reasoning_effort", "low"), ("verbosity", "low"), ("prediction", {"type": "content", "content": "x"}),
+    ("web_search_options", {}), ("functions", [{"name": "f"}]), ("function_call", "auto"),
+    ("metadata", {f"k{i}": "v" for i in range(17)}),
+])
+def test_openai_fields_that_would_change_the_output_are_400_naming_them(field, value):
+    async def go():
+        async with raw_client(make_app()) as h:
+            return await h.post("/v1/chat/completions", json={"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+                                                              field: value})
+    r = run(go())
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
+    ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0]"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+     "messages[0].content"),
+])
+def test_openai_features_the_compat_table_lists_as_refused_are_400(extra, param):
+    async def go():
+        async with raw_client(make_app()) as h:
+            return await h.post("/v1/chat/completions", json={
+                "model": CHAT, "messages": [{"role": "user", "content": "x"}], **extra})
+    r = run(go())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith(param), r.json()

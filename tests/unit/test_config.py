@@ -16,8 +16,8 @@ def test_default_serve_config_is_valid():
     app = cfg["applications"][0]
     assert app["import_path"] == "ingress.app:build_app"
     parsed = parse_app_config(app["args"])
-    assert [m.kind for m in parsed.models] == ["chat", "embedding", "image"]
-    assert "random" in parsed.models[2].id
+    assert [m.kind for m in parsed.models] == ["chat", "embedding", "image", "rerank"]
+    assert "random" in parsed.models[2].id and "random" in parsed.models[3].id   # built in code: named random
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -29,7 +29,7 @@ def test_default_serve_config_is_valid():
     ({"models": [], "ingres": {}}, "did you mean 'ingress'?"),
     ({"models": [{"id": "a", "kind": "chat", "source": "x", "engine": {"tensor_parallel_size": 0}}]},
      "tensor_parallel_size"),
-    ({"models": [{"id": "a", "kind": "image", "source": "x", "engine": {"sizes": ["huge"]}}]}, "WIDTHxHEIGHT"),
+    ({"models": [{"id": "a", "kind": "image", "source": "x", "engine": {"sizes": ["huge"]}}]}, "WIDTH*HEIGHT"),
     ({"models": [{"id": "a", "kind": "chat", "source": "x"}, {"id": "a", "kind": "chat", "source": "y"}]},
      "appears twice"),
     ({"models": [{"id": "a", "kind": "chat", "source": "x", "engine": {"batch_invariant": True, "device": "cuda"}}]},
@@ -79,3 +79,9 @@ def test_a_tensor_parallel_chat_model_asks_serve_for_one_bundle_per_rank_on_one_
     replica = model_deployment(cfg.models[0])._bound_deployment._replica_config
     assert replica.placement_group_bundles == [{"CPU": 0.5, "GPU": 1}] * 3
     assert replica.placement_group_strategy == "STRICT_PACK"
+
+
+def test_image_sizes_are_shown_w_star_h_however_written():
+    cfg = parse_app_config({"models": [{"id": "i", "kind": "image", "source": "builtin:x",
+                                        "engine": {"sizes": ["512x256", "64*64"]}}]})
+    assert cfg.models[0].engine.sizes == ["512*256", "64*64"]

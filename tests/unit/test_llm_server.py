@@ -16,9 +16,9 @@ from tests.unit.fakes import ByteTokenizer, tiny_llama
 MODEL = tiny_llama()
 
 
-def make_server(max_num_seqs=4, max_waiting=4, max_model_len=64) -> LLMServer:
+def make_server(max_num_seqs=4, max_waiting=4, max_model_len=64, **engine) -> LLMServer:
     cfg = ChatModelConfig(id="tiny", kind="chat", source="x",
-                          engine={"max_num_seqs": max_num_seqs, "max_waiting": max_waiting})
+                          engine={"max_num_seqs": max_num_seqs, "max_waiting": max_waiting, **engine})
 
     def factory(_cfg):
         tok = ByteTokenizer()
@@ -93,6 +93,25 @@ def test_context_length_checks():
     assert "maximum context length is 64 tokens" in errors[0].message
     prompt_len = clamped.usage.prompt_tokens
     assert clamped.usage.completion_tokens <= 64 - prompt_len
+
+
+NO_EOS = {256: -100.0}   # ByteTokenizer's EOS: generation runs to its length limit
+
+
+def test_default_generation_length_is_openais_unless_configured():
+    def lengths(server):
+        async def go():
+            chat_result = await server.generate(chat(content="x" * 20, max_tokens=None, logit_bias=NO_EOS))
+            legacy = await server.generate(GenerateRequest("c", SamplingParams(temperature=0.0, logit_bias=NO_EOS),
+                                                           prompts=["x" * 20]))
+            return chat_result.usage, legacy.usage.completion_tokens
+        return asyncio.run(go())
+    chat_usage, legacy = lengths(make_server(max_model_len=64))
+    assert chat_usage.total_tokens == 64 and legacy == 16      # chat: the whole window; completions: 16
+    chat_usage, legacy = lengths(make_server(max_model_len=64, default_max_tokens=5))
+    assert chat_usage.completion_tokens == 5 and legacy == 5
+    chat_usage, _ = lengths(make_server(max_model_len=64, default_max_tokens=1000))
+    assert chat_usage.total_tokens == 64                       # a default is clamped, never a 400
 
 
 def test_bad_token_ids_and_n_are_400():

@@ -1,0 +1,87 @@
+"""POST /tokenize and /detokenize in vLLM's shapes: a plain prompt or chat messages in, token ids
+(and optionally their strings) out; token ids in, text out.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import Field, StrictBool, StrictInt
+
+from deployments.errors import UnsupportedParameterError
+from deployments.types import TokenizeRequest, TokenizeResult, ToolSpec
+from ingress.protocol.chat import Message, Tool
+from deployments.config import RequestLimits
+from ingress.protocol.common import WireModel, over_limit
+
+
+class TokenizeCompletionRequest(WireModel):
+    model: Optional[str] = Field(None, min_length=1)   # omitted: the first chat model configured
+    prompt: str
+    add_special_tokens: StrictBool = True
+    return_token_strs: Optional[StrictBool] = False
+
+    def check(self) -> None:
+        pass
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        if len(self.prompt) > limits.max_prompt_chars:
+            raise over_limit("prompt", "the prompt's length in characters", limits.max_prompt_chars,
+                             "max_prompt_chars")
+
+    def to_tokenize_request(self) -> TokenizeRequest:
+        return TokenizeRequest(prompt=self.prompt, add_special_tokens=self.add_special_tokens,
+                               return_token_strs=bool(self.return_token_strs))
+
+
+class TokenizeChatRequest(WireModel):
+    model: Optional[str] = Field(None, min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    tools: Optional[list[Tool]] = None
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False   # the chat template already has them, as in generation
+    return_token_strs: Optional[StrictBool] = False
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        if len(self.messages) > limits.max_messages:
+            raise over_limit("messages", "the number of messages", limits.max_messages, "max_messages")
+        if sum(m.text_length() for m in self.messages) > limits.max_prompt_chars:
+            raise over_limit("messages", "the prompt's length in characters", limits.max_prompt_chars,
+                             "max_prompt_chars")
+        if len(self.tools or ()) > limits.max_tools:
+            raise over_limit("tools", "the number of tools", limits.max_tools, "max_tools")
+
+    def check(self) -> None:
+        """Generation always renders the assistant's turn opening; tokenizing anything else would
+        count tokens generation never sees, so those options are refused rather than ignored."""
+        if not self.add_generation_prompt:
+            raise UnsupportedParameterError("'add_generation_prompt': false is not supported by this server.",
+                                            param="add_generation_prompt")
+        if self.continue_final_message:
+            raise UnsupportedParameterError("'continue_final_message' is not supported by this server.",
+                                            param="continue_final_message")
+
+    def to_tokenize_request(self) -> TokenizeRequest:
+        tools = ToolSpec([t.model_dump(exclude_none=True) for t in self.tools]) if self.tools else None
+        return TokenizeRequest(messages=[m.model_dump(exclude_none=True) for m in self.messages], tools=tools,
+                               add_special_tokens=self.add_special_tokens,
+                               return_token_strs=bool(self.return_token_strs))
+
+
+class TokenizeBody:
+    """Picks the request model the way vLLM does: a body with `messages` is a chat request."""
+
+    @staticmethod
+    def model_validate(data: dict[str, Any]):
+        model = TokenizeChatRequest if "messages" in data else TokenizeCompletionRequest
+        return model.model_validate(data)
+
+
+class DetokenizeRequest(WireModel):
+    model: Optional[str] = Field(None, min_length=1)
+    tokens: list[StrictInt]
+
+
+def tokenize_json(result: TokenizeResult) -> dict[str, Any]:
+    return {"count": len(result.tokens), "max_model_len": result.max_model_len, "tokens": result.tokens,
+            "token_strs": result.token_strs}
