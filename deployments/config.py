@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deployments.types import ModelCard
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -270,6 +272,10 @@ class _ModelBase(StrictModel):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions,
                                           description="Ray Serve options of this model's deployment.")
     owned_by: str = Field("modelhub", description="`owned_by` in /v1/models.")
+    cold_start_timeout_s: float = Field(
+        120.0, gt=0, description="With autoscaling_config.min_replicas 0: how long a request to the model at zero "
+                                 "replicas waits for one to start; then it gets 503 with Retry-After (its cold start "
+                                 "goes on). Set it above the model's cold start (docs/operations.md).")
 
     @model_validator(mode="after")
     def _autoscaling_kind_defaults(self):
@@ -281,6 +287,11 @@ class _ModelBase(StrictModel):
     def autoscaling_defaults(self) -> dict[str, Any]:
         """What this kind's autoscaling fields default to when the config leaves them unset."""
         return {}
+
+    def card(self, created: int) -> ModelCard:
+        """What /v1/models shows, from the config alone (the deployment adds what only the loaded
+        model knows: a chat model's context length without max_model_len, an embedding's dimensions)."""
+        raise NotImplementedError
 
     @property
     def min_replicas(self) -> int:
@@ -298,6 +309,11 @@ class ChatModelConfig(_ModelBase):
         return {"target_ongoing_requests": max(1, self.engine.max_num_seqs // 2),
                 "upscale_delay_s": 15.0, "downscale_delay_s": 300.0}
 
+    def card(self, created: int) -> ModelCard:
+        return ModelCard(id=self.id, kind="chat", created=created, owned_by=self.owned_by,
+                         capabilities=["chat.completions", "completions", "tools", "logprobs", "streaming"],
+                         context_length=self.engine.max_model_len)
+
 
 class EmbeddingModelConfig(_ModelBase):
     kind: Literal["embedding"]
@@ -308,6 +324,10 @@ class EmbeddingModelConfig(_ModelBase):
         return {"target_ongoing_requests": max(1, self.engine.max_batch_size // 2),
                 "upscale_delay_s": 10.0, "downscale_delay_s": 120.0}
 
+    def card(self, created: int) -> ModelCard:
+        return ModelCard(id=self.id, kind="embedding", created=created, owned_by=self.owned_by,
+                         capabilities=["embeddings"])
+
 
 class ImageModelConfig(_ModelBase):
     kind: Literal["image"]
@@ -317,6 +337,11 @@ class ImageModelConfig(_ModelBase):
         # One batch runs while the next gathers: more in flight than that waits seconds per request.
         return {"target_ongoing_requests": self.engine.max_batch_size,
                 "upscale_delay_s": 10.0, "downscale_delay_s": 300.0}
+
+    def card(self, created: int) -> ModelCard:
+        return ModelCard(id=self.id, kind="image", created=created, owned_by=self.owned_by,
+                         capabilities=["images.generations"], image_sizes=list(self.engine.sizes),
+                         max_images=self.engine.max_n)
 
 
 ModelConfig = Annotated[Union[ChatModelConfig, EmbeddingModelConfig, ImageModelConfig],

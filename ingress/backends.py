@@ -6,13 +6,17 @@ the whole HTTP layer runs without Ray. A caller that goes away cancels the downs
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Protocol
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol
 
 from deployments.config import ModelConfig
 from deployments.errors import InvalidRequestError, ModelNotFoundError
 from deployments.types import (EmbedRequest, EmbedResult, GenerateChunk, GenerateRequest, GenerateResult,
                                ImageRequest, ImageResult, ModelCard)
+
+logger = logging.getLogger(__name__)
 
 
 class ModelClient(Protocol):
@@ -55,6 +59,15 @@ class HandleClient:
         return await _call(self.handle.generate.remote(req))
 
 
+def model_client(model_id: str, kind: str, app_name: str = "modelhub") -> HandleClient:
+    """Typed access to one model for any Ray job on the cluster (after `ray.init(address=...)`): the
+    same deployments.types requests and results the ingress sends, no HTTP. docs/operations.md."""
+    from ray import serve
+
+    from deployments.builder import deployment_name
+    return HandleClient(serve.get_deployment_handle(deployment_name(model_id, kind), app_name=app_name))
+
+
 async def _call(response: Any) -> Any:
     try:
         return await response
@@ -69,13 +82,28 @@ class ModelEntry:
     client: Any
 
 
+def _needs_details(cfg: ModelConfig) -> bool:
+    """Whether the card lacks what only the loaded model knows."""
+    return cfg.kind == "embedding" or (cfg.kind == "chat" and cfg.engine.max_model_len is None)
+
+
 _KIND_ENDPOINT = {"chat": "chat and completions", "embedding": "embeddings", "image": "image generation"}
 
 
 class ModelRegistry:
-    def __init__(self, entries: dict[str, ModelEntry]):
+    """The configured models. /v1/models lists them from their configs; what only a loaded model knows
+    (context length, embedding dimensions) is asked of a running replica once and cached, and never of
+    a model that may be at zero replicas until it is up, so listing models never wakes one."""
+
+    def __init__(self, entries: dict[str, ModelEntry], *, replicas: Optional[Callable[[], Awaitable[dict]]] = None,
+                 details_timeout_s: float = 5.0):
+        """`replicas()`: {model id: {"running_replicas": n, ...}} from Serve (readiness.py); None: every
+        model counts as running (tests without Ray)."""
         self.entries = entries
-        self._cards: Optional[list[ModelCard]] = None
+        self.replicas = replicas
+        self.details_timeout_s = details_timeout_s
+        self.created = int(time.time())
+        self._details: dict[str, ModelCard] = {}
 
     def get(self, model_id: Optional[str], kind: str) -> ModelEntry:
         if model_id is None:   # images may omit `model`: take the first image model
@@ -92,10 +120,30 @@ class ModelRegistry:
         return entry
 
     async def cards(self) -> list[ModelCard]:
-        if self._cards is None:
-            cards = await asyncio.gather(*(e.client.card() for e in self.entries.values()))
-            self._cards = list(cards)
-        return self._cards
+        missing = [e for model_id, e in self.entries.items() if model_id not in self._details and _needs_details(e.cfg)]
+        if missing:
+            await asyncio.gather(*(self._fetch_details(e) for e in await self._running(missing)))
+        return [self._card(model_id, e) for model_id, e in self.entries.items()]
+
+    def _card(self, model_id: str, entry: ModelEntry) -> ModelCard:
+        card = entry.cfg.card(self.created)
+        details = self._details.get(model_id)
+        if details is None:
+            return card
+        return replace(card, context_length=details.context_length, embedding_dimensions=details.embedding_dimensions)
+
+    async def _running(self, entries: list[ModelEntry]) -> list[ModelEntry]:
+        """The entries whose card() can be asked without waking a model: those never at zero, and those
+        Serve reports with a running replica."""
+        counts = await self.replicas() if self.replicas is not None and any(e.cfg.min_replicas == 0 for e in entries) else {}
+        return [e for e in entries if e.cfg.min_replicas > 0 or counts.get(e.cfg.id, {}).get("running_replicas", 1) > 0]
+
+    async def _fetch_details(self, entry: ModelEntry) -> None:
+        """A model still loading (or lost) leaves its card as the config has it; the next listing asks again."""
+        try:
+            self._details[entry.cfg.id] = await asyncio.wait_for(entry.client.card(), self.details_timeout_s)
+        except Exception:   # noqa: BLE001 - the listing stands on the config; the model's own errors show on use
+            logger.warning("model %s did not give its details; listing it from its config", entry.cfg.id, exc_info=True)
 
     async def card(self, model_id: str) -> ModelCard:
         for c in await self.cards():
