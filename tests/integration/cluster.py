@@ -52,7 +52,9 @@ class LocalCluster:
         self.root = pathlib.Path(tempfile.mkdtemp(prefix="mh-", dir="/tmp"))   # short: unix socket paths
         self.names, self.cpus = nodes, cpus
         self.gcs_port, self.dashboard_port, self.serve_port = free_port(), free_port(), free_port()
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+        # Ray token auth off on this throwaway localhost cluster (a head would otherwise turn it on when
+        # ~/.ray/auth_token exists, and a worker started without the token could not join).
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
         self.env.pop("RAY_ADDRESS", None)
 
     @property
@@ -77,20 +79,26 @@ class LocalCluster:
         return self
 
     def _ray_start(self, name: str, *args: str) -> None:
-        subprocess.run([str(BIN / "ray"), "start", *args, f"--temp-dir={self.root / name}",
-                        f"--num-cpus={self.cpus}", "--num-gpus=0", f"--resources={json.dumps({name: 100})}",
-                        "--node-ip-address=127.0.0.1",
-                        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                        "--disable-usage-stats"],
-                       env=self.env, check=True, capture_output=True, timeout=180)
+        done = subprocess.run(
+            [str(BIN / "ray"), "start", *args, f"--temp-dir={self.root / name}", f"--num-cpus={self.cpus}",
+             "--num-gpus=0", f"--resources={json.dumps({name: 100})}", "--node-ip-address=127.0.0.1",
+             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}", "--disable-usage-stats"],
+            env=self.env, capture_output=True, text=True, timeout=180)
+        if done.returncode != 0:
+            raise RuntimeError(f"ray start for node {name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
 
     def stop(self) -> None:
-        """Kills every process whose command line names this cluster's temp dir (raylets, GCS, workers,
-        agents, dashboard), then removes the dir. Runs on failure too (the fixture's finally)."""
+        """Kills every process whose command line names this cluster's temp dir (raylets, GCS, agents,
+        dashboard) and their children (workers), then removes the dir. Runs on failure too (the fixture's finally)."""
         import psutil
-        mine = [p for p in psutil.process_iter(["cmdline"]) if str(self.root) in " ".join(p.info["cmdline"] or [])]
+        mine = {p for p in psutil.process_iter(["cmdline"]) if str(self.root) in " ".join(p.info["cmdline"] or [])}
+        for p in list(mine):   # workers retitle themselves (ray::...): found as the raylets' children
+            try:
+                mine.update(p.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
         for p in mine:
             try:
                 p.send_signal(signal.SIGKILL)
