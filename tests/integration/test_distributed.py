@@ -9,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -135,7 +136,6 @@ class Load:
         self._thread = None
 
     def __enter__(self) -> "Load":
-        import threading
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),), daemon=True)
         self._thread.start()
@@ -194,12 +194,27 @@ def tp_app(name: str, strategy: str) -> dict:
         "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.05, "resources": {"head": 1}}}}}}
 
 
+def cold_chat_app(temperature: float = 0.2) -> dict:
+    """SmolLM2 alone, scaled to zero when idle, in its own application (its own ingress at /cold-chat)."""
+    chat = default_app_args()["models"][0]
+    chat["engine"].update(num_threads=1, max_num_seqs=4, default_temperature=temperature)
+    chat["deployment"] = {"ray_actor_options": {"num_cpus": 0.25, "resources": {"worker": 1}},
+                          "graceful_shutdown_timeout_s": 120,
+                          "autoscaling_config": {"min_replicas": 0, "max_replicas": 1, **FAST,
+                                                 "downscale_to_zero_delay_s": 600}}
+    chat["cold_start_timeout_s"] = 600
+    return {"name": "cold-chat", "route_prefix": "/cold-chat", "import_path": "ingress.app:build_app",
+            "args": {"models": [chat], "ingress": {"deployment": {
+                "graceful_shutdown_timeout_s": 120, "ray_actor_options": {"num_cpus": 0.05, "resources": {"head": 1}}}}}}
+
+
 def test_tensor_parallel_ranks_follow_the_strategy_and_an_untouched_app_keeps_serving(cluster):
     from ray.util.state import list_placement_groups
     kept = {r["replica_id"] for dep in (CHAT_DEP, "Ingress") for r in cluster.replicas(APP, dep)}
     with Load(cluster.url, concurrency=2, max_tokens=8) as load:
-        cluster.deploy(serve_config(cluster, [tp_app("tp-pack", "STRICT_PACK"), tp_app("tp-spread", "SPREAD")]))
-        cluster.wait_running("tp-pack", "tp-spread", APP)
+        cluster.deploy(serve_config(cluster, [tp_app("tp-pack", "STRICT_PACK"), tp_app("tp-spread", "SPREAD"),
+                                              cold_chat_app()]))
+        cluster.wait_running("tp-pack", "tp-spread", "cold-chat", APP)
     assert load.statuses and set(load.statuses) == {200}   # the unchanged app served all along...
     assert {r["replica_id"] for dep in (CHAT_DEP, "Ingress") for r in cluster.replicas(APP, dep)} == kept   # ...unrestarted
     pgs = list_placement_groups(address=cluster.dashboard, detail=True, filters=[("state", "=", "CREATED")])
@@ -214,5 +229,48 @@ def test_tensor_parallel_ranks_follow_the_strategy_and_an_untouched_app_keeps_se
             "model": name, "max_tokens": 8, "temperature": 0,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
         assert reply.status_code == 200 and "Paris" in reply.json()["choices"][0]["message"]["content"], reply.text
+
+
+def stream_chat(url: str, max_tokens: int, first: threading.Event, out: dict) -> None:
+    """One streamed chat request; records the status, time to first byte, finish reason and chunks."""
+    start = time.monotonic()
+    body = {"model": CHAT, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}]}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as reply:
+        out["status"] = reply.status_code
+        for line in reply.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            out.setdefault("first_byte_s", time.monotonic() - start)
+            first.set()
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                out["completion_tokens"] = chunk["usage"]["completion_tokens"]
+            for choice in chunk["choices"]:
+                out["finish_reason"] = choice.get("finish_reason") or out.get("finish_reason")
+    first.set()
+
+
+def test_a_chat_model_cold_starts_and_an_update_drains_it_while_the_other_app_keeps_serving(cluster):
+    url = f"{cluster.url}/cold-chat"
+    assert cluster.replicas("cold-chat", CHAT_DEP, state=None) == []   # idle since deployed: still at zero
+    cold, first = {}, threading.Event()
+    stream_chat(url, 4, first, cold)
+    assert cold["status"] == 200 and cold["completion_tokens"] == 4
+    print(f"\ncold start, SmolLM2 from zero to first byte: {cold['first_byte_s']:.1f} s")
+    old = {r["replica_id"] for r in cluster.replicas("cold-chat", CHAT_DEP)}
+    kept = {r["replica_id"] for dep in (CHAT_DEP, EMB_DEP, IMG_DEP, "Ingress") for r in cluster.replicas(APP, dep)}
+    in_flight, first = {}, threading.Event()
+    stream = threading.Thread(target=stream_chat, args=(url, 96, first, in_flight))
+    with Load(cluster.url, concurrency=2, max_tokens=8) as load:
+        stream.start()
+        assert first.wait(300) and in_flight["status"] == 200
+        cluster.deploy(serve_config(cluster, [cold_chat_app(temperature=0.3)]))   # the changed model
+        stream.join(600)
+        wait_for(lambda: not old & {r["replica_id"] for r in cluster.replicas("cold-chat", CHAT_DEP, state=None)},
+                 300, "the old chat replica stopped")
+    assert in_flight["finish_reason"] == "length" and in_flight["completion_tokens"] == 96   # drained, not cut
+    assert load.statuses and set(load.statuses) == {200}
+    assert {r["replica_id"] for dep in (CHAT_DEP, EMB_DEP, IMG_DEP, "Ingress") for r in cluster.replicas(APP, dep)} == kept
     cluster.deploy(serve_config(cluster))   # back to the one app: serve deploy removes the others
-    wait_for(lambda: set(cluster.serve_details()["applications"]) == {APP}, 300, "the TP apps removed")
+    wait_for(lambda: set(cluster.serve_details()["applications"]) == {APP}, 300, "the other apps removed")
