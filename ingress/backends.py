@@ -92,11 +92,11 @@ _KIND_ENDPOINT = {"chat": "chat and completions", "embedding": "embeddings", "im
 
 class ModelRegistry:
     """The configured models. /v1/models lists them from their configs; what only a loaded model knows
-    (context length, embedding dimensions) is asked of a running replica once and cached, and never of
-    a model that may be at zero replicas until it is up, so listing models never wakes one."""
+    (context length, embedding dimensions) is asked once of a running replica and cached, never of a
+    model without one, so listing models never wakes a model at zero nor waits for one loading."""
 
     def __init__(self, entries: dict[str, ModelEntry], *, replicas: Optional[Callable[[], Awaitable[dict]]] = None,
-                 details_timeout_s: float = 5.0):
+                 details_timeout_s: float = 30.0):
         """`replicas()`: {model id: {"running_replicas": n, ...}} from Serve (readiness.py); None: every
         model counts as running (tests without Ray)."""
         self.entries = entries
@@ -133,10 +133,10 @@ class ModelRegistry:
         return replace(card, context_length=details.context_length, embedding_dimensions=details.embedding_dimensions)
 
     async def _running(self, entries: list[ModelEntry]) -> list[ModelEntry]:
-        """The entries whose card() can be asked without waking a model: those never at zero, and those
-        Serve reports with a running replica."""
-        counts = await self.replicas() if self.replicas is not None and any(e.cfg.min_replicas == 0 for e in entries) else {}
-        return [e for e in entries if e.cfg.min_replicas > 0 or counts.get(e.cfg.id, {}).get("running_replicas", 1) > 0]
+        """The entries Serve reports with a running replica: asking them wakes nothing, and a model
+        still loading is not waited for."""
+        counts = await self.replicas() if self.replicas is not None else {}
+        return [e for e in entries if counts.get(e.cfg.id, {}).get("running_replicas", 1) > 0]
 
     async def _fetch_details(self, entry: ModelEntry) -> None:
         """A model still loading (or lost) leaves its card as the config has it; the next listing asks again."""

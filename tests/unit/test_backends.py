@@ -60,11 +60,16 @@ def test_details_are_asked_once_of_a_running_model_and_cached():
 
 
 def test_a_model_slow_to_answer_is_listed_from_its_config_and_asked_again_later():
-    registry, clients, asked = _registry(scale_to_zero=False, running=1, hang=True)
+    registry, clients, _ = _registry(scale_to_zero=False, running=1, hang=True)
 
     async def twice():
         return await registry.cards(), await registry.cards()
     first, _ = asyncio.run(twice())
     assert [c.id for c in first] == ["chat", "emb", "img"] and first[0].context_length is None
     assert clients["chat"].calls == 2
-    assert not asked   # no model may be at zero: Serve is not even asked
+
+
+def test_a_model_still_loading_is_listed_from_its_config_without_waiting_for_it():
+    registry, clients, asked = _registry(scale_to_zero=False, running=0, hang=True)
+    cards = asyncio.run(registry.cards())
+    assert cards[0].id == "chat" and clients["chat"].calls == 0 and asked
