@@ -27,7 +27,8 @@ def model_deployment(cfg: ModelConfig) -> Any:
     cls = _SERVERS[cfg.kind]
     opts = cfg.deployment.serve_options(cls.default_options(cfg))
     if cfg.kind == "chat" and cfg.engine.tensor_parallel_size > 1:
-        opts.update(tp_placement(cfg.engine.tensor_parallel_size, opts["ray_actor_options"]))
+        opts.update(tp_placement(cfg.engine.tensor_parallel_size, opts["ray_actor_options"],
+                                 cfg.engine.tensor_parallel_placement))
     return serve.deployment(cls, name=deployment_name(cfg.id, cfg.kind), **opts).bind(cfg)
 
 
@@ -35,10 +36,13 @@ def image_store_deployment(ttl_s: int) -> Any:
     return serve.deployment(ImageStore, name="ImageStore", **ImageStore.default_options()).bind(ttl_s)
 
 
-def tp_placement(world: int, actor: dict[str, Any]) -> dict[str, Any]:
-    """One bundle per rank, each the replica's own resources (rank 0 runs in bundle 0), on one node."""
-    bundle = {"CPU": actor.get("num_cpus", 1)}
+def tp_placement(world: int, actor: dict[str, Any], strategy: str = "STRICT_PACK") -> dict[str, Any]:
+    """One bundle per rank, each the replica's own resources (rank 0 runs in bundle 0; custom
+    resources pin every rank to nodes that have them), placed by `strategy`."""
+    bundle = {"CPU": actor.get("num_cpus", 1), **actor.get("resources", {})}
     if actor.get("num_gpus"):
         bundle["GPU"] = actor["num_gpus"]
+    if actor.get("memory"):
+        bundle["memory"] = actor["memory"]
     return {"placement_group_bundles": [dict(bundle) for _ in range(world)],
-            "placement_group_strategy": "STRICT_PACK"}
+            "placement_group_strategy": strategy}

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deployments.types import ModelCard
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -20,15 +22,55 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+class AutoscalingOptions(StrictModel):
+    """Serve's autoscaling for one model's deployment. Fields left unset take the model kind's
+    defaults (`autoscaling_defaults` of each model config), so `autoscaling_config: {}` is enough."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 lets an idle model scale to zero "
+                                                   "(its first request then waits for a cold start).")
+    max_replicas: int = Field(4, ge=1, description="Most replicas.")
+    initial_replicas: Optional[int] = Field(
+        None, ge=0, description="Replicas at deploy time (default: min_replicas).")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Requests in flight per replica that Serve aims for (running plus queued "
+                               "at the replica); more per replica scales up, fewer scales down.")
+    upscale_delay_s: float = Field(30.0, ge=0, description="How long the load must call for more replicas "
+                                                           "before Serve adds them.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="How long the load must call for fewer "
+                                                              "replicas before Serve removes one.")
+    downscale_to_zero_delay_s: Optional[float] = Field(
+        None, ge=0, description="With min_replicas 0: how long an idle model keeps its last replica "
+                                "(default: downscale_delay_s).")
+    metrics_interval_s: float = Field(10.0, gt=0, description="How often replicas and handles report load.")
+    look_back_period_s: float = Field(30.0, gt=0, description="Window the reported load is averaged over.")
+    upscaling_factor: Optional[float] = Field(
+        None, gt=0, description="Scales each upscaling step (below 1: more cautious).")
+    downscaling_factor: Optional[float] = Field(
+        None, gt=0, description="Scales each downscaling step (below 1: more cautious).")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"initial_replicas ({self.initial_replicas}) must lie between min_replicas "
+                             f"({self.min_replicas}) and max_replicas ({self.max_replicas})")
+        return self
+
+    def with_defaults(self, defaults: dict[str, Any]) -> "AutoscalingOptions":
+        """This config with every field the user did not write taken from `defaults`."""
+        unset = {k: v for k, v in defaults.items() if k not in self.model_fields_set}
+        return AutoscalingOptions.model_validate({**self.model_dump(include=self.model_fields_set), **unset})
+
+
 class DeploymentOptions(StrictModel):
     """Ray Serve options for one deployment. Unset fields get per-kind defaults."""
 
-    num_replicas: Optional[Union[int, Literal["auto"]]] = Field(
-        None, description="Fixed replica count, or 'auto' for Serve's default autoscaling. "
-                          "Mutually exclusive with autoscaling_config.")
-    autoscaling_config: Optional[dict[str, Any]] = Field(
-        None, description="Serve autoscaling_config (min_replicas, max_replicas, "
-                          "target_ongoing_requests, ...).")
+    num_replicas: Optional[Union[Annotated[int, Field(ge=1)], Literal["auto"]]] = Field(
+        None, description="Fixed replica count; 'auto' is autoscaling_config with the kind's defaults.")
+    autoscaling_config: Optional[AutoscalingOptions] = Field(
+        None, description="Scale with the load between min_replicas and max_replicas (0 allowed: scale "
+                          "to zero). Unset fields get the model kind's defaults. Excludes num_replicas.")
     max_ongoing_requests: Optional[int] = Field(
         None, ge=1, description="Requests one replica works on at once; Serve's default of 5 "
                                 "throttles batching engines, so every kind sets its own.")
@@ -44,8 +86,10 @@ class DeploymentOptions(StrictModel):
 
     @model_validator(mode="after")
     def _one_scaling_mode(self):
-        if self.autoscaling_config is not None and self.num_replicas not in (None, "auto"):
+        if self.autoscaling_config is not None and self.num_replicas is not None:
             raise ValueError("set either num_replicas or autoscaling_config, not both")
+        if self.num_replicas == "auto":
+            self.num_replicas, self.autoscaling_config = None, AutoscalingOptions()
         return self
 
     def serve_options(self, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +153,12 @@ class LLMEngineConfig(StrictModel):
     tensor_parallel_size: int = Field(
         1, ge=1, description="Ranks one replica shards the model over (transformers' tp_plan 'auto'; the "
                              "attention heads must divide by it). Each rank gets a bundle like the "
-                             "replica's ray_actor_options (e.g. num_gpus: 1), all on one node.")
+                             "replica's ray_actor_options (e.g. num_gpus: 1), placed per tensor_parallel_placement.")
+    tensor_parallel_placement: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="Ray placement-group strategy of the ranks' bundles: STRICT_PACK keeps them on "
+                                   "one node (collectives over NVLink/shared memory; the default), SPREAD puts them "
+                                   "on as many nodes as it can, STRICT_SPREAD one per node (collectives then "
+                                   "cross the network every layer).")
     stream_interval_ms: float = Field(
         0.0, ge=0, description="Coalesce a stream's tokens into one chunk at most this often; 0 "
                                "sends whatever is ready each time the client side is free.")
@@ -256,26 +305,91 @@ class _ModelBase(StrictModel):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions,
                                           description="Ray Serve options of this model's deployment.")
     owned_by: str = Field("modelhub", description="`owned_by` in /v1/models.")
+    cold_start_timeout_s: float = Field(
+        120.0, gt=0, description="With autoscaling_config.min_replicas 0: how long a request to the model at zero "
+                                 "replicas waits for one to start; then it gets 503 with Retry-After (its cold start "
+                                 "goes on). Set it above the model's cold start (docs/operations.md).")
+
+    @model_validator(mode="after")
+    def _autoscaling_kind_defaults(self):
+        scaling = self.deployment.autoscaling_config
+        if scaling is not None:
+            self.deployment.autoscaling_config = scaling.with_defaults(self.autoscaling_defaults())
+        return self
+
+    def autoscaling_defaults(self) -> dict[str, Any]:
+        """What this kind's autoscaling fields default to when the config leaves them unset."""
+        return {}
+
+    def card(self, created: int) -> ModelCard:
+        """What /v1/models shows, from the config alone (the deployment adds what only the loaded
+        model knows: a chat model's context length without max_model_len, an embedding's dimensions)."""
+        raise NotImplementedError
+
+    @property
+    def min_replicas(self) -> int:
+        scaling = self.deployment.autoscaling_config
+        return scaling.min_replicas if scaling is not None else (self.deployment.num_replicas or 1)
 
 
 class ChatModelConfig(_ModelBase):
     kind: Literal["chat"] = Field(description="Serves /v1/chat/completions, /v1/completions, /tokenize and /detokenize.")
     engine: LLMEngineConfig = Field(default_factory=LLMEngineConfig)
 
+    def autoscaling_defaults(self) -> dict[str, Any]:
+        # A replica is busy, not overloaded, while its batch fills: aim for half a batch in flight per
+        # replica. Loading takes long, so add replicas soon and remove them late.
+        return {"target_ongoing_requests": max(1, self.engine.max_num_seqs // 2),
+                "upscale_delay_s": 15.0, "downscale_delay_s": 300.0}
+
+    def card(self, created: int) -> ModelCard:
+        return ModelCard(id=self.id, kind="chat", created=created, owned_by=self.owned_by,
+                         capabilities=["chat.completions", "completions", "tools", "logprobs", "streaming",
+                                       "tokenize"],
+                         context_length=self.engine.max_model_len)
+
 
 class EmbeddingModelConfig(_ModelBase):
     kind: Literal["embedding"] = Field(description="Serves /v1/embeddings, and /v1/rerank and /v1/score by cosine similarity.")
     engine: EmbeddingEngineConfig = Field(default_factory=EmbeddingEngineConfig)
+
+    def autoscaling_defaults(self) -> dict[str, Any]:
+        # Requests are short and batched: a replica is full at about one batch in flight; it loads fast.
+        return {"target_ongoing_requests": max(1, self.engine.max_batch_size // 2),
+                "upscale_delay_s": 10.0, "downscale_delay_s": 120.0}
+
+    def card(self, created: int) -> ModelCard:
+        return ModelCard(id=self.id, kind="embedding", created=created, owned_by=self.owned_by,
+                         capabilities=["embeddings"])
 
 
 class ImageModelConfig(_ModelBase):
     kind: Literal["image"] = Field(description="Serves /v1/images/generations.")
     engine: ImageEngineConfig = Field(default_factory=ImageEngineConfig)
 
+    def autoscaling_defaults(self) -> dict[str, Any]:
+        # One batch runs while the next gathers: more in flight than that waits seconds per request.
+        return {"target_ongoing_requests": self.engine.max_batch_size,
+                "upscale_delay_s": 10.0, "downscale_delay_s": 300.0}
+
+    def card(self, created: int) -> ModelCard:
+        return ModelCard(id=self.id, kind="image", created=created, owned_by=self.owned_by,
+                         capabilities=["images.generations"], image_sizes=list(self.engine.sizes),
+                         max_images=self.engine.max_n)
+
 
 class RerankModelConfig(_ModelBase):
     kind: Literal["rerank"] = Field(description="Serves /v1/rerank and /v1/score with a sentence-transformers CrossEncoder.")
     engine: RerankEngineConfig = Field(default_factory=RerankEngineConfig)
+
+    def autoscaling_defaults(self) -> dict[str, Any]:
+        # Batched like embeddings: a replica is full at about one batch in flight; it loads fast.
+        return {"target_ongoing_requests": max(1, self.engine.max_batch_size // 2),
+                "upscale_delay_s": 10.0, "downscale_delay_s": 120.0}
+
+    def card(self, created: int) -> ModelCard:
+        return ModelCard(id=self.id, kind="rerank", created=created, owned_by=self.owned_by,
+                         capabilities=["rerank", "score"])
 
 
 ModelConfig = Annotated[Union[ChatModelConfig, EmbeddingModelConfig, ImageModelConfig, RerankModelConfig],

@@ -17,6 +17,7 @@ from deployments.config import AppConfig, parse_app_config
 from ingress.api import create_api
 from ingress.backends import HandleClient, ModelEntry, ModelRegistry
 from ingress.coalesce import EmbeddingCoalescer
+from ingress.coldstart import ColdStartGuard
 from ingress.readiness import ServeReadiness
 from ingress.startup import announce_when_ready
 
@@ -29,8 +30,9 @@ INGRESS_DEFAULTS: dict[str, Any] = {
 class IngressServer:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any], image_store: Any):
         cfg = AppConfig.model_validate(config)
-        registry = ModelRegistry({m.id: ModelEntry(m, self._client(m, handles[m.id], cfg)) for m in cfg.models})
         readiness = ServeReadiness({m.id: deployment_name(m.id, m.kind) for m in cfg.models})
+        registry = ModelRegistry({m.id: ModelEntry(m, self._client(m, handles[m.id], cfg, readiness))
+                                  for m in cfg.models}, replicas=readiness)
         self._api = create_api(registry, image_store=image_store, api_keys_env=cfg.ingress.api_keys_env,
                                log_prompts=cfg.ingress.log_prompts, public_url=cfg.ingress.public_url,
                                limits=cfg.ingress.limits, readiness=readiness,
@@ -38,12 +40,15 @@ class IngressServer:
         self._announce: Optional[asyncio.Task] = None
 
         async def announce() -> None:   # Serve runs the app's startup hooks once the replica's loop runs
-            self._announce = asyncio.create_task(announce_when_ready(registry, cfg.ingress.public_url))
+            self._announce = asyncio.create_task(
+                announce_when_ready(registry, readiness, cfg.ingress.public_url))
         self._api.router.on_startup.append(announce)
 
     @staticmethod
-    def _client(model: Any, handle: Any, cfg: AppConfig) -> Any:
-        client = HandleClient(handle)
+    def _client(model: Any, handle: Any, cfg: AppConfig, readiness: ServeReadiness) -> Any:
+        client: Any = HandleClient(handle)
+        if model.min_replicas == 0:
+            client = ColdStartGuard(client, model.id, readiness.running_replicas(model.id), model.cold_start_timeout_s)
         if model.kind == "embedding" and cfg.ingress.coalesce_embeddings:
             return EmbeddingCoalescer(client, cfg.ingress.coalesce_max_batch,
                                       cfg.ingress.coalesce_max_in_flight, cfg.ingress.coalesce_max_pending)

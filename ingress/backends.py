@@ -7,8 +7,10 @@ busy, starting and lost-replica errors become typed errors (503 with Retry-After
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Protocol, Union
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol, Union
 
 from deployments.config import ModelConfig
 from deployments.errors import InvalidRequestError, ModelNotFoundError
@@ -16,6 +18,8 @@ from ingress.errors import transport_error
 from deployments.types import (EmbedRequest, EmbedResult, GenerateChunk, GenerateRequest, GenerateResult,
                                ImageRequest, ImageResult, ModelCard, ScoreRequest, ScoreResult, TokenizeRequest,
                                TokenizeResult)
+
+logger = logging.getLogger(__name__)
 
 
 class ModelClient(Protocol):
@@ -72,6 +76,15 @@ class HandleClient:
         return await _call(self.handle.detokenize.remote(tokens))
 
 
+def model_client(model_id: str, kind: str, app_name: str = "modelhub") -> HandleClient:
+    """Typed access to one model for any Ray job on the cluster (after `ray.init(address=...)`): the
+    same deployments.types requests and results the ingress sends, no HTTP. docs/operations.md."""
+    from ray import serve
+
+    from deployments.builder import deployment_name
+    return HandleClient(serve.get_deployment_handle(deployment_name(model_id, kind), app_name=app_name))
+
+
 async def _call(response: Any) -> Any:
     """Awaits a handle call; Ray's busy/unavailable/lost errors become typed errors here, so no
     handler Serve installs on the app renders them as plain text."""
@@ -90,14 +103,29 @@ class ModelEntry:
     client: Any
 
 
+def _needs_details(cfg: ModelConfig) -> bool:
+    """Whether the card lacks what only the loaded model knows."""
+    return cfg.kind in ("embedding", "rerank") or (cfg.kind == "chat" and cfg.engine.max_model_len is None)
+
+
 _KIND_ENDPOINT = {"chat": "chat, completions and tokenize", "embedding": "embeddings, rerank and score",
                   "image": "image generation", "rerank": "rerank and score"}
 
 
 class ModelRegistry:
-    def __init__(self, entries: dict[str, ModelEntry]):
+    """The configured models. /v1/models lists them from their configs; what only a loaded model knows
+    (context length, embedding dimensions) is asked once of a running replica and cached, never of a
+    model without one, so listing models never wakes a model at zero nor waits for one loading."""
+
+    def __init__(self, entries: dict[str, ModelEntry], *, replicas: Optional[Callable[[], Awaitable[dict]]] = None,
+                 details_timeout_s: float = 30.0):
+        """`replicas()`: {model id: {"running_replicas": n, ...}} from Serve (readiness.py); None: every
+        model counts as running (tests without Ray)."""
         self.entries = entries
-        self._cards: Optional[list[ModelCard]] = None
+        self.replicas = replicas
+        self.details_timeout_s = details_timeout_s
+        self.created = int(time.time())
+        self._details: dict[str, ModelCard] = {}
 
     def get(self, model_id: Optional[str], kind: Union[str, tuple[str, ...]]) -> ModelEntry:
         """The entry serving `model_id` for an endpoint that takes models of `kind` (one kind, or
@@ -118,10 +146,30 @@ class ModelRegistry:
         return entry
 
     async def cards(self) -> list[ModelCard]:
-        if self._cards is None:
-            cards = await asyncio.gather(*(e.client.card() for e in self.entries.values()))
-            self._cards = list(cards)
-        return self._cards
+        missing = [e for model_id, e in self.entries.items() if model_id not in self._details and _needs_details(e.cfg)]
+        if missing:
+            await asyncio.gather(*(self._fetch_details(e) for e in await self._running(missing)))
+        return [self._card(model_id, e) for model_id, e in self.entries.items()]
+
+    def _card(self, model_id: str, entry: ModelEntry) -> ModelCard:
+        card = entry.cfg.card(self.created)
+        details = self._details.get(model_id)
+        if details is None:
+            return card
+        return replace(card, context_length=details.context_length, embedding_dimensions=details.embedding_dimensions)
+
+    async def _running(self, entries: list[ModelEntry]) -> list[ModelEntry]:
+        """The entries Serve reports with a running replica: asking them wakes nothing, and a model
+        still loading is not waited for."""
+        counts = await self.replicas() if self.replicas is not None else {}
+        return [e for e in entries if counts.get(e.cfg.id, {}).get("running_replicas", 1) > 0]
+
+    async def _fetch_details(self, entry: ModelEntry) -> None:
+        """A model still loading (or lost) leaves its card as the config has it; the next listing asks again."""
+        try:
+            self._details[entry.cfg.id] = await asyncio.wait_for(entry.client.card(), self.details_timeout_s)
+        except Exception:   # noqa: BLE001 - the listing stands on the config; the model's own errors show on use
+            logger.warning("model %s did not give its details; listing it from its config", entry.cfg.id, exc_info=True)
 
     async def card(self, model_id: str) -> ModelCard:
         for c in await self.cards():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 _SERVING = {"HEALTHY", "UPSCALING", "DOWNSCALING"}   # Serve's deployment states that answer requests
 
@@ -25,6 +25,12 @@ class ServeReadiness:
             if self._cached is None or time.monotonic() - self._cached[0] > self.ttl_s:
                 self._cached = (time.monotonic(), await asyncio.to_thread(self._ask_serve))
             return self._cached[1]
+
+    def running_replicas(self, model_id: str) -> Callable[[], Awaitable[int]]:
+        """A probe of one model's running replicas (for ColdStartGuard)."""
+        async def probe() -> int:
+            return int((await self()).get(model_id, {}).get("running_replicas", 0))
+        return probe
 
     def _ask_serve(self) -> dict[str, dict[str, Any]]:
         from ray import serve

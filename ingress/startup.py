@@ -1,8 +1,9 @@
-"""The line a person waits for: once every model has answered its first call, the ingress logs one
-line listing each model, its kind and the URL it is served at. No torch here.
+"""The line a person waits for: once every model deployment is healthy, the ingress logs one line
+listing each model, its kind and the URL it is served at. No torch here.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any, Optional
@@ -19,13 +20,27 @@ def ready_line(cards: list[ModelCard], base_url: str) -> str:
     return f"ModelHub Serve is ready with {len(cards)} model{'s' if len(cards) != 1 else ''}: {models}"
 
 
-async def announce_when_ready(registry: Any, public_url: Optional[str]) -> None:
-    """Waits for every model's card (a call each model's replica answers once loaded), then logs."""
-    try:
-        cards = await registry.cards()
-    except Exception as exc:  # a model that failed to load has logged why; say what the app lacks
-        logger.error("ModelHub Serve is not ready: a model did not answer (%s: %s)", type(exc).__name__, exc)
-        return
+_FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
+
+
+async def announce_when_ready(registry: Any, readiness: Any, public_url: Optional[str],
+                              poll_s: float = 1.0) -> None:
+    """Waits until every model deployment is healthy (readiness.py: Serve's view, which a model at
+    zero replicas also passes), then logs the ready line; a model that failed gets one error line."""
+    while True:
+        try:
+            detail = await readiness()
+        except Exception as exc:  # noqa: BLE001 - the controller may be briefly unreachable at start
+            detail = {"?": {"healthy": False, "status": type(exc).__name__}}
+        failed = sorted(m for m, d in detail.items() if d.get("status") in _FAILED)
+        if failed:   # the model's own replica has logged why, in one line at the top
+            logger.error("ModelHub Serve is not ready: %s failed to start (%s)", ", ".join(failed),
+                         "; ".join(str(detail[m].get("message", detail[m]["status"]))[:300] for m in failed))
+            return
+        if all(d.get("healthy") for d in detail.values()):
+            break
+        await asyncio.sleep(poll_s)
+    cards = await registry.cards()
     logger.info("%s", ready_line(cards, public_url or await serve_base_url()))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any, Callable, Optional, Union
 
 from ray import serve
@@ -36,9 +37,8 @@ class EmbeddingServer:
                 "ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 10}
 
     def card(self) -> ModelCard:
-        return ModelCard(id=self.cfg.id, kind="embedding", created=self.created, owned_by=self.cfg.owned_by,
-                         capabilities=["embeddings"], context_length=self.encoder.max_length,
-                         embedding_dimensions=self.encoder.dim)
+        return replace(self.cfg.card(self.created), context_length=self.encoder.max_length,
+                       embedding_dimensions=self.encoder.dim)
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         if req.dimensions is not None:

@@ -40,9 +40,7 @@ class ImageServer:
                 "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}, "health_check_period_s": 10}
 
     def card(self) -> ModelCard:
-        return ModelCard(id=self.cfg.id, kind="image", created=self.created, owned_by=self.cfg.owned_by,
-                         capabilities=["images.generations"],
-                         image_sizes=list(self.cfg.engine.sizes), max_images=self.cfg.engine.max_n)
+        return self.cfg.card(self.created)
 
     async def generate(self, req: ImageRequest) -> ImageResult:
         check_image_request(req, self.cfg)

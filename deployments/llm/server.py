@@ -39,10 +39,7 @@ class LLMServer:
                 "health_check_period_s": 10, "graceful_shutdown_timeout_s": 30}
 
     def card(self) -> ModelCard:
-        return ModelCard(id=self.cfg.id, kind="chat", created=self.created, owned_by=self.cfg.owned_by,
-                         capabilities=["chat.completions", "completions", "tools", "logprobs", "streaming",
-                                       "tokenize"],
-                         context_length=self.max_model_len)
+        return replace(self.cfg.card(self.created), context_length=self.max_model_len)
 
     def stats(self) -> dict[str, int]:
         """Engine occupancy (for tests, dashboards and autoscaling decisions)."""

@@ -6,6 +6,7 @@ thread, as embeddings do. No FastAPI here; torch loads inside __init__ only.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 from ray import serve
@@ -36,8 +37,7 @@ class RerankServer:
                 "ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 10}
 
     def card(self) -> ModelCard:
-        return ModelCard(id=self.cfg.id, kind="rerank", created=self.created, owned_by=self.cfg.owned_by,
-                         capabilities=["rerank", "score"], context_length=self.scorer.max_length)
+        return replace(self.cfg.card(self.created), context_length=self.scorer.max_length)
 
     async def score(self, req: ScoreRequest) -> ScoreResult:
         if not req.pairs:

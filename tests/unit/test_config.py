@@ -85,3 +85,66 @@ def test_image_sizes_are_shown_w_star_h_however_written():
     cfg = parse_app_config({"models": [{"id": "i", "kind": "image", "source": "builtin:x",
                                         "engine": {"sizes": ["512x256", "64*64"]}}]})
     assert cfg.models[0].engine.sizes == ["512*256", "64*64"]
+
+
+def test_tensor_parallel_ranks_follow_the_configured_strategy_and_carry_custom_resources():
+    from deployments.builder import model_deployment
+    cfg = parse_app_config({"models": [{"id": "a", "kind": "chat", "source": "x",
+                                        "engine": {"tensor_parallel_size": 2, "tensor_parallel_placement": "SPREAD"},
+                                        "deployment": {"ray_actor_options": {"num_cpus": 1,
+                                                                             "resources": {"big_node": 0.1}}}}]})
+    replica = model_deployment(cfg.models[0])._bound_deployment._replica_config
+    assert replica.placement_group_bundles == [{"CPU": 1, "big_node": 0.1}] * 2
+    assert replica.placement_group_strategy == "SPREAD"
+    with pytest.raises(ConfigError, match="tensor_parallel_placement"):
+        parse_app_config({"models": [{"id": "a", "kind": "chat", "source": "x",
+                                      "engine": {"tensor_parallel_placement": "ANYWHERE"}}]})
+
+
+def _scaling(kind, engine=None, **autoscaling):
+    model = {"id": "m", "kind": kind, "source": "x", "engine": engine or {},
+             "deployment": {"autoscaling_config": autoscaling}}
+    return parse_app_config({"models": [model]}).models[0].deployment.autoscaling_config
+
+
+def test_autoscaling_is_typed_and_unset_fields_take_the_kinds_defaults():
+    chat = _scaling("chat", {"max_num_seqs": 16}, max_replicas=3)
+    assert (chat.min_replicas, chat.max_replicas, chat.target_ongoing_requests) == (1, 3, 8)
+    assert chat.downscale_delay_s == 300
+    assert _scaling("embedding", {"max_batch_size": 32}).target_ongoing_requests == 16
+    image = _scaling("image", {"max_batch_size": 2}, target_ongoing_requests=5)
+    assert image.target_ongoing_requests == 5 and image.upscale_delay_s == 10   # explicit wins
+    auto = parse_app_config({"models": [{"id": "m", "kind": "chat", "source": "x",
+                                         "deployment": {"num_replicas": "auto"}}]}).models[0]
+    assert auto.deployment.num_replicas is None and auto.deployment.autoscaling_config.target_ongoing_requests == 16
+
+
+def test_autoscaling_reaches_serve_as_its_own_autoscaling_config():
+    from ray.serve.config import AutoscalingConfig
+
+    from deployments.builder import model_deployment
+    cfg = parse_app_config({"models": [{"id": "m", "kind": "embedding", "source": "x", "deployment": {
+        "autoscaling_config": {"min_replicas": 0, "max_replicas": 2, "downscale_to_zero_delay_s": 60}}}]})
+    deployment_config = model_deployment(cfg.models[0])._bound_deployment._deployment_config
+    serve_side = deployment_config.autoscaling_config
+    assert isinstance(serve_side, AutoscalingConfig)
+    assert (serve_side.min_replicas, serve_side.max_replicas, serve_side.target_ongoing_requests) == (0, 2, 32)
+    assert serve_side.downscale_to_zero_delay_s == 60 and serve_side.downscale_delay_s == 120
+    assert cfg.models[0].min_replicas == 0
+
+
+@pytest.mark.parametrize("scaling,fragment", [
+    ({"min_replicas": 3, "max_replicas": 2}, "min_replicas (3) is above max_replicas (2)"),
+    ({"min_replicas": 1, "max_replicas": 2, "initial_replicas": 5}, "initial_replicas (5) must lie between"),
+    ({"max_replica": 2}, "did you mean 'max_replicas'?"),
+    ({"target_ongoing_requests": 0}, "target_ongoing_requests"),
+    ({"min_replicas": -1}, "min_replicas"),
+])
+def test_bad_autoscaling_names_the_problem(scaling, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse_app_config({"models": [{"id": "m", "kind": "chat", "source": "x",
+                                      "deployment": {"autoscaling_config": scaling}}]})
+    assert fragment in str(info.value)
+    with pytest.raises(ConfigError, match="not both"):
+        parse_app_config({"models": [{"id": "m", "kind": "chat", "source": "x",
+                                      "deployment": {"num_replicas": 2, "autoscaling_config": {}}}]})
