@@ -40,8 +40,8 @@ class EngineRequest:
     max_tokens: list[int]                 # per prompt, already clamped to the context window
     seqs: list[Sequence] = field(default_factory=list)
     echo_sent: set = field(default_factory=set)
-    grammar: Any = None                      # compiled response_format grammar (structured.py)
-    response_format: Optional[dict] = None   # what `grammar` was compiled from (other TP ranks compile it too)
+    grammar: Any = None                      # compiled grammar: response_format or forced tool calls (structured.py)
+    grammar_spec: Optional[dict] = None      # what `grammar` was compiled from (other TP ranks compile it too)
     arrival: float = field(default_factory=time.monotonic)
     scheduled_at: Optional[float] = None     # admitted into the running batch (monotonic)
     first_token_at: Optional[float] = None   # set by the metrics, when recorded

@@ -41,7 +41,7 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None   # echo + logprobs
     owner: Any = None   # the engine-side request this sequence belongs to
-    matcher: Any = None  # xgrammar GrammarMatcher of a response_format request (structured.py)
+    matcher: Any = None  # xgrammar GrammarMatcher: response_format or a forced tool call (structured.py)
     _bias: Optional[tuple] = field(default=None, repr=False)
 
     @property
