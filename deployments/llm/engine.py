@@ -303,8 +303,9 @@ class LLMEngine:
             req.echo_sent.add(s.choice_index)
             text = self.tokenizer.decode(s.prompt_ids, skip_special_tokens=True) + text
             logprobs = (s.prompt_logprobs or []) + logprobs
-        if not text and not logprobs and not s.finished:
-            return None
+        if not text and not logprobs and (not s.finished or s.finish_reported):
+            return None   # a finished choice reports its finish once, not at every step of its siblings
+        s.finish_reported = s.finished
         reason = s.finish_reason if s.finished and s.finish_reason != "abort" else None
         return ChoiceDelta(s.choice_index, text, logprobs if s.params.logprobs is not None else None, reason)
 

@@ -512,3 +512,16 @@ def test_running_cache_grows_in_place_and_matches_cat():
             t, ref = t[:, :, 4:], ref[:, :, 4:]
     assert torch.equal(earlier, earlier_copy)   # appends never write inside an older view
     assert t.shape[2] == 5 + 70 - 4
+
+
+def test_a_finished_choice_reports_its_finish_once_while_its_siblings_run(model):
+    r = req("n3", "hello", temperature=1.0, seed=1, n=3, max_tokens=30, stop=["e"])
+    engine = make_engine(model)
+    engine.add(r)
+    finishes: dict = {}
+    while engine.has_work():
+        for _, chunk in engine.step():
+            for d in chunk.choices:
+                if d.finish_reason:
+                    finishes[d.index] = finishes.get(d.index, 0) + 1
+    assert finishes == {0: 1, 1: 1, 2: 1}
