@@ -160,7 +160,7 @@ async def _with_tool_calls(stream: AsyncIterator[GenerateChunk], fmt: ToolFormat
                 if text or d.logprobs or deltas:
                     out.append(ChoiceDelta(d.index, text, d.logprobs, tool_call_deltas=deltas or None))
                 continue
-            rest, calls, more = split.finish()
+            rest, calls, more = split.finish(cut=d.finish_reason == "length")
             reason = "tool_calls" if calls and d.finish_reason == "stop" else d.finish_reason
             out.append(ChoiceDelta(d.index, text + rest, d.logprobs, reason, calls or None,
                                    tool_call_deltas=(deltas + more) or None))

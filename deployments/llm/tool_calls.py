@@ -215,8 +215,9 @@ class ToolCallStream:
                 self._pending = self._pending[len(out):]
         return out, (self._advance() if self._in_call else [])
 
-    def finish(self) -> tuple[str, list[ToolCall], list[ToolCallDelta]]:
-        """At the end of the reply: (remaining content, the complete calls, the deltas not yet sent)."""
+    def finish(self, cut: bool = False) -> tuple[str, list[ToolCall], list[ToolCallDelta]]:
+        """At the end of the reply: (remaining content, the calls, the deltas not yet sent). With `cut`
+        (max_tokens ended it), held text that is not a complete call is an unfinished call, not content."""
         if not self._in_call:
             out, self._pending = self._pending, ""
             return out, [], []
@@ -233,8 +234,8 @@ class ToolCallStream:
             deltas.append(ToolCallDelta(i, c.id, c.name, c.arguments))
         self._held = ""
         if not calls:
-            return content or "", [], []
-        cut = len(parsed) < len(self._calls)    # its last call was cut short (max_tokens): that text is no content
+            return ("" if cut else content or ""), [], []
+        cut = cut or len(parsed) < len(self._calls)    # a call cut short: the held text is no content
         return "" if cut else content or "", calls, deltas
 
     def _advance(self) -> list[ToolCallDelta]:

@@ -202,3 +202,13 @@ def test_tool_call_stream_sends_a_layout_it_could_not_stream_at_the_end():
     content, calls, more = split.finish()
     assert content == "" and calls[0].name == "f"
     assert [(d.index, d.name, json.loads(d.arguments)) for d in more] == [(0, "f", {"x": 1})]
+
+
+def test_a_reply_cut_inside_a_call_leaves_no_call_syntax_in_the_content():
+    split = ToolCallStream()
+    out = _feed(split, ['Sure. <tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "g'])
+    content, calls, _ = split.finish(cut=True)
+    assert out == ["Sure. "] and content == "" and [(c.name, c.arguments) for c in calls] == [("a", "{}")]
+    uncut = ToolCallStream()
+    _feed(uncut, ['<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call> <tool_call>{"name": "g'])
+    assert uncut.finish()[0] == '<tool_call>{"name": "g'     # not cut: the model ended there, it is content
