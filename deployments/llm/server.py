@@ -1,8 +1,9 @@
 """The chat/completions Serve deployment: a plain class the app builder wraps with serve.deployment.
 
 It turns GenerateRequests into engine requests (chat template, tokenization, context checks,
-tools, grammars) and streams GenerateChunks back, with tool calls parsed out of the text. Torch and transformers load inside __init__ only, so
-importing this module (as the ingress builder does) stays light. No FastAPI here.
+tools, grammars) and streams GenerateChunks back, with tool calls parsed out of the text. Torch
+and transformers load inside __init__ only, so importing this module (as the ingress builder
+does) stays light. No FastAPI here.
 """
 from __future__ import annotations
 
