@@ -311,5 +311,5 @@ def test_response_format_json_schema_and_json_object(client):
     with pytest.raises(openai.BadRequestError) as err:
         bad(model=CHAT, messages=PARIS, response_format={"type": "json_schema", "json_schema": {
             "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}})
-    assert err.value.body["param"] == "response_format"
+    assert err.value.body["param"] == "response_format.json_schema.schema"   # the meta-schema check names it
     assert ".cc:" not in err.value.body["message"]         # no xgrammar internals in the message
