@@ -192,6 +192,12 @@ class LLMEngineConfig(StrictModel):
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
     revision: Optional[str] = Field(None, description="HF revision (branch, tag or commit).")
     chat_template: Optional[str] = Field(None, description="Jinja chat template overriding the model's.")
+    tool_parser: Optional[Literal["hermes", "llama3_json", "mistral"]] = Field(
+        None, description="How the model writes tool calls: 'hermes' (Hermes/Qwen `<tool_call>{json}</tool_call>`), "
+                          "'llama3_json' (Llama 3 `{\"name\": ..., \"parameters\": ...}`) or 'mistral' "
+                          "(`[TOOL_CALLS][...]`). Forced calls are decoded in this format and replies parsed "
+                          "with it. Default: from the chat template's own tool syntax, else 'hermes'.")
+    max_tools: int = Field(128, ge=1, description="Most `tools` one request may offer; more is a 400.")
     cache_dir: Optional[str] = Field(
         None, description="Where a dequantized copy of a GGUF checkpoint is cached; default "
                           "$MODELHUB_CACHE or ~/.cache/modelhub.")

@@ -36,6 +36,7 @@ class ToolSpec:
 
     tools: list[dict[str, Any]]           # OpenAI `tools` entries ({"type": "function", "function": {...}})
     choice: Union[Literal["auto", "required"], str] = "auto"  # or the name of a forced function
+    parallel: bool = True                 # several calls in one reply; False: at most one
 
 
 @dataclass

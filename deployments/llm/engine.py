@@ -44,8 +44,8 @@ class EngineRequest:
     max_tokens: list[int]                 # per prompt, already clamped to the context window
     seqs: list[Sequence] = field(default_factory=list)
     echo_sent: set = field(default_factory=set)
-    grammar: Any = None                      # compiled response_format grammar (structured.py)
-    response_format: Optional[dict] = None   # what `grammar` was compiled from (other TP ranks compile it too)
+    grammar: Any = None                      # compiled grammar: response_format or forced tool calls (structured.py)
+    grammar_spec: Optional[dict] = None      # what `grammar` was compiled from (other TP ranks compile it too)
     error: Optional[Exception] = None        # set when this request failed alone (LLMEngine._append)
     arrival: float = field(default_factory=time.monotonic)
     scheduled_at: Optional[float] = None     # admitted into the running batch (monotonic)
@@ -376,8 +376,9 @@ class LLMEngine:
             req.echo_sent.add(s.choice_index)
             text = self.tokenizer.decode(s.prompt_ids, skip_special_tokens=True) + text
             logprobs = (s.prompt_logprobs or []) + logprobs
-        if not text and not logprobs and not s.finished:
-            return None
+        if not text and not logprobs and (not s.finished or s.finish_reported):
+            return None   # a finished choice reports its finish once, not at every step of its siblings
+        s.finish_reported = s.finished
         reason = s.finish_reason if s.finished and s.finish_reason != "abort" else None
         return ChoiceDelta(s.choice_index, text, logprobs if s.params.logprobs is not None else None, reason)
 

@@ -38,10 +38,11 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: Optional[str] = None
+    finish_reported: bool = False   # its finishing delta went out (engine._delta)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None   # echo + logprobs
     owner: Any = None   # the engine-side request this sequence belongs to
-    matcher: Any = None  # xgrammar GrammarMatcher of a response_format request (structured.py)
+    matcher: Any = None  # xgrammar GrammarMatcher: response_format or a forced tool call (structured.py)
     _bias: Optional[tuple] = field(default=None, repr=False)
 
     @property

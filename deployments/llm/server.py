@@ -1,8 +1,9 @@
 """The chat/completions Serve deployment: a plain class the app builder wraps with serve.deployment.
 
 It turns GenerateRequests into engine requests (chat template, tokenization, context checks,
-tools) and streams GenerateChunks back. Torch and transformers load inside __init__ only, so
-importing this module (as the ingress builder does) stays light. No FastAPI here.
+tools, grammars) and streams GenerateChunks back, with tool calls parsed out of the text. Torch
+and transformers load inside __init__ only, so importing this module (as the ingress builder
+does) stays light. No FastAPI here.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from deployments.config import ChatModelConfig
 from deployments.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
+from deployments.llm.tool_calls import FORMATS, ToolCallStream, ToolFormat, default_parser
 from deployments.loading import loading
 from deployments.types import (Choice, ChoiceDelta, GenerateChunk, GenerateRequest, GenerateResult,
                                ModelCard, TokenizeRequest, TokenizeResult)
@@ -28,6 +30,7 @@ class LLMServer:
         with loading(model_cfg):
             self.engine, self.tokenizer, self.max_model_len = (engine_factory or build_async_engine)(model_cfg)
         self.created = int(time.time())
+        self.tool_format = FORMATS[model_cfg.engine.tool_parser or default_parser(self.tokenizer.chat_template)]
         self._grammar_cache = None
         self._compile_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
 
@@ -69,24 +72,32 @@ class LLMServer:
         return GenerateResult(choices, usage)
 
     async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        ereq, prefix = self._prepare(req)
-        if req.response_format is not None:
-            ereq.grammar = await self._compile(req.response_format)
-            ereq.response_format = req.response_format
+        ereq = self._prepare(req)
+        spec = self._grammar_spec(req)
+        if spec is not None:
+            ereq.grammar = await self._compile(spec, "tools" if req.tools is not None else "response_format")
+            ereq.grammar_spec = spec
         stream = self.engine.generate(ereq)
         if req.tools is None:
             async for chunk in stream:
                 yield chunk
             return
-        async for chunk in _with_tool_calls(stream, prefix):
+        async for chunk in _with_tool_calls(stream, self.tool_format):
             yield chunk
+
+    def _grammar_spec(self, req: GenerateRequest) -> Optional[dict]:
+        """What the reply is constrained to: the response_format, or for tool_choice "required" or a
+        named function, well-formed calls in the model's tool format whose arguments match the schemas."""
+        if req.tools is not None and req.tools.choice != "auto":
+            return self.tool_format.structural_tag(req.tools)
+        return req.response_format
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
         """Token ids exactly as generation would see them: chat messages through the chat template
         (with `tools` as generation offers them), or a plain prompt."""
         if req.messages is not None:
-            from deployments.llm.prompts import render_chat
-            text, _ = render_chat(self.tokenizer, req.messages, req.tools)
+            from deployments.llm.chat_template import render_chat
+            text = render_chat(self.tokenizer, req.messages, req.tools, self.tool_format)
         else:
             text = req.prompt or ""
         ids = self.tokenizer(text, add_special_tokens=req.add_special_tokens)["input_ids"]
@@ -101,13 +112,15 @@ class LLMServer:
 
     def _prepare(self, req: GenerateRequest):
         from deployments.llm.engine import EngineRequest
-        from deployments.llm.prompts import render_chat
+        from deployments.llm.chat_template import render_chat
         p = req.sampling
         if p.n > self.cfg.engine.max_n:
             raise InvalidRequestError(f"n={p.n} is above this model's limit of {self.cfg.engine.max_n}.", param="n")
-        prefix = ""
+        if req.tools is not None and len(req.tools.tools) > self.cfg.engine.max_tools:
+            raise InvalidRequestError(f"Too many tools: {len(req.tools.tools)}; this model accepts at most "
+                                      f"{self.cfg.engine.max_tools}.", param="tools", code="invalid_value")
         if req.messages is not None:
-            text, prefix = render_chat(self.tokenizer, req.messages, req.tools)
+            text = render_chat(self.tokenizer, req.messages, req.tools, self.tool_format)
             prompts, what = [self.tokenizer(text, add_special_tokens=False)["input_ids"]], "messages"
         else:
             prompts, what = [self._tokenize(x) for x in req.prompts or []], "prompt"
@@ -115,21 +128,22 @@ class LLMServer:
         p = replace(p, temperature=self.cfg.engine.default_temperature if p.temperature is None else p.temperature,
                     top_p=self.cfg.engine.default_top_p if p.top_p is None else p.top_p)
         max_tokens = [self._max_tokens(len(ids), p.max_tokens, what) for ids in prompts]
-        return EngineRequest(req.request_id, prompts, p, max_tokens), prefix
+        return EngineRequest(req.request_id, prompts, p, max_tokens)
 
-    async def _compile(self, response_format: dict[str, Any]) -> Any:
-        """Compiles a schema's grammar off the event loop, on at most two threads, within
-        grammar_compile_timeout_s: a schema still compiling then is a 400; one still waiting for a
-        thread is a 503. (A compile cannot be interrupted; it finishes on its thread and is cached.)"""
+    async def _compile(self, spec: dict[str, Any], param: str) -> Any:
+        """Compiles a grammar (structured.py) off the event loop, on at most two threads, within
+        grammar_compile_timeout_s: a schema still compiling then is a 400 naming `param`; one still
+        waiting for a thread is a 503. (A compile cannot be interrupted; it finishes on its thread
+        and is cached.)"""
         timeout = self.cfg.engine.grammar_compile_timeout_s
-        job = self._compile_pool.submit(self._grammars().compile, response_format)
+        job = self._compile_pool.submit(self._grammars().compile, spec)
         done, _ = await asyncio.wait({asyncio.wrap_future(job)}, timeout=timeout)
         if done:
             return done.pop().result()
         if job.cancel():
             raise OverloadedError("Structured-output grammars are busy compiling; retry shortly.")
-        raise InvalidRequestError(f"The 'response_format' schema took over {timeout:g} s to compile; simplify it.",
-                                  param="response_format", code="schema_too_complex")
+        raise InvalidRequestError(f"The '{param}' schema took over {timeout:g} s to compile; simplify it.",
+                                  param=param, code="schema_too_complex")
 
     def _grammars(self):
         if self._grammar_cache is None:
@@ -175,23 +189,22 @@ class LLMServer:
         return LEGACY_COMPLETIONS_MAX_TOKENS if what == "prompt" else self.max_model_len
 
 
-async def _with_tool_calls(stream: AsyncIterator[GenerateChunk], prefix: str) -> AsyncIterator[GenerateChunk]:
+async def _with_tool_calls(stream: AsyncIterator[GenerateChunk], fmt: ToolFormat) -> AsyncIterator[GenerateChunk]:
     """Streams each choice's plain content and its tool calls (id and name, then argument fragments)
-    as they are generated; the choice's last delta also carries the complete calls
-    (prompts.ToolCallStream)."""
-    from deployments.llm.prompts import ToolCallStream
+    as they are generated; the choice's last delta also carries the calls (tool_calls.ToolCallStream).
+    A reply cut by max_tokens keeps finish_reason "length", its last call possibly incomplete."""
     splitters: dict[int, ToolCallStream] = {}
     async for chunk in stream:
         out = []
         for d in chunk.choices:
-            split = splitters.setdefault(d.index, ToolCallStream(prefix))
+            split = splitters.setdefault(d.index, ToolCallStream(fmt))
             text, deltas = split.push(d.text)
             if d.finish_reason is None:
                 if text or d.logprobs or deltas:
                     out.append(ChoiceDelta(d.index, text, d.logprobs, tool_call_deltas=deltas or None))
                 continue
-            rest, calls, more = split.finish()
-            reason = "tool_calls" if calls else d.finish_reason
+            rest, calls, more = split.finish(cut=d.finish_reason == "length")
+            reason = "tool_calls" if calls and d.finish_reason == "stop" else d.finish_reason
             out.append(ChoiceDelta(d.index, text + rest, d.logprobs, reason, calls or None,
                                    tool_call_deltas=(deltas + more) or None))
         if out or chunk.usage is not None:

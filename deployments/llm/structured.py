@@ -1,15 +1,17 @@
-"""Structured output (`response_format` json_object / json_schema) with xgrammar.
+"""Constrained decoding with xgrammar: `response_format` json_object / json_schema, and forced
+tool calls (a structural tag built by tool_calls.py).
 
 xgrammar compiles a JSON schema (or its built-in JSON grammar) against the tokenizer's vocabulary
 once; each sequence then gets its own GrammarMatcher. Before sampling, the matcher of every
 constrained row fills its row of a token bitmask, and the masked-out logits become -inf, so greedy
 and sampled choices alike can only produce text the grammar accepts; after sampling the matcher
 accepts the chosen token, and the sequence stops once the grammar is complete (the only token left
-is EOS). xgrammar's compiler caches compiled grammars by schema. xgrammar is optional: without it a
-request with response_format json gets a 400 that says so.
+is EOS). xgrammar's compiler caches compiled grammars by schema (and structural tag). xgrammar is
+optional: without it a request that needs a grammar gets a 400 that says so.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -26,35 +28,67 @@ class Grammars:
     """Compiles grammars for one tokenizer. xgrammar's compiler caches what it compiled (by schema)
     and is thread-safe; compiles run off the event loop."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]):
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], tokenizer_info: Any = None):
         self._tokenizer, self._vocab_size, self._stop = tokenizer, vocab_size, stop_token_ids
+        self._info = tokenizer_info   # an xgrammar TokenizerInfo; default: from the HF tokenizer
         self._compiler = None
         self._lock = threading.Lock()
 
-    def compile(self, response_format: dict[str, Any]) -> Any:
-        compiler = self._get_compiler()
-        schema = response_format.get("schema")
+    def compile(self, spec: dict[str, Any]) -> Any:
+        """spec: {"type": "json_object"}, {"type": "json_schema", "schema": ...} (response_format) or
+        {"type": "structural_tag", "format": ...} (forced tool calls)."""
+        param = "tools" if spec["type"] == "structural_tag" else "response_format"
+        compiler = self._get_compiler(param)
+        schema = spec.get("schema")
         try:
-            if response_format["type"] == "json_schema" and schema is not None:
-                return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+            if spec["type"] == "structural_tag":
+                return compiler.compile_structural_tag(_compact_json(spec))
+            if spec["type"] == "json_schema" and schema is not None:
+                return compiler.compile_grammar(_schema_ebnf(json.dumps(schema), param))
             return compiler.compile_builtin_json_grammar()
         except Exception as exc:  # xgrammar reports bad schemas as RuntimeError/ValueError
-            raise InvalidRequestError(f"Invalid JSON schema in 'response_format': {_reason(exc)}",
-                                      param="response_format") from None
+            raise InvalidRequestError(f"Invalid JSON schema in '{param}': {_reason(exc)}", param=param) from None
 
     @classmethod
     def for_engine(cls, engine: Any) -> "Grammars":
         """Grammars over the engine's tokenizer, vocabulary and stop tokens."""
         return cls(engine.tokenizer, engine.sampler.vocab_size, sorted(engine.eos_ids))
 
-    def _get_compiler(self):
+    def _get_compiler(self, param: str):
         with self._lock:
             if self._compiler is None:
-                xgr = _xgrammar()
-                info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size,
-                                                          stop_token_ids=self._stop)
+                xgr = _xgrammar(param)
+                info = self._info or xgr.TokenizerInfo.from_huggingface(
+                    self._tokenizer, vocab_size=self._vocab_size, stop_token_ids=self._stop)
                 self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=_CACHE_BYTES)
             return self._compiler
+
+
+def _compact_json(node: Any) -> Any:
+    """The structural tag with each JSON-schema part as a grammar that writes JSON with single
+    spaces after ',' and ':' (as response_format does), not any whitespace anywhere: a weak model
+    would otherwise fill its calls with runs of whitespace."""
+    if isinstance(node, list):
+        return [_compact_json(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "json_schema":
+        schema = json.dumps(node["json_schema"])   # not sorted: the key order is the order properties are written in
+        return {"type": "grammar", "grammar": _schema_ebnf(schema)}
+    return {k: _compact_json(v) for k, v in node.items()}
+
+
+# xgrammar 0.2.8 writes the characters of a string with minLength/maxLength as this class, which lets
+# raw control characters through (invalid JSON: they must be escaped); its plain strings exclude them.
+_LOOSE_CHARS = r'[^\"\\\r\n]'
+_JSON_CHARS = r'[^\0-\x1f\"\\]'
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema_ebnf(schema: str, param: str = "tools") -> str:
+    """The grammar of JSON text matching `schema`, single spaces after ',' and ':'."""
+    ebnf = str(_xgrammar(param).Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True))
+    return ebnf.replace(_LOOSE_CHARS, _JSON_CHARS)
 
 
 def _reason(exc: Exception) -> str:
@@ -79,11 +113,11 @@ def apply_grammars(logits: torch.Tensor, seqs: list) -> None:
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
 
 
-def _xgrammar():
+def _xgrammar(param: str = "response_format"):
     try:
         import xgrammar
     except ImportError:
-        raise UnsupportedParameterError(
-            "response_format json_object/json_schema needs the 'xgrammar' package on the server "
-            "(pip install xgrammar).", param="response_format") from None
+        what = "tool_choice required or a named function" if param == "tools" else "response_format json_object/json_schema"
+        raise UnsupportedParameterError(f"{what} needs the 'xgrammar' package on the server (pip install xgrammar).",
+                                        param="tool_choice" if param == "tools" else param) from None
     return xgrammar

@@ -60,7 +60,7 @@ class Lockstep:
     def added(self, req: Any) -> None:
         if self.leader:
             self._pending.append(("add", (req.request_id, req.prompts, req.params, req.max_tokens,
-                                          req.response_format)))
+                                          req.grammar_spec)))
 
     def aborted(self, request_id: str) -> None:
         if self.leader:
@@ -126,14 +126,14 @@ class TPRank:
             logger.exception("tensor-parallel rank stopped")
             raise
 
-    def _request(self, request_id, prompts, params, max_tokens, response_format):
+    def _request(self, request_id, prompts, params, max_tokens, grammar_spec):
         from deployments.llm.engine import EngineRequest
-        req = EngineRequest(request_id, prompts, params, max_tokens, response_format=response_format)
-        if response_format is not None:
+        req = EngineRequest(request_id, prompts, params, max_tokens, grammar_spec=grammar_spec)
+        if grammar_spec is not None:
             if self._grammars is None:
                 from deployments.llm.structured import Grammars
                 self._grammars = Grammars.for_engine(self.engine)
-            req.grammar = self._grammars.compile(response_format)
+            req.grammar = self._grammars.compile(grammar_spec)
         return req
 
 

@@ -1,9 +1,14 @@
-"""POST /v1/chat/completions: request model, conversion to a GenerateRequest, response shapes."""
+"""POST /v1/chat/completions: request model, conversion to a GenerateRequest, response shapes.
+
+Tools are checked here: names, `parameters` as JSON Schema (the jsonschema library's meta-schema
+check), and for `strict` functions only keywords the decoding grammar enforces."""
 from __future__ import annotations
 
 import json
 from typing import Any, Literal, Optional, Union
 
+from jsonschema import SchemaError
+from jsonschema.validators import validator_for
 from pydantic import Field, StrictBool, model_validator
 
 from deployments.errors import InvalidRequestError, UnsupportedParameterError
@@ -136,6 +141,9 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
             if "schema" in spec and not isinstance(spec["schema"], dict):
                 raise InvalidRequestError("Invalid type for 'response_format.json_schema.schema': expected an object.",
                                           param="response_format.json_schema.schema", code="invalid_type")
+            if isinstance(spec.get("schema"), dict):
+                check_json_schema(spec["schema"], "response_format.json_schema.schema", "response_format",
+                                  strict=spec.get("strict") is True)
 
     def _response_format(self) -> Optional[dict[str, Any]]:
         rf = self.response_format
@@ -154,6 +162,15 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
                 raise InvalidRequestError("Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
                                           "'tools' are specified.", param="tool_choice")
             return
+        for i, tool in enumerate(self.tools):
+            f = tool.function
+            if f.parameters is not None:
+                check_json_schema(f.parameters, f"tools[{i}].function.parameters", f"function '{f.name}'",
+                                  strict=f.strict is True, code="invalid_function_parameters")
+                if f.parameters.get("type", "object") != "object":
+                    raise InvalidRequestError(f"Invalid schema for function '{f.name}': schema must be a JSON Schema "
+                                              f"of 'type: \"object\"', got 'type: {json.dumps(f.parameters['type'])}'.",
+                                              param=f"tools[{i}].function.parameters", code="invalid_function_parameters")
         if isinstance(self.tool_choice, NamedToolChoice):
             names = {t.function.name for t in self.tools}
             if self.tool_choice.function.name not in names:
@@ -176,11 +193,49 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
             return None
         choice = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else (
             self.tool_choice or "auto")
-        return ToolSpec([t.model_dump(exclude_none=True) for t in self.tools], choice)
+        return ToolSpec([t.model_dump(exclude_none=True) for t in self.tools], choice,
+                        parallel=self.parallel_tool_calls is not False)
 
     @property
     def single_tool_call(self) -> bool:
         return self.parallel_tool_calls is False
+
+
+# ----------------------------------------------------------------------------- JSON Schema checks
+
+# Keywords the decoding grammar (xgrammar) does not enforce; OpenAI's strict mode rejects the same.
+_UNENFORCED = ("allOf", "oneOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "uniqueItems")
+_SUBSCHEMA = ("items", "additionalProperties", "contains", "propertyNames", "unevaluatedProperties",
+              "unevaluatedItems", "additionalItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "prefixItems", "allOf", "oneOf")
+
+
+def check_json_schema(schema: dict[str, Any], param: str, what: str, strict: bool,
+                      code: str = "invalid_value") -> None:
+    """A 400 naming `param` unless `schema` is valid JSON Schema (its own draft's meta-schema); with
+    `strict`, also unless the grammar can enforce all of it."""
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        raise InvalidRequestError(f"Invalid schema for {what}: {exc.message}" + (f" (at '{where}')" if where else ""),
+                                  param=param, code=code) from None
+    if strict:
+        bad = _unenforced_keyword(schema)
+        if bad is not None:
+            raise InvalidRequestError(f"Invalid schema for {what}: '{bad}' is not supported with strict: true.",
+                                      param=param, code=code)
+
+
+def _unenforced_keyword(schema: Any) -> Optional[str]:
+    if not isinstance(schema, dict):
+        return None
+    found = next((k for k in _UNENFORCED if k in schema), None)
+    subs = [schema.get(k) for k in _SUBSCHEMA]
+    subs += [s for k in _SUBSCHEMA_MAPS if isinstance(schema.get(k), dict) for s in schema[k].values()]
+    subs += [s for k in _SUBSCHEMA_LISTS if isinstance(schema.get(k), list) for s in schema[k]]
+    return found or next((f for f in map(_unenforced_keyword, subs) if f is not None), None)
 
 
 # ----------------------------------------------------------------------------- responses

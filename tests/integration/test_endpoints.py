@@ -8,6 +8,7 @@ import json
 import time
 import urllib.request
 
+import jsonschema
 import numpy as np
 import openai
 import pytest
@@ -215,12 +216,41 @@ def test_tools_round_trip_with_forced_function(client):
         model=CHAT, messages=[{"role": "user", "content": "What's the weather in Paris?"}], tools=tools,
         tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0, max_tokens=40)
     choice = r.choices[0]
-    if choice.message.tool_calls:   # the small model usually completes the forced call with valid JSON
-        assert choice.finish_reason == "tool_calls"
-        assert choice.message.tool_calls[0].function.name == "get_weather"
-        json.loads(choice.message.tool_calls[0].function.arguments)
-    else:
-        assert choice.message.content.startswith('<tool_call>\n{"name": "get_weather"')
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None   # the grammar forces the call
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), tools[0]["function"]["parameters"])
+    # the next turn: the call (with its id) and the tool's result go back through the chat template
+    follow = client.chat.completions.create(
+        model=CHAT, temperature=0, max_tokens=20, tools=tools, messages=[
+            {"role": "user", "content": "What's the weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+            {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 C"}])
+    assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_required_tool_calls_validate_and_bad_tools_are_400s(client):
+    """LangChain's tool_choice="any" sends "required"; instructor's TOOLS mode a named function."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+              "required": ["city", "unit"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema, "strict": True}},
+             {"type": "function", "function": {"name": "get_time", "description": "Current time"}}]
+    for seed in range(3):
+        r = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Weather in Oslo?"}],
+                                           tools=tools, tool_choice="required", parallel_tool_calls=False,
+                                           seed=seed, temperature=1.0, max_tokens=80)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+        call = choice.message.tool_calls[0].function
+        jsonschema.validate(json.loads(call.arguments), schema if call.name == "get_weather" else {"maxProperties": 0})
+    too_many = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=CHAT, messages=PARIS, tools=too_many)
+    assert err.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=CHAT, messages=PARIS, tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": 5}}}}}])
+    assert err.value.body["param"] == "tools[0].function.parameters"
 
 
 def test_forced_tool_call_streams_its_arguments_in_fragments(client):
@@ -281,5 +311,5 @@ def test_response_format_json_schema_and_json_object(client):
     with pytest.raises(openai.BadRequestError) as err:
         bad(model=CHAT, messages=PARIS, response_format={"type": "json_schema", "json_schema": {
             "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}})
-    assert err.value.body["param"] == "response_format"
+    assert err.value.body["param"] == "response_format.json_schema.schema"   # the meta-schema check names it
     assert ".cc:" not in err.value.body["message"]         # no xgrammar internals in the message

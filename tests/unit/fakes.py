@@ -157,3 +157,12 @@ class FakeImageStore:
         self.get = _Remote(self.store.get)
 
 
+
+
+def byte_grammars():
+    """structured.Grammars over ByteTokenizer's vocabulary (xgrammar sees raw bytes, 256 is EOS)."""
+    import xgrammar as xgr
+    from deployments.llm.structured import Grammars
+    info = xgr.TokenizerInfo([bytes([i]) for i in range(256)] + [b""], xgr.VocabType.RAW, vocab_size=257,
+                             stop_token_ids=[256])
+    return Grammars(ByteTokenizer(), 257, [256], tokenizer_info=info)

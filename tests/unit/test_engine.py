@@ -582,3 +582,16 @@ def test_kv_growth_stays_within_the_budget_by_preempting_and_recomputing(model, 
     assert preempted                                                  # the budget bit
     assert all(tokens <= budget for rows, tokens in cache_sizes if rows > 1)
     assert texts == alone and all(r == {0: "length"} for r in reasons.values())
+
+
+def test_a_finished_choice_reports_its_finish_once_while_its_siblings_run(model):
+    r = req("n3", "hello", temperature=1.0, seed=1, n=3, max_tokens=30, stop=["e"])
+    engine = make_engine(model)
+    engine.add(r)
+    finishes: dict = {}
+    while engine.has_work():
+        for _, chunk in engine.step():
+            for d in chunk.choices:
+                if d.finish_reason:
+                    finishes[d.index] = finishes.get(d.index, 0) + 1
+    assert finishes == {0: 1, 1: 1, 2: 1}

@@ -189,6 +189,7 @@ def test_under_load_tokens_are_coalesced_but_the_first_token_goes_at_once():
 
 def test_tools_stream_content_at_once_and_the_call_as_it_is_generated():
     from deployments.llm.server import _with_tool_calls
+    from deployments.llm.tool_calls import FORMATS
     from deployments.types import ChoiceDelta, GenerateChunk, Usage
 
     async def engine_stream():
@@ -197,7 +198,7 @@ def test_tools_stream_content_at_once_and_the_call_as_it_is_generated():
         yield GenerateChunk([ChoiceDelta(0, "", None, "stop")], Usage(5, 9))
 
     async def go():
-        return [c async for c in _with_tool_calls(engine_stream(), "")]
+        return [c async for c in _with_tool_calls(engine_stream(), FORMATS["hermes"])]
     chunks = asyncio.run(go())
     texts = [c.choices[0].text for c in chunks if c.choices]
     assert texts[:2] == ["Let me ", "check. "]                  # content went out before the reply ended
@@ -207,6 +208,107 @@ def test_tools_stream_content_at_once_and_the_call_as_it_is_generated():
     deltas = [(d.id is not None, d.name, d.arguments) for c in chunks for ch in c.choices for d in ch.tool_call_deltas or []]
     assert deltas == [(True, "f", ""), (False, None, '{"x"'), (False, None, ": 1}")]   # before the reply ended
     assert chunks[2].choices[0].tool_call_deltas                                         # with the 3rd engine chunk
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]},
+                                     "days": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 31}, "maxItems": 3}},
+    "required": ["city", "unit", "days"]}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def tool_server(**kw) -> LLMServer:
+    from tests.unit.fakes import byte_grammars
+    server = make_server(max_model_len=256, **kw)
+    server._grammar_cache = byte_grammars()
+    # a template that takes `tools` itself keeps the prompt short (no system prompt listing them)
+    server.tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{{ tools|length }}<assistant>"
+    return server
+
+
+def _reassembled(chunks) -> dict:
+    """What a client accumulates from the streamed deltas: {index: (id, name, arguments)}."""
+    calls: dict = {}
+    for c in chunks:
+        for d in c.choices:
+            for t in d.tool_call_deltas or []:
+                prev = calls.get(t.index, (None, None, ""))
+                calls[t.index] = (t.id or prev[0], t.name or prev[1], prev[2] + t.arguments)
+    return calls
+
+
+@pytest.mark.parametrize("choice", ["get_weather", "required"])
+def test_forced_calls_on_a_random_model_parse_and_match_the_schema_and_stream_alike(choice):
+    import json
+
+    import jsonschema
+    from deployments.types import ToolSpec
+
+    def request(rid, seed):
+        req = chat(rid=rid, temperature=1.0, seed=seed, max_tokens=200)
+        req.tools = ToolSpec([WEATHER, TIME], choice)
+        return req
+
+    async def go():
+        server = tool_server()
+        out = []
+        for seed in range(4):
+            whole = await server.generate(request(f"w{seed}", seed))
+            chunks = [c async for c in server.generate_stream(request(f"s{seed}", seed))]
+            out.append((whole, chunks))
+        return out
+    schemas = {"get_weather": WEATHER["function"]["parameters"], "get_time": {"type": "object", "properties": {},
+                                                                            "additionalProperties": False}}
+    finished = 0
+    for whole, chunks in asyncio.run(go()):
+        c = whole.choices[0]
+        assert c.text == "" and c.tool_calls
+        complete = c.tool_calls if c.finish_reason == "tool_calls" else c.tool_calls[:-1]
+        assert c.finish_reason == "tool_calls" or (choice == "required" and c.finish_reason == "length")
+        finished += c.finish_reason == "tool_calls"    # a random model may go on calling until max_tokens
+        for call in complete:
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+            assert choice == "required" or call.name == "get_weather"
+        streamed = _reassembled(chunks)
+        assert [(n, a) for _, n, a in streamed.values()] == [(t.name, t.arguments) for t in c.tool_calls]
+        assert [i for i, _, _ in streamed.values()] == [t.id for t in chunks[-1].choices[-1].tool_calls]
+    assert finished >= 2
+
+
+def test_required_without_parallel_calls_gives_exactly_one_call():
+    from deployments.types import ToolSpec
+
+    async def go():
+        server = tool_server()
+        results = []
+        for seed in range(4):
+            req = chat(rid=f"r{seed}", temperature=1.0, seed=seed, max_tokens=150)
+            req.tools = ToolSpec([TIME], "required", parallel=False)
+            results.append(await server.generate(req))
+        return results
+    for r in asyncio.run(go()):
+        assert r.choices[0].finish_reason == "tool_calls" and len(r.choices[0].tool_calls) == 1
+
+
+def test_a_forced_call_cut_by_max_tokens_finishes_with_length():
+    from deployments.types import ToolSpec
+    req = chat(max_tokens=62)     # the call's header is 52 bytes: cut inside its arguments
+    req.tools = ToolSpec([WEATHER], "get_weather")
+    result = asyncio.run(tool_server().generate(req))
+    choice = result.choices[0]
+    assert choice.finish_reason == "length" and choice.text == ""      # the cut call is no content...
+    assert choice.tool_calls[0].name == "get_weather"                    # ...but the call, as far as it got
+
+
+def test_more_tools_than_the_cap_is_a_400_naming_tools():
+    from deployments.types import ToolSpec
+    server = make_server()
+    server.cfg.engine.max_tools = 2
+    req = chat()
+    req.tools = ToolSpec([TIME, TIME, TIME], "auto")
+    with pytest.raises(InvalidRequestError) as err:
+        asyncio.run(server.generate(req))
+    assert err.value.param == "tools" and "at most 2" in str(err.value)
 
 
 class _FakeMetric:

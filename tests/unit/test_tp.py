@@ -66,8 +66,8 @@ def _rank(rank: int, port: int, path: str, results) -> None:
     else:
         seen = {}
 
-        def make_request(rid, prompts, params, max_tokens, response_format):
-            seen[rid] = EngineRequest(rid, prompts, params, max_tokens, response_format=response_format)
+        def make_request(rid, prompts, params, max_tokens, grammar_spec):
+            seen[rid] = EngineRequest(rid, prompts, params, max_tokens, grammar_spec=grammar_spec)
             return seen[rid]
         follow(engine, lockstep, make_request)
         out = {rid: [s.output_ids for s in r.seqs] for rid, r in seen.items()}
