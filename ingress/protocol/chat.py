@@ -85,6 +85,18 @@ class ResponseFormat(WireModel):
     json_schema: Optional[dict[str, Any]] = None
 
 
+def check_conversation_limits(messages: list[Message], tools: Optional[list[Tool]], limits: RequestLimits) -> None:
+    """The caps on what a chat prompt is rendered from (chat completions and /tokenize alike)."""
+    if len(messages) > limits.max_messages:
+        raise over_limit("messages", "the number of messages", limits.max_messages, "max_messages")
+    if sum(m.text_length() for m in messages) > limits.max_prompt_chars:
+        raise over_limit("messages", "the prompt's length in characters", limits.max_prompt_chars, "max_prompt_chars")
+    if len(tools or ()) > limits.max_tools:
+        raise over_limit("tools", "the number of tools", limits.max_tools, "max_tools")
+    for i, tool in enumerate(tools or ()):
+        check_depth(tool.function.parameters, f"tools[{i}].function.parameters")
+
+
 class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
     messages: list[Message] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -98,15 +110,7 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
 
     def check_limits(self, limits: RequestLimits) -> None:
         self.check_sampling_limits(limits)
-        if len(self.messages) > limits.max_messages:
-            raise over_limit("messages", "the number of messages", limits.max_messages, "max_messages")
-        if sum(m.text_length() for m in self.messages) > limits.max_prompt_chars:
-            raise over_limit("messages", "the prompt's length in characters", limits.max_prompt_chars,
-                             "max_prompt_chars")
-        if len(self.tools or ()) > limits.max_tools:
-            raise over_limit("tools", "the number of tools", limits.max_tools, "max_tools")
-        for i, tool in enumerate(self.tools or ()):
-            check_depth(tool.function.parameters, f"tools[{i}].function.parameters")
+        check_conversation_limits(self.messages, self.tools, limits)
         rf = self.response_format
         if rf is not None:
             check_depth(rf.json_schema, "response_format.json_schema")

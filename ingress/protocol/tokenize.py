@@ -9,7 +9,7 @@ from pydantic import Field, StrictBool, StrictInt
 
 from deployments.errors import UnsupportedParameterError
 from deployments.types import TokenizeRequest, TokenizeResult, ToolSpec
-from ingress.protocol.chat import Message, Tool
+from ingress.protocol.chat import Message, Tool, check_conversation_limits
 from deployments.config import RequestLimits
 from ingress.protocol.common import WireModel, over_limit
 
@@ -43,13 +43,7 @@ class TokenizeChatRequest(WireModel):
     return_token_strs: Optional[StrictBool] = False
 
     def check_limits(self, limits: RequestLimits) -> None:
-        if len(self.messages) > limits.max_messages:
-            raise over_limit("messages", "the number of messages", limits.max_messages, "max_messages")
-        if sum(m.text_length() for m in self.messages) > limits.max_prompt_chars:
-            raise over_limit("messages", "the prompt's length in characters", limits.max_prompt_chars,
-                             "max_prompt_chars")
-        if len(self.tools or ()) > limits.max_tools:
-            raise over_limit("tools", "the number of tools", limits.max_tools, "max_tools")
+        check_conversation_limits(self.messages, self.tools, limits)
 
     def check(self) -> None:
         """Generation always renders the assistant's turn opening; tokenizing anything else would
