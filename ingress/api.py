@@ -1,7 +1,8 @@
 """create_api(): the FastAPI app, independent of Ray so tests can drive it in-process.
 
-Request ids are assigned by a tiny ASGI middleware (also used by the error renderer); auth is a
-dependency on the /v1 routers. Prompts are logged only when the config asks for it.
+Request ids are assigned by a tiny ASGI middleware (also used by the error renderer); inside it,
+ingress.auth.Guard authenticates every path but /health, /ready and signed image URLs, and admits
+the request against its subject's rate limits. Prompts are logged only when the config asks for it.
 """
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import re
 import uuid
 from typing import Any, Optional
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 
-from ingress.auth import ApiKeyAuth
+from deployments.config import AuthConfig
+from ingress.auth import Authenticator, Guard, read_secret
 from ingress.backends import ModelRegistry
 from ingress.errors import error_response, install_error_handlers, to_modelhub_error
+from ingress.image_urls import ImageUrlSigner
+from ingress.ratelimit import RateLimiter
+from ingress.usage import UsageMeter
 from ingress.routes import chat, completions, embeddings, images, models
 
 logger = logging.getLogger("modelhub.ingress")
@@ -50,17 +55,25 @@ class RequestIdMiddleware:
             await error_response(to_modelhub_error(exc, rid), rid)(scope, receive, send)
 
 
-def create_api(registry: ModelRegistry, *, image_store: Any = None, api_keys_env: Optional[str] = None,
-               log_prompts: bool = False, public_url: Optional[str] = None) -> FastAPI:
+def create_api(registry: ModelRegistry, *, image_store: Any = None, auth: Optional[AuthConfig] = None,
+               limit_store: Any = None, meter: Optional[UsageMeter] = None, log_prompts: bool = False,
+               public_url: Optional[str] = None) -> FastAPI:
+    """`limit_store`: a LimitStore handle (None: no rate limits); `meter`: usage counters (default Ray's)."""
+    auth = auth or AuthConfig()
     app = FastAPI(title="ModelHub Serve", version="0.1.0", docs_url="/docs", redoc_url=None)
     app.state.registry = registry
     app.state.image_store = image_store
+    app.state.url_signer = ImageUrlSigner(read_secret(auth.image_url_secret_env, auth.image_url_secret_file,
+                                                      "auth.image_url_secret"), image_store)
     app.state.public_url = public_url.rstrip("/") if public_url else None
     app.state.log_request = _request_logger(log_prompts)
-    auth = ApiKeyAuth(api_keys_env)
-    guarded = [Depends(auth)]
+    authenticator = Authenticator(auth)
+    (logger.info if authenticator.enabled else logger.warning)(authenticator.describe())
+    limiter = RateLimiter(limit_store, failure=auth.rate_limit_failure, lease_fraction=auth.rate_limit_lease_fraction,
+                          sync_s=auth.rate_limit_sync_s, meter=meter or UsageMeter(),
+                          default_completion_tokens=auth.default_reserved_completion_tokens)
     for module in (models, chat, completions, embeddings, images):
-        app.include_router(module.router, dependencies=guarded)
+        app.include_router(module.router)
     app.include_router(images.files_router)
 
     @app.get("/health")
@@ -68,7 +81,8 @@ def create_api(registry: ModelRegistry, *, image_store: Any = None, api_keys_env
         return {"status": "ok"}
 
     install_error_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(Guard, authenticator=authenticator, limiter=limiter)
+    app.add_middleware(RequestIdMiddleware)   # outermost: it renders the Guard's 401s and 429s too
     return app
 
 

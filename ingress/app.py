@@ -16,6 +16,7 @@ from deployments.config import AppConfig, parse_app_config
 from ingress.api import create_api
 from ingress.backends import HandleClient, ModelEntry, ModelRegistry
 from ingress.coalesce import EmbeddingCoalescer
+from ingress.limit_store import LimitStore
 
 INGRESS_DEFAULTS: dict[str, Any] = {
     "num_replicas": 1, "max_ongoing_requests": 1024, "max_queued_requests": 4096,
@@ -24,10 +25,10 @@ INGRESS_DEFAULTS: dict[str, Any] = {
 
 
 class IngressServer:
-    def __init__(self, config: dict[str, Any], handles: dict[str, Any], image_store: Any):
+    def __init__(self, config: dict[str, Any], handles: dict[str, Any], image_store: Any, limit_store: Any = None):
         cfg = AppConfig.model_validate(config)
         registry = ModelRegistry({m.id: ModelEntry(m, self._client(m, handles[m.id], cfg)) for m in cfg.models})
-        self._api = create_api(registry, image_store=image_store, api_keys_env=cfg.ingress.api_keys_env,
+        self._api = create_api(registry, image_store=image_store, auth=cfg.ingress.auth, limit_store=limit_store,
                                log_prompts=cfg.ingress.log_prompts, public_url=cfg.ingress.public_url)
 
     @staticmethod
@@ -47,7 +48,10 @@ def build_app(args: dict[str, Any]) -> Any:
     cfg = parse_app_config(args)
     handles = {m.id: model_deployment(m) for m in cfg.models}
     has_images = any(m.kind == "image" for m in cfg.models)   # no image model, no store replica
-    store = image_store_deployment(cfg.ingress.image_url_ttl_s) if has_images else None
+    store = image_store_deployment(cfg.ingress) if has_images else None
+    limits = None   # the shared rate-limit buckets, only where some subject can have a limit
+    if cfg.ingress.auth.enabled and cfg.ingress.auth.limited():
+        limits = serve.deployment(LimitStore, name="LimitStore", **LimitStore.default_options()).bind()
     opts = cfg.ingress.deployment.serve_options(INGRESS_DEFAULTS)
     ingress = serve.deployment(serve.ingress()(IngressServer), name="Ingress", **opts)
-    return ingress.bind(cfg.model_dump(mode="json"), handles, store)
+    return ingress.bind(cfg.model_dump(mode="json"), handles, store, limits)

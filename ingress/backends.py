@@ -13,6 +13,7 @@ from deployments.config import ModelConfig
 from deployments.errors import InvalidRequestError, ModelNotFoundError
 from deployments.types import (EmbedRequest, EmbedResult, GenerateChunk, GenerateRequest, GenerateResult,
                                ImageRequest, ImageResult, ModelCard)
+from ingress.auth import Principal
 
 
 class ModelClient(Protocol):
@@ -77,13 +78,14 @@ class ModelRegistry:
         self.entries = entries
         self._cards: Optional[list[ModelCard]] = None
 
-    def get(self, model_id: Optional[str], kind: str) -> ModelEntry:
+    def get(self, model_id: Optional[str], kind: str, principal: Principal) -> ModelEntry:
+        """The model `principal` may use; a model out of its scope answers exactly as an absent one."""
         if model_id is None:   # images may omit `model`: take the first image model
-            model_id = next((k for k, e in self.entries.items() if e.cfg.kind == kind), None)
+            model_id = next((k for k, e in self.entries.items() if e.cfg.kind == kind and principal.allows(k)), None)
             if model_id is None:
                 raise ModelNotFoundError(f"No {kind} model is configured.", param="model")
         entry = self.entries.get(model_id)
-        if entry is None:
+        if entry is None or not principal.allows(model_id):
             raise ModelNotFoundError(f"The model `{model_id}` does not exist or you do not have access to it.")
         if entry.cfg.kind != kind:
             raise InvalidRequestError(
@@ -91,14 +93,17 @@ class ModelRegistry:
                 f"only, not this endpoint.", param="model", code="model_not_supported")
         return entry
 
-    async def cards(self) -> list[ModelCard]:
+    async def cards(self, principal: Principal) -> list[ModelCard]:
+        """The cards of the models `principal` may use."""
         if self._cards is None:
             cards = await asyncio.gather(*(e.client.card() for e in self.entries.values()))
             self._cards = list(cards)
-        return self._cards
+        if principal.models == ("*",):
+            return self._cards
+        return [c for c in self._cards if principal.allows(c.id)]
 
-    async def card(self, model_id: str) -> ModelCard:
-        for c in await self.cards():
+    async def card(self, model_id: str, principal: Principal) -> ModelCard:
+        for c in await self.cards(principal):
             if c.id == model_id:
                 return c
         raise ModelNotFoundError(f"The model `{model_id}` does not exist or you do not have access to it.")

@@ -15,18 +15,24 @@ FINGERPRINT = "fp_modelhub"
 async def chat_completions(request: Request):
     body = await parse_body(request, ChatCompletionRequest)
     body.check()
-    state = request.app.state
-    entry = state.registry.get(body.model, "chat")
+    state, ticket = request.app.state, request.state.ticket
+    entry = state.registry.get(body.model, "chat", request.state.principal)
+    await ticket.reserve(body)
     greq = body.to_generate_request(request.state.request_id)
     state.log_request(request, body.model, body.user, body.messages)
     head = {"id": new_id("chatcmpl"), "created": now(), "model": body.model, "system_fingerprint": FINGERPRINT}
     if not body.stream:
         result = await entry.client.generate(greq)
+        ticket.settle_usage(entry.cfg.id, result.usage)
         return json_response({**head, "object": "chat.completion",
                               "choices": [choice_json(c, body.single_tool_call) for c in result.choices],
                               "usage": usage_json(result.usage)}, request)
     stream = ChatStream(head, body)
-    return await sse_response(request, entry.client.generate_stream(greq), stream.render, stream.finish)
+
+    def finish() -> str:
+        ticket.settle_usage(entry.cfg.id, stream.usage)
+        return stream.finish()
+    return await sse_response(request, entry.client.generate_stream(greq), stream.render, finish)
 
 
 class ChatStream:

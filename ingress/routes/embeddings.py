@@ -14,10 +14,12 @@ router = APIRouter()
 @router.post("/v1/embeddings")
 async def embeddings(request: Request):
     body = await parse_body(request, EmbeddingRequest)
-    state = request.app.state
-    entry = state.registry.get(body.model, "embedding")
+    state, ticket = request.app.state, request.state.ticket
+    entry = state.registry.get(body.model, "embedding", request.state.principal)
+    await ticket.reserve(body)
     state.log_request(request, body.model, body.user, body.input)
     result = await entry.client.embed(body.to_embed_request())
+    ticket.settle(entry.cfg.id, embedding_tokens=result.prompt_tokens)
     payload = embedding_response(result.embeddings, body.model, result.prompt_tokens, body.encoding_format or "float")
     return Response(dumps(payload), media_type="application/json",
                     headers={"x-request-id": request.state.request_id})
