@@ -272,9 +272,9 @@ class JwtConfig(StrictModel):
     secret_env: Optional[str] = Field(None, description="Environment variable holding the HS* shared secret.")
     secret_file: Optional[str] = Field(None, description="File holding the HS* shared secret.")
     public_key_file: Optional[str] = Field(None, description="PEM public key for RS*/PS*/ES*/EdDSA tokens.")
-    jwks_url: Optional[str] = Field(None, description="JWKS URL (https://, or file:// for a local file); keys "
+    jwks_url: Optional[str] = Field(None, pattern=r"^https?://", description="JWKS URL (http or https); keys "
                                     "are picked by the token's `kid`, cached, and refetched on an unknown kid.")
-    jwks_file: Optional[str] = Field(None, description="Path of a JWKS file (same as jwks_url file://PATH).")
+    jwks_file: Optional[str] = Field(None, description="Path of a JWKS file, read like jwks_url.")
     jwks_cache_s: float = Field(300, gt=0, description="How long a fetched JWKS is trusted before it is refetched.")
     jwks_refetch_cooldown_s: float = Field(
         10, ge=0, description="Least time between two fetches forced by unknown kids (bounds the fetches "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -120,10 +121,12 @@ class JwtVerifier:
         if cfg.public_key_file:
             self._public_key = pathlib.Path(cfg.public_key_file).read_bytes()
         self._jwks = None
-        if cfg.jwks_url or cfg.jwks_file:
-            url = cfg.jwks_url or pathlib.Path(cfg.jwks_file).resolve().as_uri()
-            self._jwks = jwt.PyJWKClient(url, cache_jwk_set=True, lifespan=cfg.jwks_cache_s, timeout=10,
-                                         cooldown_duration=cfg.jwks_refetch_cooldown_s)
+        opts = {"cache_jwk_set": True, "lifespan": cfg.jwks_cache_s, "timeout": 10,
+                "cooldown_duration": cfg.jwks_refetch_cooldown_s}
+        if cfg.jwks_url:
+            self._jwks = jwt.PyJWKClient(cfg.jwks_url, **opts)
+        elif cfg.jwks_file:
+            self._jwks = FileJWKClient(cfg.jwks_file, **opts)
         self._remembered: dict[str, tuple[float, Principal]] = {}
 
     async def verify(self, token: str) -> Principal:
@@ -187,6 +190,19 @@ class JwtVerifier:
         self._remembered[token] = (until, principal)
 
 
+class FileJWKClient(jwt.PyJWKClient):
+    """PyJWKClient (caching, refetch on an unknown kid) over a local JWKS file: PyJWT fetches http(s) only."""
+
+    def __init__(self, path: str, **opts: Any):
+        super().__init__("https://jwks-file.invalid/", **opts)
+        self.path = pathlib.Path(path)
+
+    def fetch_data(self) -> Any:
+        data = json.loads(self.path.read_text())
+        self._last_successful_fetch = time.monotonic()   # starts PyJWKClient's refetch cooldown
+        return data
+
+
 class Authenticator:
     """Bearer credential -> Principal. With nothing configured it is off: everyone is ANONYMOUS."""
 
@@ -212,7 +228,9 @@ class Authenticator:
         scheme, _, credential = authorization.partition(" ")
         credential = credential.strip()
         if scheme.lower() != "bearer" or not credential:
-            raise AuthenticationError(MISSING, code=None)
+            err = AuthenticationError(MISSING)
+            err.code = None   # as OpenAI: a missing key has no code (the constructor keeps the class's for None)
+            raise err
         principal = self.keys.lookup(credential)
         if principal is not None:
             return principal

@@ -38,7 +38,7 @@ class RateLimitError(ModelHubError):
 class Pool:
     """This replica's share of one subject's bucket: `held` units leased and not yet spent."""
 
-    __slots__ = ("key", "capacity", "rate", "held", "level", "stamp", "used", "pending")
+    __slots__ = ("key", "capacity", "rate", "held", "level", "stamp", "used", "pending", "waiting")
 
     def __init__(self, key: tuple[str, str], capacity: float, rate: float):
         self.key = key
@@ -47,6 +47,7 @@ class Pool:
         self.level, self.stamp = capacity, time.monotonic()   # the store's level at our last exchange
         self.used = False
         self.pending: Optional[asyncio.Future] = None
+        self.waiting = 0.0   # units requests are waiting for while a lease is fetched
 
     def remaining(self) -> float:
         """Best local estimate of what the subject has left (the store's level, refilled, plus our share)."""
@@ -101,7 +102,7 @@ class RateLimiter:
 
     async def take(self, needs: list[tuple[Pool, float]]) -> None:
         """Spends `n` from each pool, all or none; raises RateLimitError naming the first one short."""
-        for _ in range(3):
+        for attempt in range(4):
             short = [(p, n) for p, n in needs if p.held < n]
             if not short:
                 for p, n in needs:
@@ -111,23 +112,33 @@ class RateLimiter:
                 return
             if any(n > p.capacity for p, n in short):
                 raise self._too_large(next(p for p, n in short if n > p.capacity), needs)
-            await self._fill(short)
+            if attempt == 3 or (attempt and any(p.level < n - p.held for p, n in short)):
+                break   # the store has too little: no point asking again
+            for p, n in short:
+                p.waiting += n
+            try:
+                await self._fill(short)
+            finally:
+                for p, n in short:
+                    p.waiting -= n
             if self.failure == "closed" and time.monotonic() < self._down_until:
                 raise OverloadedError("Rate limiting is unavailable; retry shortly.", retry_after_s=5)
-            if any(p.held < n and p.level < n - p.held for p, n in short):
-                break   # the store has too little: no point asking again
-        raise self._denied(next(p for p, n in needs if p.held < n), needs)
+        raise self._denied(short[0][0], needs)
 
     async def _fill(self, short: list[tuple[Pool, float]]) -> None:
         fresh = [(p, n) for p, n in short if p.pending is None]
         if fresh:
+            # ask for what every request waiting here needs, so a burst is served in one round trip
             task = asyncio.ensure_future(self._exchange([(p, n - p.held) for p, n in fresh]))
             for p, _ in fresh:
                 p.pending = task
         await asyncio.gather(*{p.pending for p, _ in short if p.pending is not None})
 
     def _prefetch(self, pools: list[Pool]) -> None:
-        low = [(p, self._batch(p)) for p in pools if p.pending is None and p.held < self._batch(p) / 2]
+        # concurrency slots are leased on demand only: prefetched, they would sit idle here while
+        # another replica is refused
+        low = [(p, self._batch(p)) for p in pools
+               if p.rate and p.pending is None and p.held < self._batch(p) / 2]
         if low and time.monotonic() >= self._down_until:
             task = asyncio.ensure_future(self._exchange([(p, 0.0) for p, _ in low]))
             for p, _ in low:
@@ -137,8 +148,10 @@ class RateLimiter:
         return max(1.0, math.ceil(p.capacity * self.lease_fraction))
 
     async def _exchange(self, wants: list[tuple[Pool, float]]) -> None:
-        """One store call for several pools: each asks for a lease of at least `need` units."""
-        ops = [(p.key[0], p.key[1], p.capacity, p.rate, max(need, self._batch(p)), need) for p, need in wants]
+        """One store call for several pools: each asks for a lease's worth or what the requests waiting
+        on it need (counted now, when the call goes out), or whatever the store has if that covers `need`."""
+        ops = [(p.key[0], p.key[1], p.capacity, p.rate, max(need, p.waiting - p.held, self._batch(p)), need)
+               for p, need in wants]
         try:
             replies = await self._call("exchange", ops)
         except Exception as exc:  # the store is lost or slow: the configured failure mode decides
