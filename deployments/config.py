@@ -6,6 +6,7 @@ suggest the closest valid one. Must not import torch, FastAPI or Ray.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -194,13 +195,16 @@ class ImageEngineConfig(StrictModel):
         return v
 
 
+_SIZE = re.compile(r"([0-9]{1,5})[x*]([0-9]{1,5})")   # ASCII digits only: str.isdigit also takes '²' and '١'
+
+
 def parse_size(size: str) -> Optional[tuple[int, int]]:
     """'512x512' or '512*512' -> (512, 512); anything else -> None."""
-    for sep in ("x", "*"):
-        parts = size.split(sep)
-        if len(parts) == 2 and all(p.isdigit() and 0 < int(p) <= 8192 for p in parts):
-            return int(parts[0]), int(parts[1])
-    return None
+    m = _SIZE.fullmatch(size)
+    if m is None:
+        return None
+    w, h = int(m[1]), int(m[2])
+    return (w, h) if 0 < w <= 8192 and 0 < h <= 8192 else None
 
 
 class _ModelBase(StrictModel):
@@ -344,11 +348,42 @@ class AuthConfig(StrictModel):
                 or bool(self.jwt and self.jwt.limits_claim))
 
 
+class RequestLimits(StrictModel):
+    """Caps checked at the ingress before any model work (body read, tokenizing, queueing). Over a
+    cap: 413 for the body, 400 naming the cap for the rest; a request that can never fit is never
+    a 503."""
+
+    max_body_bytes: int = Field(
+        16 << 20, ge=1024, description="Largest request body in bytes; a larger one gets 413, decided from "
+                                       "Content-Length, or while a chunked body streams in, before it is all read.")
+    max_messages: int = Field(2048, ge=1, description="Most chat `messages` in one request.")
+    max_tools: int = Field(128, ge=1, description="Most `tools` in one chat request.")
+    max_stop_chars: int = Field(1024, ge=1, description="Longest `stop` string, in characters.")
+    max_logit_bias: int = Field(1024, ge=1, description="Most `logit_bias` entries.")
+    max_prompt_chars: int = Field(
+        1 << 20, ge=1, description="Characters of prompt text in one chat or completions request (all messages, "
+                                   "or all prompts; token-id prompts count one per id), checked before tokenizing.")
+    max_embedding_inputs: int = Field(2048, ge=1, le=2048, description="Most `input` items per embeddings request.")
+    max_embedding_input_chars: int = Field(
+        100_000, ge=1, description="Longest embeddings `input` item, in characters (or token ids).")
+    max_schema_bytes: int = Field(
+        65536, ge=256, description="Largest `response_format` JSON schema (serialized); bigger is a 400.")
+    schema_compile_timeout_s: float = Field(
+        10.0, gt=0, description="A `response_format` schema whose grammar takes longer to compile is a 400.")
+    request_timeout_s: float = Field(
+        600.0, ge=0, description="Total time one request may take, streams included; then it ends (504, or an "
+                                 "SSE error event for a stream that started) and its model work stops. 0: no limit.")
+    stream_idle_timeout_s: float = Field(
+        120.0, ge=0, description="Longest wait for a stream's next chunk; then it ends with an SSE error event "
+                                 "and its model work stops. 0: no limit.")
+
+
 class IngressConfig(StrictModel):
     """The HTTP side."""
 
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Request size caps and timeouts.")
     image_url_ttl_s: int = Field(3600, ge=1, description="Lifetime of images served by URL.")
     image_store_bytes: int = Field(1 << 30, ge=1, description="Most bytes of images the image store keeps.")
     image_quota_bytes: int = Field(
@@ -364,6 +399,9 @@ class IngressConfig(StrictModel):
     coalesce_max_in_flight: int = Field(
         2, ge=1, description="Handle calls per embedding model in flight from one ingress replica; "
                              "requests arriving beyond them wait and go out together.")
+    coalesce_max_pending: int = Field(
+        4096, ge=1, description="Embedding requests one ingress replica holds waiting for a handle call, per "
+                                "model; beyond it the answer is 503 with Retry-After.")
 
 
 class AppConfig(StrictModel):

@@ -89,3 +89,18 @@ class EngineUnavailableError(OverloadedError):
 
     type = "service_unavailable"
     code = "engine_unavailable"
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """The request body is over the configured size limit (413)."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
+class RequestTimeoutError(ModelHubError):
+    """The request ran past the configured time limit; its model work was stopped (504)."""
+
+    status_code = 504
+    type = "timeout"
+    code = "request_timeout"

@@ -42,7 +42,7 @@ class ToolSpec:
 class GenerateRequest:
     """One chat or completions call. Chat sends `messages`; completions send `prompts`."""
 
-    request_id: str
+    request_id: str                       # the ingress's id for the call, a label for logs; engines key work by their own
     sampling: SamplingParams
     messages: Optional[list[dict[str, Any]]] = None
     prompts: Optional[list[Prompt]] = None

@@ -11,12 +11,13 @@ from typing import Any
 
 from ray import serve
 
-from deployments.builder import image_store_deployment, model_deployment
+from deployments.builder import deployment_name, image_store_deployment, model_deployment
 from deployments.config import AppConfig, parse_app_config
 from ingress.api import create_api
 from ingress.backends import HandleClient, ModelEntry, ModelRegistry
 from ingress.coalesce import EmbeddingCoalescer
 from ingress.limit_store import LimitStore
+from ingress.readiness import ServeReadiness
 
 INGRESS_DEFAULTS: dict[str, Any] = {
     "num_replicas": 1, "max_ongoing_requests": 1024, "max_queued_requests": 4096,
@@ -28,15 +29,17 @@ class IngressServer:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any], image_store: Any, limit_store: Any = None):
         cfg = AppConfig.model_validate(config)
         registry = ModelRegistry({m.id: ModelEntry(m, self._client(m, handles[m.id], cfg)) for m in cfg.models})
+        readiness = ServeReadiness({m.id: deployment_name(m.id, m.kind) for m in cfg.models})
         self._api = create_api(registry, image_store=image_store, auth=cfg.ingress.auth, limit_store=limit_store,
-                               log_prompts=cfg.ingress.log_prompts, public_url=cfg.ingress.public_url)
+                               log_prompts=cfg.ingress.log_prompts, public_url=cfg.ingress.public_url,
+                               limits=cfg.ingress.limits, readiness=readiness)
 
     @staticmethod
     def _client(model: Any, handle: Any, cfg: AppConfig) -> Any:
         client = HandleClient(handle)
         if model.kind == "embedding" and cfg.ingress.coalesce_embeddings:
             return EmbeddingCoalescer(client, cfg.ingress.coalesce_max_batch,
-                                      cfg.ingress.coalesce_max_in_flight)
+                                      cfg.ingress.coalesce_max_in_flight, cfg.ingress.coalesce_max_pending)
         return client
 
     def __serve_build_asgi_app__(self):

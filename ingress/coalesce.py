@@ -2,24 +2,26 @@
 
 A one-sentence request costs more in Ray hops than in model time. Requests go out at once while
 fewer than `max_in_flight` calls are outstanding (no added latency when idle); beyond that they
-queue and leave together, up to `max_batch` per call, as soon as a call returns. Per-request errors
-come back in their own slots. (Serve's @serve.batch keeps one queue per decorated function, shared
-by every instance, so two embedding models must not share it; this is per instance.)
+queue and leave together, up to `max_batch` per call, as soon as a call returns; at most
+`max_pending` wait, and beyond that the answer is 503. Per-request errors come back in their own
+slots. (Serve's @serve.batch keeps one queue per decorated function, shared by every instance, so
+two embedding models must not share it; this is per instance.)
 """
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from deployments.errors import ModelHubError
+from deployments.errors import ModelHubError, OverloadedError
 from deployments.types import EmbedRequest, EmbedResult, ModelCard
 
 
 class EmbeddingCoalescer:
-    def __init__(self, client: Any, max_batch: int, max_in_flight: int):
+    def __init__(self, client: Any, max_batch: int, max_in_flight: int, max_pending: int = 4096):
         self.client = client
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
+        self.max_pending = max_pending
         self._pending: list[tuple[EmbedRequest, asyncio.Future]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task] = set()
@@ -28,6 +30,8 @@ class EmbeddingCoalescer:
         return await self.client.card()
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
+        if len(self._pending) >= self.max_pending:
+            raise OverloadedError("Too many embedding requests are queued for this model; retry shortly.")
         future = asyncio.get_running_loop().create_future()
         self._pending.append((req, future))
         self._dispatch()

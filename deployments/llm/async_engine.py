@@ -11,6 +11,7 @@ A stream that is closed early (client gone) aborts its sequences at the next ste
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -46,6 +47,7 @@ class AsyncLLMEngine:
         self.stream_interval_s = stream_interval_s
         self.max_chunks_per_s = max_chunks_per_s
         self._in_flight_seqs = 0
+        self._keys = itertools.count()
         self._inbox: deque = deque()
         self._wakeup = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -71,6 +73,9 @@ class AsyncLLMEngine:
             raise OverloadedError("Too many requests are queued for this model; retry shortly.")
         if not self.is_alive():
             raise _engine_stopped()
+        # The engine's own key for this request: ids that callers send (an x-request-id a client
+        # chose) may repeat across concurrent requests, and two requests must never share state.
+        req.request_id = f"e{next(self._keys)}"
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[req.request_id] = (asyncio.get_running_loop(), queue)
         self._in_flight_seqs += nseqs

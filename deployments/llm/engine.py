@@ -34,7 +34,7 @@ from deployments.types import ChoiceDelta, GenerateChunk, SamplingParams, TokenL
 class EngineRequest:
     """A tokenized request: prompts (token ids), each generating params.n choices."""
 
-    request_id: str
+    request_id: str                       # the engine's key; AsyncLLMEngine sets its own, unique per engine
     prompts: list[list[int]]
     params: SamplingParams
     max_tokens: list[int]                 # per prompt, already clamped to the context window

@@ -9,7 +9,8 @@ from pydantic import Field, StrictBool, model_validator
 from deployments.errors import InvalidRequestError, UnsupportedParameterError
 from deployments.types import (Choice, ChoiceDelta, GenerateRequest, SamplingParams, TokenLogprob,
                                ToolCall, ToolSpec, Usage)
-from ingress.protocol.common import SamplingFields, WireModel
+from deployments.config import RequestLimits
+from ingress.protocol.common import SamplingFields, WireModel, over_limit
 
 
 class TextPart(WireModel):
@@ -35,6 +36,12 @@ class Message(WireModel):
     tool_calls: Optional[list[ToolCallIn]] = None
     tool_call_id: Optional[str] = None
     refusal: Optional[str] = None
+
+    def text_length(self) -> int:
+        """Characters of prompt text this message carries (content, and any tool call arguments)."""
+        content = self.content or ""
+        n = len(content) if isinstance(content, str) else sum(len(p.text) for p in content)
+        return n + sum(len(c.function.arguments) for c in self.tool_calls or ())
 
     @model_validator(mode="after")
     def _shape(self):
@@ -83,6 +90,20 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[StrictBool] = None
     response_format: Optional[ResponseFormat] = None
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        self.check_sampling_limits(limits)
+        if len(self.messages) > limits.max_messages:
+            raise over_limit("messages", "the number of messages", limits.max_messages, "max_messages")
+        if sum(m.text_length() for m in self.messages) > limits.max_prompt_chars:
+            raise over_limit("messages", "the prompt's length in characters", limits.max_prompt_chars,
+                             "max_prompt_chars")
+        if len(self.tools or ()) > limits.max_tools:
+            raise over_limit("tools", "the number of tools", limits.max_tools, "max_tools")
+        rf = self.response_format
+        if rf is not None and rf.json_schema is not None and len(dumps(rf.json_schema)) > limits.max_schema_bytes:
+            raise over_limit("response_format.json_schema", "the schema's size in bytes", limits.max_schema_bytes,
+                             "max_schema_bytes")
 
     def check(self) -> None:
         self.check_common()

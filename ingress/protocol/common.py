@@ -5,15 +5,27 @@ parameter this server does not implement can never be silently ignored.
 """
 from __future__ import annotations
 
+import re
 from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
+from deployments.config import RequestLimits
 from deployments.errors import InvalidRequestError
+
+_TOKEN_ID = re.compile(r"-?[0-9]{1,12}")   # ASCII only: str.isdigit also takes '²' and '١', which int() refuses
 
 
 class WireModel(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        """Raises a 400 naming the cap a request is over (RequestLimits), before any model work."""
+
+
+def over_limit(param: str, what: str, limit: int, setting: str) -> InvalidRequestError:
+    return InvalidRequestError(f"Invalid '{param}': {what} is over this server's limit of {limit} "
+                               f"(limits.{setting}).", param=param, code="limit_exceeded")
 
 
 class StreamOptions(WireModel):
@@ -56,12 +68,18 @@ class SamplingFields(WireModel):
             raise InvalidRequestError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                                       param="stream_options", code="invalid_value")
         for key, bias in (self.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not _TOKEN_ID.fullmatch(key):
                 raise InvalidRequestError(f"Invalid key in 'logit_bias': {key!r} is not a token id.",
                                           param="logit_bias", code="invalid_value")
             if not -100 <= bias <= 100:
                 raise InvalidRequestError(f"Logit bias value {bias} is invalid or outside of range [-100, 100].",
                                           param="logit_bias")
+
+    def check_sampling_limits(self, limits: RequestLimits) -> None:
+        if any(len(s) > limits.max_stop_chars for s in self.stop_list()):
+            raise over_limit("stop", "a stop string's length", limits.max_stop_chars, "max_stop_chars")
+        if len(self.logit_bias or {}) > limits.max_logit_bias:
+            raise over_limit("logit_bias", "the number of entries", limits.max_logit_bias, "max_logit_bias")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -7,7 +7,8 @@ from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from deployments.errors import UnsupportedParameterError
 from deployments.types import GenerateRequest, SamplingParams, TokenLogprob
-from ingress.protocol.common import SamplingFields
+from deployments.config import RequestLimits
+from ingress.protocol.common import SamplingFields, over_limit
 
 PromptInput = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
 
@@ -26,6 +27,12 @@ class CompletionRequest(SamplingFields):
         if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
             raise ValueError("prompt lists must not be empty")
         return v
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        self.check_sampling_limits(limits)
+        if sum(len(p) for p in self.prompts()) > limits.max_prompt_chars:
+            raise over_limit("prompt", "the prompt's length in characters (or token ids)", limits.max_prompt_chars,
+                             "max_prompt_chars")
 
     def check(self) -> None:
         self.check_common()

@@ -8,7 +8,8 @@ import numpy as np
 from pydantic import Field, StrictInt, StrictStr, field_validator
 
 from deployments.types import EmbedRequest
-from ingress.protocol.common import WireModel
+from deployments.config import RequestLimits
+from ingress.protocol.common import WireModel, over_limit
 
 EmbeddingInput = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
 
@@ -35,6 +36,14 @@ class EmbeddingRequest(WireModel):
             if (isinstance(item, str) and not item) or (isinstance(item, list) and not item):
                 raise ValueError("input items must not be empty")
         return v
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        inputs = self.inputs()
+        if len(inputs) > limits.max_embedding_inputs:
+            raise over_limit("input", "the number of inputs", limits.max_embedding_inputs, "max_embedding_inputs")
+        if any(len(x) > limits.max_embedding_input_chars for x in inputs):
+            raise over_limit("input", "an input's length in characters (or token ids)",
+                             limits.max_embedding_input_chars, "max_embedding_input_chars")
 
     def inputs(self) -> list[Union[str, list[int]]]:
         v = self.input

@@ -5,10 +5,10 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from deployments.config import parse_size
+from deployments.config import RequestLimits, parse_size
 from deployments.errors import InvalidRequestError
 from deployments.types import ImageRequest
-from ingress.protocol.common import WireModel
+from ingress.protocol.common import WireModel, over_limit
 
 
 class ImageGenerationRequest(WireModel):
@@ -23,6 +23,11 @@ class ImageGenerationRequest(WireModel):
     negative_prompt: Optional[str] = None
     num_inference_steps: Optional[int] = Field(None, ge=1)
     guidance_scale: Optional[float] = Field(None, ge=0, le=100)
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        if len(self.negative_prompt or "") > limits.max_prompt_chars:
+            raise over_limit("negative_prompt", "its length in characters", limits.max_prompt_chars,
+                             "max_prompt_chars")
 
     def to_image_request(self, default_size: str, allowed: list[str]) -> ImageRequest:
         size = self.size if self.size not in (None, "auto") else default_size

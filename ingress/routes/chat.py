@@ -1,10 +1,12 @@
 """POST /v1/chat/completions."""
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 
 from deployments.types import GenerateChunk
-from ingress.pipeline import json_response, new_id, now, parse_body, sse_response
+from ingress.pipeline import bounded, json_response, new_id, now, parse_body, sse_response
 from ingress.protocol.chat import ChatCompletionRequest, choice_json, delta_events, dumps, usage_json
 
 router = APIRouter()
@@ -14,20 +16,22 @@ FINGERPRINT = "fp_modelhub"
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     body = await parse_body(request, ChatCompletionRequest)
+    request.state.model = body.model
     body.check()
     state, ticket = request.app.state, request.state.ticket
     entry = state.registry.get(body.model, "chat", request.state.principal)
     await ticket.reserve(body)
     greq = body.to_generate_request(request.state.request_id)
-    state.log_request(request, body.model, body.user, body.messages)
+    state.log_prompt(request, body.messages)
     head = {"id": new_id("chatcmpl"), "created": now(), "model": body.model, "system_fingerprint": FINGERPRINT}
     if not body.stream:
-        result = await entry.client.generate(greq)
+        result = await bounded(request, entry.client.generate(greq))
+        request.state.usage = result.usage
         ticket.settle_usage(entry.cfg.id, result.usage)
         return json_response({**head, "object": "chat.completion",
                               "choices": [choice_json(c, body.single_tool_call) for c in result.choices],
                               "usage": usage_json(result.usage)}, request)
-    stream = ChatStream(head, body)
+    stream = ChatStream(head, body, request.state)
 
     def finish() -> str:
         ticket.settle_usage(entry.cfg.id, stream.usage)
@@ -38,7 +42,8 @@ async def chat_completions(request: Request):
 class ChatStream:
     """Renders GenerateChunks as chat.completion.chunk events, one choice per event."""
 
-    def __init__(self, head: dict, body: ChatCompletionRequest):
+    def __init__(self, head: dict, body: ChatCompletionRequest, state: Any):
+        self.state = state   # the request's: the usage goes there for the access log
         self.prefix = dumps({**head, "object": "chat.completion.chunk"})[:-1] + ',"choices":['
         self.suffix = '],"usage":null}\n\n' if body.include_usage else "]}\n\n"
         self.head = head
@@ -55,7 +60,7 @@ class ChatStream:
             self.started.add(d.index)
             for event in delta_events(d, first, self.with_logprobs, self.single_tool_call):
                 parts.append("data: " + self.prefix + dumps(event) + self.suffix)
-        self.usage = chunk.usage or self.usage
+        self.usage = self.state.usage = chunk.usage or self.usage
         return "".join(parts)
 
     def finish(self) -> str:

@@ -1,10 +1,12 @@
 """POST /v1/completions."""
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 
 from deployments.types import ChoiceDelta, GenerateChunk
-from ingress.pipeline import json_response, new_id, now, parse_body, sse_response
+from ingress.pipeline import bounded, json_response, new_id, now, parse_body, sse_response
 from ingress.protocol.chat import dumps, usage_json
 from ingress.protocol.completions import CompletionRequest, LogprobsAccumulator
 
@@ -14,22 +16,24 @@ router = APIRouter()
 @router.post("/v1/completions")
 async def completions(request: Request):
     body = await parse_body(request, CompletionRequest)
+    request.state.model = body.model
     body.check()
     state, ticket = request.app.state, request.state.ticket
     entry = state.registry.get(body.model, "chat", request.state.principal)
     await ticket.reserve(body)
     greq = body.to_generate_request(request.state.request_id)
-    state.log_request(request, body.model, body.user, body.prompt)
+    state.log_prompt(request, body.prompt)
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": body.model,
             "system_fingerprint": None}
     if not body.stream:
-        result = await entry.client.generate(greq)
+        result = await bounded(request, entry.client.generate(greq))
+        request.state.usage = result.usage
         ticket.settle_usage(entry.cfg.id, result.usage)
         choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
                     "logprobs": LogprobsAccumulator().render(c.logprobs) if c.logprobs is not None else None}
                    for c in result.choices]
         return json_response({**head, "choices": choices, "usage": usage_json(result.usage)}, request)
-    stream = CompletionStream(head, body)
+    stream = CompletionStream(head, body, request.state)
 
     def finish() -> str:
         ticket.settle_usage(entry.cfg.id, stream.usage)
@@ -38,7 +42,8 @@ async def completions(request: Request):
 
 
 class CompletionStream:
-    def __init__(self, head: dict, body: CompletionRequest):
+    def __init__(self, head: dict, body: CompletionRequest, state: Any):
+        self.state = state   # the request's: the usage goes there for the access log
         self.prefix = dumps(head)[:-1] + ',"choices":['
         self.suffix = '],"usage":null}\n\n' if body.include_usage else "]}\n\n"
         self.head = head
@@ -47,7 +52,7 @@ class CompletionStream:
         self.usage = None
 
     def render(self, chunk: GenerateChunk) -> str:
-        self.usage = chunk.usage or self.usage
+        self.usage = self.state.usage = chunk.usage or self.usage
         return "".join("data: " + self.prefix + dumps(self._choice(d)) + self.suffix for d in chunk.choices)
 
     def _choice(self, d: ChoiceDelta) -> dict:

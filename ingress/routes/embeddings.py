@@ -4,7 +4,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ingress.pipeline import parse_body
+from deployments.types import Usage
+from ingress.pipeline import bounded, parse_body
 from ingress.protocol.chat import dumps
 from ingress.protocol.embeddings import EmbeddingRequest, embedding_response
 
@@ -14,11 +15,13 @@ router = APIRouter()
 @router.post("/v1/embeddings")
 async def embeddings(request: Request):
     body = await parse_body(request, EmbeddingRequest)
+    request.state.model = body.model
     state, ticket = request.app.state, request.state.ticket
     entry = state.registry.get(body.model, "embedding", request.state.principal)
     await ticket.reserve(body)
-    state.log_request(request, body.model, body.user, body.input)
-    result = await entry.client.embed(body.to_embed_request())
+    state.log_prompt(request, body.input)
+    result = await bounded(request, entry.client.embed(body.to_embed_request()))
+    request.state.usage = Usage(result.prompt_tokens, 0)
     ticket.settle(entry.cfg.id, embedding_tokens=result.prompt_tokens)
     payload = embedding_response(result.embeddings, body.model, result.prompt_tokens, body.encoding_format or "float")
     return Response(dumps(payload), media_type="application/json",

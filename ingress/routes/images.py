@@ -8,7 +8,7 @@ from fastapi.responses import Response
 
 from deployments.errors import NotFoundError
 from deployments.images.server import check_image_request
-from ingress.pipeline import json_response, now, parse_body
+from ingress.pipeline import bounded, json_response, now, parse_body
 from ingress.protocol.images import ImageGenerationRequest
 
 router = APIRouter()
@@ -19,14 +19,15 @@ FILES_PATH = "/v1/images/files"
 @router.post("/v1/images/generations")
 async def generate_images(request: Request):
     body = await parse_body(request, ImageGenerationRequest)
+    request.state.model = body.model
     state = request.app.state
     principal, ticket = request.state.principal, request.state.ticket
     entry = state.registry.get(body.model, "image", principal)
     sizes = entry.cfg.engine.sizes
     ireq = body.to_image_request(sizes[0], sizes)
     check_image_request(ireq, entry.cfg)
-    state.log_request(request, entry.cfg.id, body.user, body.prompt)
-    result = await entry.client.images(ireq)
+    state.log_prompt(request, body.prompt)
+    result = await bounded(request, entry.client.images(ireq))
     if body.response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in result.pngs]
     else:

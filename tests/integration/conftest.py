@@ -1,8 +1,13 @@
-"""Starts the real application (default models from serve_config.yaml) on Ray Serve once per session."""
+"""Starts the real application (default models from serve_config.yaml) on Ray Serve once per pytest
+process: one Ray session, never restarted (a second ray.init in one process can time out on a busy
+machine). It serves the app both ways at once: through Ray's direct ingress (the ingress replica's own
+HTTP port, as `make serve` runs it) and through Serve's proxy (as `serve run serve_config.yaml` does)."""
 from __future__ import annotations
 
+import os
 import pathlib
 import socket
+from dataclasses import dataclass
 
 import pytest
 import yaml
@@ -22,35 +27,49 @@ def _free_port() -> int:
 METRICS_PORT = [0]   # Ray's Prometheus endpoint of the running session
 
 
-@pytest.fixture(scope="session", params=["direct-ingress", "proxy"])
-def server_url(request):
-    """The app as `make serve` runs it (direct ingress: the ingress replica serves HTTP itself) and
-    as `serve run serve_config.yaml` does (through Serve's proxy); every test runs against both."""
-    import os
+@dataclass
+class Hub:
+    direct_url: str   # the ingress replica's own port (direct ingress)
+    proxy_url: str    # Serve's proxy, route prefix /
 
+    def url(self, mode: str) -> str:
+        return self.direct_url if mode == "direct-ingress" else self.proxy_url
+
+
+def default_app_args() -> dict:
+    return yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
+
+
+@pytest.fixture(scope="session")
+def hub():
     import ray
     from ray import serve
 
     from ingress.app import build_app
-    args = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
     port, proxy_port = _free_port(), _free_port()
-    direct = request.param == "direct-ingress"
     env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)} if direct else {}
-    saved = {k: os.environ.pop(k, None) for k in ("RAY_SERVE_ENABLE_DIRECT_INGRESS",
-                                                  "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
-                                                  "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT")}
+           # room for the extra apps some tests deploy beside the default one
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 8)}
+    saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)   # read by the Ray processes that ray.init starts
     METRICS_PORT[0] = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT[0])
-    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port if direct else port})
-    serve.run(build_app(args), name="modelhub", route_prefix="/")
-    yield f"http://127.0.0.1:{port}/v1"
+    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
+    serve.run(build_app(default_app_args()), name="modelhub", route_prefix="/")
+    yield Hub(f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{proxy_port}/v1")
     serve.shutdown()
     ray.shutdown()
-    for k in env:
-        os.environ.pop(k, None)
-    os.environ.update({k: v for k, v in saved.items() if v is not None})
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session", params=["direct-ingress", "proxy"])
+def server_url(request, hub):
+    """Every test that takes it runs against both ways in, on the same Ray session."""
+    return hub.url(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -72,3 +72,17 @@ def test_two_models_do_not_share_a_queue():
 
     asyncio.run(go())
     assert sum(a.calls) == 2 and sum(b.calls) == 2
+
+
+def test_beyond_max_pending_requests_get_503_at_once():
+    from deployments.errors import OverloadedError
+
+    async def go():
+        client = RecordingClient()
+        co = EmbeddingCoalescer(client, max_batch=4, max_in_flight=1, max_pending=3)
+        tasks = [asyncio.create_task(co.embed(EmbedRequest([f"x{i}"]))) for i in range(6)]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+    out = asyncio.run(go())
+    overloaded = [o for o in out if isinstance(o, OverloadedError)]
+    assert len(overloaded) == 2 and overloaded[0].headers["Retry-After"]   # 1 in flight, 3 waiting, 2 refused
+    assert sum(isinstance(o, EmbedResult) for o in out) == 4

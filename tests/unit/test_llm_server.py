@@ -273,3 +273,19 @@ def test_under_tensor_parallelism_a_failed_step_stops_the_engine_and_fails_the_h
             await server.generate(chat(rid="b", max_tokens=5))
         assert info.value.status_code == 503 and info.value.headers["Retry-After"] == "10"
     asyncio.run(go())
+
+
+def test_concurrent_requests_with_one_request_id_each_get_their_own_answer():
+    """A client's x-request-id reaches the server as GenerateRequest.request_id; retrying clients and
+    gateways repeat it, so it must never key engine state."""
+    async def go():
+        server = make_server(max_num_seqs=4, max_waiting=4)
+        contents = ["abc", "hello there", "zz", "a longer prompt"]
+        return contents, await asyncio.wait_for(asyncio.gather(
+            *(server.generate(chat(rid="same-id", content=c, max_tokens=6 + i)) for i, c in enumerate(contents))), 60)
+    contents, results = asyncio.run(go())
+    async def alone(c, i):
+        return await make_server().generate(chat(rid="x", content=c, max_tokens=6 + i))
+    for i, (c, r) in enumerate(zip(contents, results)):
+        assert r.usage.completion_tokens == 6 + i
+        assert r.choices[0].text == asyncio.run(alone(c, i)).choices[0].text
