@@ -25,7 +25,7 @@ logger = logging.getLogger("modelhub.ingress")
 
 # Reachable without credentials: probes, and image URLs (their HMAC signature is the capability).
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
-PUBLIC_PREFIXES = ("/v1/images/files/",)
+PUBLIC_FILES = "/v1/images/files/"
 
 MISSING = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
@@ -52,8 +52,12 @@ class Principal:
 ANONYMOUS = Principal("anonymous")
 
 
-def is_public(path: str) -> bool:
-    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+def is_public(scope: dict) -> bool:
+    """Whether the path, below the app's route prefix (Serve's root_path), needs no credential."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root + "/"):
+        path = path[len(root):]
+    return path in PUBLIC_PATHS or (path.startswith(PUBLIC_FILES) and "/" not in path[len(PUBLIC_FILES):])
 
 
 def read_secret(env: Optional[str], path: Optional[str], what: str) -> Optional[bytes]:
@@ -254,7 +258,7 @@ class Guard:
         self.limiter = limiter
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or is_public(scope["path"]):
+        if scope["type"] != "http" or is_public(scope):
             return await self.app(scope, receive, send)
         header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
         principal = await self.auth.authenticate(header)

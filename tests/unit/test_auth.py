@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.routing import Mount, Route
 
 from deployments.config import AuthConfig
-from ingress.auth import INCORRECT, MISSING, Authenticator, Principal
+from ingress.auth import INCORRECT, MISSING, Authenticator, Principal, is_public
 from tests.unit.test_api import CHAT, EMB, IMG, client_for, make_app, raw_client, run
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"
@@ -247,6 +247,15 @@ def test_every_route_is_guarded_except_the_public_ones():
             assert status != 401, (method, path)
         else:
             assert status == 401, (method, path, status)
+
+
+def test_public_paths_below_a_route_prefix():
+    assert is_public({"path": "/health"}) and is_public({"path": "/v1/images/files/abc.png"})
+    assert is_public({"path": "/hub/ready", "root_path": "/hub"})
+    assert is_public({"path": "/hub/v1/images/files/abc.png", "root_path": "/hub"})
+    assert not is_public({"path": "/v1/images/files/a/../../models"})
+    assert not is_public({"path": "/hub/v1/models", "root_path": "/hub"})
+    assert not is_public({"path": "/healthz"})
 
 
 SCOPED_CALLS = [
