@@ -133,11 +133,13 @@ class JwtVerifier:
             self._jwks = FileJWKClient(cfg.jwks_file, **opts)
         self._remembered: dict[str, tuple[float, Principal]] = {}
 
-    async def verify(self, token: str) -> Principal:
+    def cached(self, token: str) -> Optional[Principal]:
+        """The Principal of a token verified before and still valid, else None."""
         hit = self._remembered.get(token)
+        return hit[1] if hit is not None and hit[0] > time.time() else None
+
+    async def verify(self, token: str) -> Principal:
         now = time.time()
-        if hit is not None and hit[0] > now:
-            return hit[1]
         try:
             header = jwt.get_unverified_header(token)
             key = await self._key_for(header)
@@ -235,6 +237,10 @@ class Authenticator:
             err = AuthenticationError(MISSING)
             err.code = None   # as OpenAI: a missing key has no code (the constructor keeps the class's for None)
             raise err
+        if self.jwt is not None:
+            principal = self.jwt.cached(credential)
+            if principal is not None:
+                return principal
         principal = self.keys.lookup(credential)
         if principal is not None:
             return principal

@@ -38,11 +38,11 @@ class RateLimitError(ModelHubError):
 class Pool:
     """This replica's share of one subject's bucket: `held` units leased and not yet spent."""
 
-    __slots__ = ("key", "capacity", "rate", "held", "level", "stamp", "used", "pending", "waiting")
+    __slots__ = ("key", "capacity", "rate", "batch", "held", "level", "stamp", "used", "pending", "waiting")
 
-    def __init__(self, key: tuple[str, str], capacity: float, rate: float):
+    def __init__(self, key: tuple[str, str], capacity: float, rate: float, batch: float):
         self.key = key
-        self.capacity, self.rate = capacity, rate
+        self.capacity, self.rate, self.batch = capacity, rate, batch
         self.held = 0.0
         self.level, self.stamp = capacity, time.monotonic()   # the store's level at our last exchange
         self.used = False
@@ -95,9 +95,10 @@ class RateLimiter:
     def _pool(self, subject: str, resource: str, capacity: float, rate: float) -> Pool:
         pool = self._pools.get((subject, resource))
         if pool is None:
-            pool = self._pools[(subject, resource)] = Pool((subject, resource), capacity, rate)
+            pool = self._pools[(subject, resource)] = Pool((subject, resource), capacity, rate, self._batch(capacity))
             self._ensure_sync()
-        pool.capacity, pool.rate = capacity, rate   # a token's limits claim may change them
+        elif pool.capacity != capacity:   # a token's limits claim may change them
+            pool.capacity, pool.rate, pool.batch = capacity, rate, self._batch(capacity)
         return pool
 
     async def take(self, needs: list[tuple[Pool, float]]) -> None:
@@ -137,20 +138,19 @@ class RateLimiter:
     def _prefetch(self, pools: list[Pool]) -> None:
         # concurrency slots are leased on demand only: prefetched, they would sit idle here while
         # another replica is refused
-        low = [(p, self._batch(p)) for p in pools
-               if p.rate and p.pending is None and p.held < self._batch(p) / 2]
+        low = [p for p in pools if p.rate and p.pending is None and p.held < p.batch / 2]
         if low and time.monotonic() >= self._down_until:
-            task = asyncio.ensure_future(self._exchange([(p, 0.0) for p, _ in low]))
-            for p, _ in low:
+            task = asyncio.ensure_future(self._exchange([(p, 0.0) for p in low]))
+            for p in low:
                 p.pending = task
 
-    def _batch(self, p: Pool) -> float:
-        return max(1.0, math.ceil(p.capacity * self.lease_fraction))
+    def _batch(self, capacity: float) -> float:
+        return max(1.0, math.ceil(capacity * self.lease_fraction))
 
     async def _exchange(self, wants: list[tuple[Pool, float]]) -> None:
         """One store call for several pools: each asks for a lease's worth or what the requests waiting
         on it need (counted now, when the call goes out), or whatever the store has if that covers `need`."""
-        ops = [(p.key[0], p.key[1], p.capacity, p.rate, max(need, p.waiting - p.held, self._batch(p)), need)
+        ops = [(p.key[0], p.key[1], p.capacity, p.rate, max(need, p.waiting - p.held, p.batch), need)
                for p, need in wants]
         try:
             replies = await self._call("exchange", ops)
@@ -293,18 +293,21 @@ class Ticket:
         return headers_for([p for p in pools if p is not None])
 
 
+_HEADER_NAMES = {kind: tuple(f"x-ratelimit-{what}-{kind}".encode() for what in ("limit", "remaining", "reset"))
+                 for kind in (REQUESTS, TOKENS)}
+
+
 def headers_for(pools: list[Pool], as_text: bool = False) -> list:
     """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens} for the pools that are rates."""
     out = []
     for p in pools:
-        if p.key[1] == CONCURRENT:
+        names = _HEADER_NAMES.get(p.key[1])
+        if names is None:
             continue
-        kind = p.key[1]
-        values = ((f"x-ratelimit-limit-{kind}", str(int(p.capacity))),
-                  (f"x-ratelimit-remaining-{kind}", str(int(p.remaining()))),
-                  (f"x-ratelimit-reset-{kind}", duration(p.reset_s())))
-        out += values if as_text else [(k.encode(), v.encode()) for k, v in values]
-    return out
+        remaining = p.remaining()
+        reset = (p.capacity - min(p.capacity, remaining)) / p.rate
+        out += ((names[0], b"%d" % p.capacity), (names[1], b"%d" % remaining), (names[2], duration(reset).encode()))
+    return [(k.decode(), v.decode()) for k, v in out] if as_text else out
 
 
 def duration(seconds: float) -> str:
