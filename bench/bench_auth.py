@@ -32,10 +32,10 @@ def app_args(auth: bool) -> dict:
     args = default_args()
     args["models"] = [m for m in args["models"] if m["kind"] == "embedding"]
     ingress = args.setdefault("ingress", {})
+    # both ingresses alike (the secret is set in both), so only the auth config differs
+    ingress["deployment"] = {"ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": {SECRET_ENV: SECRET}}}}
     if auth:
         ingress["auth"] = {"jwt": {"algorithms": ["HS256"], "secret_env": SECRET_ENV}, "limits": LIMITS}
-        ingress["deployment"] = {"ray_actor_options": {"num_cpus": 0.1,
-                                                       "runtime_env": {"env_vars": {SECRET_ENV: SECRET}}}}
     return args
 
 

@@ -342,6 +342,13 @@ class AuthConfig(StrictModel):
     def enabled(self) -> bool:
         return bool(self.api_keys_env or self.api_keys_file or self.keys or self.jwt)
 
+    @model_validator(mode="after")
+    def _limits_need_credentials(self):
+        if self.limits.any() and not self.enabled:
+            raise ValueError("auth.limits are per subject and need credentials: set api_keys_env, "
+                             "api_keys_file, keys or jwt")
+        return self
+
     def limited(self) -> bool:
         """Whether any subject can have a limit (so the shared limit store is needed)."""
         return (self.limits.any() or any(k.limits and k.limits.any() for k in self.keys)

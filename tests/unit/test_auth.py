@@ -158,6 +158,11 @@ def test_limits_from_a_claim(monkeypatch):
     assert p.limits.requests_per_minute == 7
 
 
+def test_limits_without_credentials_are_a_config_error():
+    with pytest.raises(ValueError, match="need credentials"):
+        AuthConfig.model_validate({"limits": {"requests_per_minute": 5}})
+
+
 def test_config_refuses_algorithms_without_keys():
     with pytest.raises(ValueError):
         AuthConfig.model_validate({"jwt": {"algorithms": ["RS256"]}})
