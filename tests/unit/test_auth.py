@@ -6,10 +6,13 @@ import base64
 import hashlib
 import hmac
 import json
+import pathlib
+import re
 import time
 
 import jwt
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.routing import Mount, Route
@@ -311,3 +314,27 @@ def test_openai_client_with_a_key_sees_everything_in_scope():
     async def go():
         return [m.id for m in (await client_for(app, api_key="k1").models.list()).data]
     assert run(go()) == [CHAT, EMB, IMG]
+
+
+# ----------------------------------------------------------------------------- docs/auth.md
+
+DOC = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "auth.md").read_text()
+
+
+def test_the_docs_config_examples_are_valid_config(monkeypatch, tmp_path):
+    blocks = re.findall(r"```yaml\n(.*?)```", DOC, re.S)
+    assert len(blocks) >= 4
+    for block in blocks:
+        AuthConfig.model_validate(yaml.safe_load(block)["ingress"]["auth"])
+
+
+def test_the_docs_three_line_token_is_accepted_by_the_docs_hs_config(monkeypatch):
+    mint = re.search(r"```python\n(.*?)```", DOC, re.S).group(1)
+    assert len(mint.strip().splitlines()) == 3
+    scope = {"SECRET": SECRET}
+    exec(mint, scope)
+    monkeypatch.setenv("MODELHUB_JWT_SECRET", SECRET)
+    hs = next(b for b in re.findall(r"```yaml\n(.*?)```", DOC, re.S) if "HS256" in b)
+    cfg = AuthConfig.model_validate(yaml.safe_load(hs)["ingress"]["auth"])
+    cfg.jwt.issuer = None   # the example token carries no iss
+    assert verify(cfg, scope["token"]).subject == "team-a"
