@@ -1,7 +1,9 @@
 """What auth and rate limiting cost: req/s at 64 clients on GET /v1/models and on single-sentence
 embeddings, auth off against auth on (HS256 JWTs, 8 subjects, requests/tokens/concurrency limits
 set high enough never to refuse), both apps side by side in one Ray session and measured in
-alternating rounds, so drift on the machine hits both alike. aiohttp drives the load.
+alternating rounds, so drift on the machine hits both alike. aiohttp drives the load. Next to req/s
+it reports the CPU time each app's ingress replica spent per request (from /proc), which other
+load on the machine disturbs far less than req/s.
 
     .venv/bin/python bench/bench_auth.py [--clients 64] [--seconds 10] [--rounds 3] [--proxy]
 
@@ -82,6 +84,21 @@ async def discover(ports) -> dict[str, str]:
     return found
 
 
+def ingress_pids() -> dict[str, int]:
+    from ray.util.state import list_actors
+    pids = {}
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+        for mode in ("off", "on"):
+            if actor.class_name == f"ServeReplica:{mode}:Ingress":
+                pids[mode] = actor.pid
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def load(url: str, endpoint: str, clients: int, seconds: float, auth: list[str]) -> dict:
     done, errors = 0, 0
     deadline = time.perf_counter() + seconds
@@ -116,8 +133,10 @@ def main():
     p.add_argument("--proxy", action="store_true", help="through Serve's proxy instead of direct ingress")
     opts = p.parse_args()
     urls = start(direct=not opts.proxy)
+    pids = ingress_pids()
     creds = {"off": [], "on": tokens()}
     runs: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     errors = 0
     for endpoint in ("models", "embeddings"):
         for mode in ("off", "on"):   # warm-up: card caches, JWT caches, leases
@@ -125,20 +144,25 @@ def main():
         for r in range(opts.rounds):
             order = ("off", "on") if r % 2 == 0 else ("on", "off")
             for mode in order:
+                began, cpu0 = time.perf_counter(), cpu_seconds(pids[mode])
                 res = asyncio.run(load(urls[mode], endpoint, opts.clients, opts.seconds, creds[mode]))
+                served = res["req_s"] * (time.perf_counter() - began)
+                res["ingress_cpu_us"] = (cpu_seconds(pids[mode]) - cpu0) / served * 1e6
                 runs.setdefault((endpoint, mode), []).append(res["req_s"])
+                cpu.setdefault((endpoint, mode), []).append(res["ingress_cpu_us"])
                 errors += res["errors"]
                 print(f"{endpoint} auth {mode} round {r}: {res}", flush=True)
     rows = []
     for endpoint in ("models", "embeddings"):
         off, on = statistics.median(runs[endpoint, "off"]), statistics.median(runs[endpoint, "on"])
-        rows.append([endpoint, opts.clients, off, on, on / off,
+        cpu_off, cpu_on = statistics.median(cpu[endpoint, "off"]), statistics.median(cpu[endpoint, "on"])
+        rows.append([endpoint, opts.clients, off, on, on / off, cpu_off, cpu_on, cpu_on / cpu_off,
                      " ".join(f"{x:.0f}" for x in runs[endpoint, "off"]),
                      " ".join(f"{x:.0f}" for x in runs[endpoint, "on"])])
     print(f"\n{'proxy' if opts.proxy else 'direct ingress'}, {opts.rounds} alternating rounds of {opts.seconds:g} s, "
           f"errors {errors}")
-    print_table(["endpoint", "clients", "req/s auth off (median)", "req/s auth on (median)", "on ÷ off",
-                 "rounds off", "rounds on"], rows)
+    print_table(["endpoint", "clients", "req/s off (median)", "req/s on (median)", "on ÷ off",
+                 "ingress CPU µs/req off", "on", "on ÷ off", "req/s rounds off", "req/s rounds on"], rows)
     from ray import serve
     serve.shutdown()
     import ray
