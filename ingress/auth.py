@@ -278,8 +278,10 @@ class Guard:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 extra = ticket.headers()
-                if extra:
-                    message = {**message, "headers": list(message.get("headers", ())) + extra}
+                if extra:   # a 429 raised by the route carries its own, fresher values
+                    headers = list(message.get("headers", ()))
+                    present = {k.lower() for k, _ in headers}
+                    message = {**message, "headers": headers + [h for h in extra if h[0] not in present]}
             await send(message)
 
         try:

@@ -235,6 +235,20 @@ def test_429_and_success_headers_over_http():
     assert err["code"] == "rate_limit_exceeded" and err["type"] == "requests" and "x-request-id" in denied.headers
 
 
+def test_a_token_429_from_the_route_has_each_header_once():
+    app, _ = limited_app({"requests_per_minute": 100, "tokens_per_minute": 50})
+    auth = {"Authorization": "Bearer k"}
+
+    async def go():
+        async with raw_client(app) as h:
+            return await h.post("/v1/chat/completions", json={
+                "model": CHAT, "messages": [{"role": "user", "content": "x"}], "max_tokens": 100}, headers=auth)
+    r = run(go())
+    assert r.status_code == 429 and r.json()["error"]["type"] == "tokens"
+    names = [k for k, _ in r.headers.multi_items() if k.startswith("x-ratelimit")]
+    assert sorted(names) == sorted(set(names)) and "x-ratelimit-remaining-requests" in names
+
+
 def test_usage_is_recorded_per_subject_and_model():
     app, meter = limited_app({"requests_per_minute": 100})
     auth = {"Authorization": "Bearer k"}
