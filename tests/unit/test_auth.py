@@ -189,10 +189,12 @@ def test_static_keys_from_env_file_and_hashed_entries(tmp_path, monkeypatch):
     assert "k-env" not in repr(vars(auth.keys))   # kept only as hashes
 
 
-def test_without_credentials_auth_is_off_and_says_so():
+def test_without_credentials_auth_is_off_and_the_startup_log_says_so(caplog):
     auth = Authenticator(AuthConfig())
-    assert not auth.enabled and "AUTH IS OFF" in auth.describe()
-    assert run(auth.authenticate("")).subject == "anonymous"
+    assert not auth.enabled and run(auth.authenticate("")).subject == "anonymous"
+    with caplog.at_level("WARNING", logger="modelhub.ingress"):
+        make_app()
+    assert any("AUTH IS OFF" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
 
 
 # ----------------------------------------------------------------------------- over HTTP
