@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.errors import InvalidRequestError, ModelHubError, OverloadedError
+from deployments.errors import EngineUnavailableError, InvalidRequestError, ModelHubError, OverloadedError
 
 logger = logging.getLogger("modelhub.ingress")
 
@@ -31,13 +31,21 @@ def to_modelhub_error(exc: BaseException, request_id: str) -> ModelHubError:
         return exc
     if isinstance(exc, ValidationError):
         return validation_error(exc.errors())
-    name = type(exc).__name__
-    if name == "BackPressureError":
+    names = {c.__name__ for c in type(exc).__mro__}   # Ray's classes, matched by name: no import of Ray here
+    if "BackPressureError" in names:
         return OverloadedError("Too many requests are queued for this model; retry shortly.")
-    if name in ("DeploymentUnavailableError", "ReplicaUnavailableError"):
+    if names & {"DeploymentUnavailableError", "ReplicaUnavailableError"}:
         return OverloadedError("The model is starting or unavailable; retry shortly.", retry_after_s=5)
+    if names & _REPLICA_LOST:
+        return EngineUnavailableError("The model's replica stopped while serving this request; Serve is replacing "
+                                      "it. Retry shortly.", retry_after_s=5)
     logger.error("request %s failed with an unexpected error", request_id, exc_info=exc)
     return ModelHubError(f"The server had an error while processing your request. Request id: {request_id}.")
+
+
+# What a handle call raises when the replica (or its node) died under it: busy-retry, not a bug.
+_REPLICA_LOST = {"RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError",
+                 "ObjectLostError", "OwnerDiedError"}
 
 
 def _unwrap(exc: BaseException) -> BaseException:

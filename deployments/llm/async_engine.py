@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Optional
 
 import torch
 
-from deployments.errors import EngineUnavailableError, OverloadedError
+from deployments.errors import EngineUnavailableError, InvalidRequestError, OverloadedError
 from deployments.llm.engine import EngineRequest, LLMEngine
 from deployments.types import ChoiceDelta, GenerateChunk
 
@@ -37,7 +37,7 @@ def _engine_stopped() -> EngineUnavailableError:
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, *, max_in_flight_seqs: int, stream_interval_s: float = 0.0,
                  max_chunks_per_s: float = 0.0, metrics: Optional[Any] = None, ranks: Optional[Any] = None,
-                 late_admission: bool = True):
+                 late_admission: bool = True, step_timeout_s: float = 300.0):
         self.engine = engine
         if late_admission and ranks is None:   # under TP every rank must see the same adds at step start
             engine.arrivals = self._arrivals
@@ -46,6 +46,8 @@ class AsyncLLMEngine:
         self.max_in_flight_seqs = max_in_flight_seqs
         self.stream_interval_s = stream_interval_s
         self.max_chunks_per_s = max_chunks_per_s
+        self.step_timeout_s = step_timeout_s
+        self._step_started: Optional[float] = None   # monotonic start of the step running now
         self._in_flight_seqs = 0
         self._keys = itertools.count()
         self._inbox: deque = deque()
@@ -62,13 +64,23 @@ class AsyncLLMEngine:
         return self._thread.is_alive()
 
     def check_health(self) -> None:
+        """Raises (failing the replica's health check, so Serve replaces it) when the engine thread
+        died or one step has run past step_timeout_s (a wedged loop)."""
         if not self.is_alive():
             raise RuntimeError("LLM engine thread died")
+        started = self._step_started
+        if started is not None and time.monotonic() - started > self.step_timeout_s:
+            raise RuntimeError(f"LLM engine step running for over {self.step_timeout_s:g} s")
         if self.ranks is not None:
             self.ranks.check()
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[GenerateChunk]:
         nseqs = len(req.prompts) * req.params.n
+        if nseqs > self.max_in_flight_seqs:   # could never be admitted: retrying would loop forever
+            raise InvalidRequestError(
+                f"This request asks for {nseqs} sequences (prompts x n), more than this model ever holds at once "
+                f"({self.max_in_flight_seqs}: engine.max_num_seqs + engine.max_waiting).",
+                param="n" if req.params.n > 1 else "prompt", code="limit_exceeded")
         if self._in_flight_seqs + nseqs > self.max_in_flight_seqs:
             raise OverloadedError("Too many requests are queued for this model; retry shortly.")
         if not self.is_alive():
@@ -136,7 +148,7 @@ class AsyncLLMEngine:
                 self._wakeup.wait()
                 self._wakeup.clear()
                 continue
-            started = time.monotonic()
+            started = self._step_started = time.monotonic()
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # a bug or device failure: fail the requests, keep serving
@@ -149,6 +161,8 @@ class AsyncLLMEngine:
                     return
                 self._fail_all(exc)
                 continue
+            finally:
+                self._step_started = None
             if self.metrics is not None:   # before delivery: a finished request is already counted
                 self.metrics.record_step(self.engine, outputs, started, time.monotonic())
             self._deliver([(req.request_id, chunk) for req, chunk in outputs])
@@ -158,15 +172,24 @@ class AsyncLLMEngine:
         requests posted since the step began into the engine. Stops at an abort, which must wait for
         the step to end."""
         while self._inbox and self._inbox[0][0] == "add":
-            self.engine.add(self._inbox.popleft()[1])
+            self._add(self._inbox.popleft()[1])
 
     def _drain_inbox(self) -> None:
         while self._inbox:
             op, arg = self._inbox.popleft()
             if op == "add":
-                self.engine.add(arg)
+                self._add(arg)
             else:
                 self.engine.abort(arg)
+
+    def _add(self, req: EngineRequest) -> None:
+        """A request that fails to enter the engine fails alone; the engine thread goes on."""
+        try:
+            self.engine.add(req)
+        except Exception as exc:
+            logger.exception("adding a request to the engine failed; failing that request only")
+            self.engine.abort(req.request_id)
+            self._deliver([(req.request_id, exc)])
 
     def _deliver(self, items) -> None:
         by_loop: dict = {}

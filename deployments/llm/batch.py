@@ -61,7 +61,11 @@ class RunningBatch:
                 "past_key_values": self.cache}
 
     def remove_finished(self) -> None:
-        keep = [i for i, s in enumerate(self.seqs) if not s.finished]
+        self.remove(lambda s: s.finished)
+
+    def remove(self, gone) -> None:
+        """Drops the rows whose sequence `gone(seq)` is true."""
+        keep = [i for i, s in enumerate(self.seqs) if not gone(s)]
         if len(keep) == len(self.seqs):
             return
         if not keep:

@@ -11,9 +11,10 @@ It is synchronous and single-threaded; `AsyncLLMEngine` (async_engine.py) runs i
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from transformers import DynamicCache
@@ -29,6 +30,9 @@ from deployments.llm.structured import new_matcher
 from deployments.prepacked import batch_invariant_rows
 from deployments.types import ChoiceDelta, GenerateChunk, SamplingParams, TokenLogprob, Usage
 
+logger = logging.getLogger(__name__)
+PROMPT_LOGPROBS_CHUNK = 256   # prompt positions whose logits (x vocabulary) exist at once, for echo + logprobs
+
 
 @dataclass(eq=False)
 class EngineRequest:
@@ -42,6 +46,7 @@ class EngineRequest:
     echo_sent: set = field(default_factory=set)
     grammar: Any = None                      # compiled response_format grammar (structured.py)
     response_format: Optional[dict] = None   # what `grammar` was compiled from (other TP ranks compile it too)
+    error: Optional[Exception] = None        # set when this request failed alone (LLMEngine._append)
     arrival: float = field(default_factory=time.monotonic)
     scheduled_at: Optional[float] = None     # admitted into the running batch (monotonic)
     first_token_at: Optional[float] = None   # set by the metrics, when recorded
@@ -83,10 +88,10 @@ class LLMEngine:
     # ------------------------------------------------------------------ public API
 
     def add(self, req: EngineRequest) -> None:
+        groups = [self._make_group(req, p_index, prompt) for p_index, prompt in enumerate(req.prompts)]
         if self.lockstep is not None:
             self.lockstep.added(req)
-        for p_index, prompt in enumerate(req.prompts):
-            group = self._make_group(req, p_index, prompt)
+        for group in groups:   # all or nothing: a request that fails to build leaves no trace
             req.seqs.extend(group.seqs)
             self.scheduler.add(group)
         self.requests[req.request_id] = req
@@ -116,6 +121,7 @@ class LLMEngine:
         and a prompt that arrives during a small prefill step may follow it."""
         if self.lockstep is not None:   # under TP, rank 0 sends this step's adds/aborts to the other ranks
             self.lockstep.before_step()
+        self._fit_kv_budget()
         if self.mixed_steps and (len(self.batch) or self.batch_invariant):
             return self._mixed_step(self.scheduler.next_prefills(self.batch))
         touched: dict[str, EngineRequest] = {}
@@ -138,15 +144,26 @@ class LLMEngine:
         its own forward first and then decodes with the rest."""
         touched = {g.request_id: self.requests[g.request_id] for g in groups}
         for g in groups:
-            if g.want_prompt_logprobs:
+            if g.alone:
                 self._prefill([g])
         decoded = list(self.batch.seqs)
-        rest = [g for g in groups if not g.want_prompt_logprobs]
+        rest = [g for g in groups if not g.alone]
         joined = self._mixed(rest) if rest or len(self.batch) else []
         self._prefill_since_decode = 0
         touched.update((g.request_id, self.requests[g.request_id]) for g in joined)
         touched.update((s.request_id, s.owner) for s in decoded)
         return [(req, self._chunk(req)) for req in touched.values()]
+
+    def _fit_kv_budget(self) -> None:
+        """Keeps the running batch's cache, after this step's new column, within the KV budget
+        (max_num_batched_tokens): the most recently admitted rows go back to the waiting queue, to
+        be recomputed when there is room again (vLLM's recompute preemption). A lone row is never
+        preempted."""
+        budget = self.scheduler.max_num_batched_tokens
+        while len(self.batch) > 1 and len(self.batch) * (self.batch.width + 1) > budget:
+            victim = self.batch.seqs[-1]
+            self.batch.remove(lambda s: s is victim)
+            self.scheduler.preempt(victim)
 
     # ------------------------------------------------------------------ model work
 
@@ -154,32 +171,66 @@ class LLMEngine:
         """Prompts of similar length are prefilled together (left-padded): on CPU a batch of 32
         short prompts costs ~2.5x less per prompt than one at a time. Echo+logprobs prompts,
         which need every position's logits, go alone."""
-        alone = [g for g in groups if g.want_prompt_logprobs]
-        for g in alone:
-            self._prefill([g])
-        for chunk in _similar_lengths(sorted((g for g in groups if not g.want_prompt_logprobs),
+        for g in groups:
+            if g.alone:
+                self._prefill([g])
+        for chunk in _similar_lengths(sorted((g for g in groups if not g.alone),
                                              key=lambda g: len(g.prompt_ids))):
             self._prefill(chunk)
 
     def _prefill(self, groups: list[PromptGroup]) -> None:
+        if len(groups) == 1 and groups[0].resume:
+            return self._resume(groups[0])
+        if len(groups) == 1 and groups[0].want_prompt_logprobs:
+            return self._prefill_with_prompt_logprobs(groups[0])
         width = max(len(g.prompt_ids) for g in groups)
         ids = torch.zeros(len(groups), width, dtype=torch.long, device=self.device)
         mask = torch.zeros(len(groups), width, dtype=torch.long, device=self.device)
         for row, g in enumerate(groups):
             ids[row, width - len(g.prompt_ids):] = torch.tensor(g.prompt_ids, device=self.device)
             mask[row, width - len(g.prompt_ids):] = 1
-        full = len(groups) == 1 and groups[0].want_prompt_logprobs
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_(min=0),
-                         past_key_values=DynamicCache(config=self.model.config), use_cache=True,
-                         logits_to_keep=0 if full else 1)
-        if full:
-            self._prompt_logprobs(groups[0], out.logits[0])
-        cache = out.past_key_values
-        _zero_padding(cache, mask)
+                         past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
+        _zero_padding(out.past_key_values, mask)
+        self._start_and_join(groups, out.logits[:, -1], out.past_key_values, mask)
+
+    def _resume(self, group: PromptGroup) -> None:
+        """A preempted sequence's tokens so far go through the model again to rebuild its cache;
+        then it decodes on from its last token (nothing is sampled here)."""
+        ids = torch.tensor([group.prompt_ids], device=self.device)
+        out = self.model(input_ids=ids, past_key_values=DynamicCache(config=self.model.config), use_cache=True,
+                         logits_to_keep=1)
+        seq = group.seqs[0]
+        seq.status = Status.RUNNING
+        self.batch.add([seq], out.past_key_values, torch.ones(1, ids.shape[1], dtype=torch.long, device=self.device))
+
+    def _start_and_join(self, groups: list[PromptGroup], last_logits: torch.Tensor, cache: DynamicCache,
+                        mask: torch.Tensor) -> None:
+        """Samples each new sequence's first token from its prompt's last logits, then merges the
+        sequences into the running batch."""
         rows = _fork_rows(groups, self.device)
         seqs = _start(groups)
-        self._sample_and_append(out.logits[:, -1].index_select(0, rows), seqs)
+        self._sample_and_append(last_logits.index_select(0, rows), seqs)
         self._join(seqs, rows, cache, mask)
+
+    def _prefill_with_prompt_logprobs(self, group: PromptGroup) -> None:
+        """Echo + logprobs needs the logits of every prompt position: the prompt goes through in
+        chunks of PROMPT_LOGPROBS_CHUNK tokens over a growing cache, so no more than a chunk's
+        positions x the vocabulary of logits exist at once, however long the prompt."""
+        ids = torch.tensor([group.prompt_ids], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        length, k = ids.shape[1], group.seqs[0].params.logprobs or 0
+        entries: list[Optional[TokenLogprob]] = [self._logprob(group.prompt_ids[0], None, [])]
+        for start in range(0, length, PROMPT_LOGPROBS_CHUNK):
+            end = min(start + PROMPT_LOGPROBS_CHUNK, length)
+            logits = self.model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=0,
+                                position_ids=torch.arange(start, end, device=self.device)[None]).logits[0]
+            targets = ids[0, start + 1:end + 1]   # each position predicts the next prompt token
+            entries += self._prompt_logprobs(group.prompt_ids[start + 1:end + 1], logits[:len(targets)], targets, k)
+            last = logits[-1:]
+        for s in group.seqs:
+            s.prompt_logprobs = entries
+        self._start_and_join([group], last, cache, torch.ones(1, length, dtype=torch.long, device=self.device))
 
     def _mixed(self, groups: list[PromptGroup]) -> list[PromptGroup]:
         """One forward: a token for every running row and the first token of each new prompt.
@@ -211,12 +262,12 @@ class LLMEngine:
         """Waiting prompts that may join the running forward, within the step's budgets given the
         prompts it already `taken`; echo+logprobs prompts never do (they need their own forward)."""
         self.arrivals()
-        if not self.scheduler.waiting or self.scheduler.waiting[0].want_prompt_logprobs:
+        if not self.scheduler.waiting or self.scheduler.waiting[0].alone:
             return []
         picked = self.scheduler.next_prefills(
             self.batch, sum(len(g.prompt_ids) for g in taken), extra_rows=sum(len(g.seqs) for g in taken),
             extra_width=max((len(g.prompt_ids) + 1 for g in taken), default=0))
-        cut = next((i for i, g in enumerate(picked) if g.want_prompt_logprobs), len(picked))
+        cut = next((i for i, g in enumerate(picked) if g.alone), len(picked))
         self.scheduler.waiting.extendleft(reversed(picked[cut:]))
         return picked[:cut]
 
@@ -245,6 +296,25 @@ class LLMEngine:
             self._append(s, t)
 
     def _append(self, seq: Sequence, token: int) -> None:
+        """Takes a sampled token. A failure here (detokenizing, stop strings, the grammar) concerns
+        this request only: it ends with the error and the batch goes on."""
+        if self.lockstep is not None:   # under TP every rank must take the same path: a failure stops all
+            return self._take(seq, token)
+        try:
+            self._take(seq, token)
+        except Exception as exc:
+            logger.exception("processing a sampled token failed; failing its request only")
+            self._fail(seq.owner, exc)
+
+    def _fail(self, req: EngineRequest, exc: Exception) -> None:
+        """Ends every sequence of `req`, waiting or running; its next chunk is `exc`."""
+        req.error = exc
+        self.scheduler.abort(req.request_id)
+        for s in req.seqs:
+            if not s.finished:
+                s.finish("error")
+
+    def _take(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
         if seq.matcher is not None:
             seq.matcher.accept_token(token)
@@ -267,16 +337,16 @@ class LLMEngine:
             seq.pending_logprobs.append(self._logprob(int(tokens[r]), float(chosen[j]),
                                                       alts[: seq.params.logprobs]))
 
-    def _prompt_logprobs(self, group: PromptGroup, logits: torch.Tensor) -> None:
-        prompt = torch.tensor(group.prompt_ids, device=logits.device)
-        k = group.seqs[0].params.logprobs or 0
-        chosen, top = compute_logprobs(logits[:-1], prompt[1:], k)
-        entries: list[Optional[TokenLogprob]] = [self._logprob(group.prompt_ids[0], None, [])]
-        for j, token in enumerate(group.prompt_ids[1:]):
+    def _prompt_logprobs(self, tokens: list[int], logits: torch.Tensor, targets: torch.Tensor,
+                         k: int) -> list[TokenLogprob]:
+        if not tokens:
+            return []
+        chosen, top = compute_logprobs(logits, targets, k)
+        out = []
+        for j, token in enumerate(tokens):
             alts = [] if top is None else list(zip(top.indices[j].tolist(), top.values[j].tolist()))
-            entries.append(self._logprob(token, float(chosen[j]), alts))
-        for s in group.seqs:
-            s.prompt_logprobs = entries
+            out.append(self._logprob(token, float(chosen[j]), alts))
+        return out
 
     def _logprob(self, token: int, logprob: Optional[float], alts: list[tuple[int, float]]) -> TokenLogprob:
         text, raw = self.token_text(token)
@@ -285,7 +355,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ outputs
 
-    def _chunk(self, req: EngineRequest) -> GenerateChunk:
+    def _chunk(self, req: EngineRequest) -> Union[GenerateChunk, Exception]:
+        if req.error is not None:
+            self.requests.pop(req.request_id, None)
+            return req.error
         deltas = []
         for s in req.seqs:
             delta = self._delta(req, s)

@@ -32,7 +32,7 @@ def build_async_engine(cfg: ChatModelConfig):
     async_engine = AsyncLLMEngine(engine, max_in_flight_seqs=e.max_num_seqs + e.max_waiting,
                                   stream_interval_s=e.stream_interval_ms / 1000,
                                   max_chunks_per_s=e.max_chunks_per_s, metrics=_metrics(cfg.id), ranks=ranks,
-                                  late_admission=e.late_admission)
+                                  late_admission=e.late_admission, step_timeout_s=e.step_timeout_s)
     return async_engine, tokenizer, engine.max_model_len
 
 

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from deployments.llm.batch import RunningBatch
-from deployments.llm.sequence import Sequence
+from deployments.llm.sequence import Sequence, Status
 
 
 @dataclass(eq=False)
@@ -22,6 +22,12 @@ class PromptGroup:
     prompt_ids: list[int]
     seqs: list[Sequence]
     want_prompt_logprobs: bool = False
+    resume: bool = False   # a preempted sequence coming back: prefill its tokens so far, sample nothing
+
+    @property
+    def alone(self) -> bool:
+        """Needs a forward of its own (every position's logits, or no sampling at its end)."""
+        return self.want_prompt_logprobs or self.resume
 
 
 class Scheduler:
@@ -33,6 +39,13 @@ class Scheduler:
 
     def add(self, group: PromptGroup) -> None:
         self.waiting.append(group)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Puts a running sequence back at the head of the queue, to be recomputed: its prompt and
+        all but its last output token are prefilled again when it is admitted, and it goes on
+        decoding from its last token."""
+        seq.status = Status.WAITING
+        self.waiting.appendleft(PromptGroup(seq.request_id, seq.prompt_ids + seq.output_ids[:-1], [seq], resume=True))
 
     def abort(self, request_id: str) -> None:
         self.waiting = deque(g for g in self.waiting if g.request_id != request_id)

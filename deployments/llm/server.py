@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Optional
 
 from deployments.config import ChatModelConfig
-from deployments.errors import ContextLengthExceededError, InvalidRequestError
+from deployments.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
 from deployments.types import (Choice, ChoiceDelta, GenerateChunk, GenerateRequest, GenerateResult,
                                ModelCard)
 
@@ -24,6 +25,7 @@ class LLMServer:
         self.engine, self.tokenizer, self.max_model_len = (engine_factory or build_async_engine)(model_cfg)
         self.created = int(time.time())
         self._grammar_cache = None
+        self._compile_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
 
     @staticmethod
     def default_options(cfg: ChatModelConfig) -> dict[str, Any]:
@@ -66,8 +68,8 @@ class LLMServer:
 
     async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         ereq, prefix = self._prepare(req)
-        if req.response_format is not None:   # compiling a schema takes ms to s: off the event loop
-            ereq.grammar = await asyncio.to_thread(self._grammars().compile, req.response_format)
+        if req.response_format is not None:
+            ereq.grammar = await self._compile(req.response_format)
             ereq.response_format = req.response_format
         stream = self.engine.generate(ereq)
         if req.tools is None:
@@ -96,6 +98,20 @@ class LLMServer:
                     top_p=self.cfg.engine.default_top_p if p.top_p is None else p.top_p)
         max_tokens = [self._max_tokens(len(ids), p.max_tokens, what) for ids in prompts]
         return EngineRequest(req.request_id, prompts, p, max_tokens), prefix
+
+    async def _compile(self, response_format: dict[str, Any]) -> Any:
+        """Compiles a schema's grammar off the event loop, on at most two threads, within
+        grammar_compile_timeout_s: a schema still compiling then is a 400; one still waiting for a
+        thread is a 503. (A compile cannot be interrupted; it finishes on its thread and is cached.)"""
+        timeout = self.cfg.engine.grammar_compile_timeout_s
+        job = self._compile_pool.submit(self._grammars().compile, response_format)
+        done, _ = await asyncio.wait({asyncio.wrap_future(job)}, timeout=timeout)
+        if done:
+            return done.pop().result()
+        if job.cancel():
+            raise OverloadedError("Structured-output grammars are busy compiling; retry shortly.")
+        raise InvalidRequestError(f"The 'response_format' schema took over {timeout:g} s to compile; simplify it.",
+                                  param="response_format", code="schema_too_complex")
 
     def _grammars(self):
         if self._grammar_cache is None:

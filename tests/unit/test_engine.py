@@ -512,3 +512,73 @@ def test_running_cache_grows_in_place_and_matches_cat():
             t, ref = t[:, :, 4:], ref[:, :, 4:]
     assert torch.equal(earlier, earlier_copy)   # appends never write inside an older view
     assert t.shape[2] == 5 + 70 - 4
+
+
+def _echo_logprobs(model, text: str, monkeypatch, chunk: int):
+    import deployments.llm.engine as engine_module
+    monkeypatch.setattr(engine_module, "PROMPT_LOGPROBS_CHUNK", chunk)
+    engine = make_engine(model)
+    r = req("e", text, max_tokens=3, logprobs=1, echo=True)
+    texts, _, _ = run_all(engine, [r])
+    lps = r.seqs[0].prompt_logprobs
+    return texts["e"][0], lps
+
+
+def test_echo_logprobs_go_through_the_prompt_in_chunks_and_match_one_pass(model, monkeypatch):
+    import torch
+    text = "a prompt long enough for several chunks of logits"
+    calls = []
+    real_forward = type(model).forward
+
+    def counting(self, *a, **kw):
+        calls.append(kw["input_ids"].shape[1])
+        return real_forward(self, *a, **kw)
+    monkeypatch.setattr(type(model), "forward", counting)
+    whole_text, whole = _echo_logprobs(model, text, monkeypatch, chunk=10_000)
+    calls.clear()
+    chunked_text, chunked = _echo_logprobs(model, text, monkeypatch, chunk=8)
+    assert max(calls[:-2]) <= 8 and len(calls) >= len(text) // 8   # the prompt never went in whole
+    assert whole_text == chunked_text
+    assert [e.token for e in whole] == [e.token for e in chunked] and chunked[0].logprob is None
+    assert torch.allclose(torch.tensor([e.logprob for e in whole[1:]]), torch.tensor([e.logprob for e in chunked[1:]]),
+                          atol=1e-4)
+    assert [e.top[0][0] for e in whole[1:]] == [e.top[0][0] for e in chunked[1:]]
+
+
+def test_a_failure_processing_one_requests_token_fails_that_request_only(model, monkeypatch):
+    from deployments.llm.detokenizer import StopMatcher
+    engine = make_engine(model)
+    good, bad = req("good", "hello", max_tokens=6), req("bad", "world", max_tokens=6, stop=["never-seen"])
+    real_append = StopMatcher.append
+
+    def poisoned(self, text):
+        if self._stops == ["never-seen"]:
+            raise KeyError("a bug")
+        return real_append(self, text)
+    monkeypatch.setattr(StopMatcher, "append", poisoned)
+    engine.add(good)
+    engine.add(bad)
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    errors = [(r.request_id, c) for r, c in outputs if isinstance(c, Exception)]
+    assert errors and all(rid == "bad" for rid, _ in errors) and isinstance(errors[0][1], KeyError)
+    assert len(good.seqs[0].output_ids) == 6 and good.seqs[0].finish_reason == "length"
+    assert "bad" not in engine.requests and not engine.has_work()
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_kv_growth_stays_within_the_budget_by_preempting_and_recomputing(model, mixed):
+    budget = 120
+    reqs = lambda: [req(f"r{i}", "abcdefgh"[: 3 + i], max_tokens=30) for i in range(4)]   # noqa: E731
+    alone, _, _ = run_all(make_engine(model, mixed_steps=mixed), reqs())
+    engine = make_engine(model, max_num_batched_tokens=budget, mixed_steps=mixed)
+    preempted = []
+    real_preempt = engine.scheduler.preempt
+    engine.scheduler.preempt = lambda seq: (preempted.append(seq.request_id), real_preempt(seq))
+    cache_sizes = []
+    texts, reasons, _ = run_all(engine, reqs(), on_step=lambda e: cache_sizes.append(
+        (len(e.batch), len(e.batch) * e.batch.width)))
+    assert preempted                                                  # the budget bit
+    assert all(tokens <= budget for rows, tokens in cache_sizes if rows > 1)
+    assert texts == alone and all(r == {0: "length"} for r in reasons.values())

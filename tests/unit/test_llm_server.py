@@ -289,3 +289,88 @@ def test_concurrent_requests_with_one_request_id_each_get_their_own_answer():
     for i, (c, r) in enumerate(zip(contents, results)):
         assert r.usage.completion_tokens == 6 + i
         assert r.choices[0].text == asyncio.run(alone(c, i)).choices[0].text
+
+
+def test_a_request_that_can_never_fit_is_400_not_a_503_to_retry_forever():
+    async def go():
+        server = make_server(max_num_seqs=2, max_waiting=2)
+        prompts = GenerateRequest("p", SamplingParams(max_tokens=2), prompts=["a"] * 5)
+        with pytest.raises(InvalidRequestError) as many:
+            await server.generate(prompts)
+        with pytest.raises(InvalidRequestError) as wide:
+            await server.generate(chat(n=5))
+        return many.value, wide.value, await server.generate(chat(n=4))
+    many, wide, fits = asyncio.run(go())
+    assert many.param == "prompt" and "max_num_seqs + engine.max_waiting" in many.message and many.status_code == 400
+    assert wide.param == "n" and len(fits.choices) == 4
+
+
+def test_a_request_that_fails_to_enter_the_engine_fails_alone():
+    async def go():
+        server = make_server()
+        engine = server.engine.engine
+        real_add = engine.add
+
+        def add(r):
+            if r.params.max_tokens == 7:
+                raise RuntimeError("a bug while building the request")
+            real_add(r)
+        engine.add = add
+        bad, good = await asyncio.gather(server.generate(chat(max_tokens=7)), server.generate(chat(max_tokens=5)),
+                                         return_exceptions=True)
+        return server, bad, good
+    server, bad, good = asyncio.run(go())
+    assert isinstance(bad, RuntimeError) and good.usage.completion_tokens == 5
+    assert server.engine.is_alive()
+
+
+def test_a_wedged_step_fails_the_health_check():
+    import threading
+    release = threading.Event()
+
+    async def go():
+        server = make_server()
+        server.engine.step_timeout_s = 0.2
+        engine = server.engine.engine
+        real_step = engine.step
+        engine.step = lambda: (release.wait(30), real_step())[1]
+        task = asyncio.create_task(server.generate(chat(max_tokens=2)))
+        failure = None
+        for _ in range(600):   # until the step has run past the timeout
+            try:
+                await server.check_health()
+            except RuntimeError as exc:
+                failure = exc
+                break
+            await asyncio.sleep(0.05)
+        assert failure is not None and "step running for over" in str(failure)
+        release.set()
+        await task
+        await server.check_health()   # it moved again: healthy
+    asyncio.run(go())
+
+
+def test_schema_compiles_are_bounded_in_time_and_in_threads():
+    import threading
+    release = threading.Event()
+
+    class SlowGrammars:
+        def compile(self, response_format):
+            release.wait(30)
+            return None
+
+    async def go():
+        server = make_server()
+        server.cfg.engine.grammar_compile_timeout_s = 0.3
+        server._grammar_cache = SlowGrammars()
+        rf = {"type": "json_schema", "schema": {"type": "object"}}
+        results = await asyncio.gather(*(server.generate(GenerateRequest(
+            f"s{i}", SamplingParams(max_tokens=2), messages=[{"role": "user", "content": "x"}], response_format=rf))
+            for i in range(3)), return_exceptions=True)
+        release.set()
+        return results
+    results = asyncio.run(go())
+    too_slow = [r for r in results if isinstance(r, InvalidRequestError)]
+    busy = [r for r in results if isinstance(r, OverloadedError)]
+    assert len(too_slow) == 2 and too_slow[0].code == "schema_too_complex"   # two compiling
+    assert len(busy) == 1 and busy[0].headers["Retry-After"]                  # one waited for a thread

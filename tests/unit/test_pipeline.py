@@ -119,3 +119,24 @@ def test_a_stalled_stream_ends_with_an_sse_error_event_and_its_work_is_cancelled
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert events[-1]["error"]["code"] == "request_timeout" and "[DONE]" not in r.text
     assert chat.cancelled == 1
+
+
+class ActorDiedError(Exception):
+    """Stands in for ray.exceptions.ActorDiedError (matched by class name)."""
+
+
+class DiesMidStream(FakeChatClient):
+    async def generate_stream(self, req):
+        yield GenerateChunk([])
+        raise ActorDiedError("the replica process was killed")
+
+
+def test_a_replica_lost_under_a_request_is_503_with_retry_after_or_a_final_sse_error():
+    r1, = post_all(make_app(FakeChatClient(fail_with=ActorDiedError("killed"))),
+                   [("/v1/chat/completions", {"model": CHAT, "messages": MSG})])
+    assert r1.status_code == 503 and int(r1.headers["retry-after"]) >= 1
+    assert r1.json()["error"]["code"] == "engine_unavailable" and "killed" not in r1.text
+    r2, = post_all(make_app(DiesMidStream()), [("/v1/chat/completions", {"model": CHAT, "messages": MSG,
+                                                                          "stream": True})])
+    events = [json.loads(line[6:]) for line in r2.text.splitlines() if line.startswith("data: {")]
+    assert r2.status_code == 200 and events[-1]["error"]["code"] == "engine_unavailable"

@@ -1,0 +1,109 @@
+"""Oversized bodies against the running app: how fast they are refused, and whether chat streams
+running alongside slow down. Side by side in one run: the streams alone, then with an attacker
+sending 50 MB bodies (with Content-Length, and chunked) in a loop.
+
+    python bench/bench_robustness.py --direct-ingress
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+
+import aiohttp
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+from bench.common import default_args, median, pct, print_table, start_app, stop_app  # noqa: E402
+
+CHAT = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BODY_MB = 50
+
+
+def send_big_body(base: str, chunked: bool) -> float:
+    """Sends a 50 MB embeddings body over a raw socket while reading; returns seconds to the 413."""
+    url = urllib.parse.urlparse(base)
+    payload = b'{"model": "x", "input": "' + b"word " * (BODY_MB << 18) + b'"}'
+    framing = b"Transfer-Encoding: chunked\r\n" if chunked else b"Content-Length: %d\r\n" % len(payload)
+    began = time.perf_counter()
+    with socket.create_connection((url.hostname, url.port), timeout=120) as sock:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + framing + b"\r\n")
+        writer = threading.Thread(target=_write_body, args=(sock, payload, chunked), daemon=True)
+        writer.start()
+        reply = sock.recv(65536)
+    took = time.perf_counter() - began
+    if not reply.startswith(b"HTTP/1.1 413"):
+        raise RuntimeError(f"expected a 413, got {reply[:100]!r}")
+    return took
+
+
+def _write_body(sock: socket.socket, payload: bytes, chunked: bool) -> None:
+    try:
+        for i in range(0, len(payload), 1 << 20):
+            piece = payload[i:i + (1 << 20)]
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+    except OSError:
+        pass   # the server closed the connection after its 413: expected
+
+
+async def streams(base: str, clients: int, seconds: float) -> tuple[float, list[float]]:
+    """Closed-loop chat streams for `seconds`; returns (tokens/s, per-request latencies)."""
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 48,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    tokens, latencies = 0, []
+    deadline = time.monotonic() + seconds
+
+    async def client(session):
+        nonlocal tokens
+        while time.monotonic() < deadline:
+            began = time.perf_counter()
+            async with session.post(base + "/chat/completions", json=body) as r:
+                text = await r.text()
+            latencies.append(time.perf_counter() - began)
+            tokens += 48 if '"completion_tokens":48' in text else 0
+    began = time.monotonic()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
+        await asyncio.gather(*(client(s) for _ in range(clients)))
+    return tokens / (time.monotonic() - began), latencies
+
+
+def attack(base: str, stop: threading.Event, chunked: bool, times: list[float]) -> None:
+    while not stop.is_set():
+        times.append(send_big_body(base, chunked))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--direct-ingress", action="store_true")
+    a = p.parse_args()
+    base = start_app(default_args(), direct_ingress=a.direct_ingress)
+    try:
+        asyncio.run(streams(base, a.clients, 5))   # warm up
+        rows = []
+        for _ in range(a.rounds):
+            for mode in ("alone", "with Content-Length bodies", "with chunked bodies"):
+                stop, refused = threading.Event(), []
+                attacker = None
+                if mode != "alone":
+                    attacker = threading.Thread(target=attack, args=(base, stop, "chunked" in mode, refused))
+                    attacker.start()
+                tps, lat = asyncio.run(streams(base, a.clients, a.seconds))
+                stop.set()
+                if attacker:
+                    attacker.join()
+                rows.append([mode, tps, median(lat), pct(lat, 99), len(refused),
+                             median(refused) if refused else "-", max(refused) if refused else "-"])
+        print_table(["chat streams", "tok/s", "latency p50 s", "p99 s", f"{BODY_MB} MB bodies refused",
+                     "413 p50 s", "413 max s"], rows)
+    finally:
+        stop_app()
+
+
+if __name__ == "__main__":
+    main()

