@@ -85,12 +85,20 @@ async def discover(ports) -> dict[str, str]:
 
 
 def ingress_pids() -> dict[str, int]:
-    from ray.util.state import list_actors
+    """The ingress replica of each app, by Ray's process title `ray::ServeReplica:<app>:Ingress`."""
     pids = {}
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            title = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
         for mode in ("off", "on"):
-            if actor.class_name == f"ServeReplica:{mode}:Ingress":
-                pids[mode] = actor.pid
+            if title.startswith(f"ray::ServeReplica:{mode}:Ingress"):
+                pids[mode] = int(entry)
+    if set(pids) != {"off", "on"}:
+        raise RuntimeError(f"ingress replicas not found by process title: {pids}")
     return pids
 
 
