@@ -143,6 +143,12 @@ def main():
     urls = start(direct=not opts.proxy)
     pids = ingress_pids()
     creds = {"off": [], "on": tokens()}
+    for mode in ("off", "on"):   # warm-up, then what each ingress burns with no requests at all
+        asyncio.run(load(urls[mode], "models", 8, 2, creds[mode]))
+    idle = {mode: cpu_seconds(pid) for mode, pid in pids.items()}
+    time.sleep(10)
+    idle = {mode: (cpu_seconds(pids[mode]) - idle[mode]) / 10 * 1000 for mode in pids}
+    print(f"idle ingress CPU, ms per second: {idle}", flush=True)
     runs: dict[tuple[str, str], list[float]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
     errors = 0
@@ -168,7 +174,7 @@ def main():
                      " ".join(f"{x:.0f}" for x in runs[endpoint, "off"]),
                      " ".join(f"{x:.0f}" for x in runs[endpoint, "on"])])
     print(f"\n{'proxy' if opts.proxy else 'direct ingress'}, {opts.rounds} alternating rounds of {opts.seconds:g} s, "
-          f"errors {errors}")
+          f"errors {errors}; idle ingress CPU off {idle['off']:.1f} ms/s, on {idle['on']:.1f} ms/s")
     print_table(["endpoint", "clients", "req/s off (median)", "req/s on (median)", "on ÷ off",
                  "ingress CPU µs/req off", "on", "on ÷ off", "req/s rounds off", "req/s rounds on"], rows)
     from ray import serve

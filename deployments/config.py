@@ -338,8 +338,8 @@ class AuthConfig(StrictModel):
                             "(logged), 'closed' answers 503 until it is back.")
     rate_limit_lease_fraction: float = Field(
         0.02, gt=0, le=1, description="Share of a limit an ingress replica takes from the shared store at once and "
-                                      "spends locally; replicas return unused shares within ~2 sync periods.")
-    rate_limit_sync_s: float = Field(0.5, gt=0, description="How often a replica returns idle shares.")
+                                      "spends locally; a share unused for two sync periods goes back.")
+    rate_limit_sync_s: float = Field(0.5, gt=0, description="How often a replica looks for idle shares to return.")
     image_url_secret_env: Optional[str] = Field(
         None, description="Environment variable holding the HMAC secret of image URLs (unset: the image "
                           "store makes one that lives as long as its images).")

@@ -21,6 +21,7 @@ from deployments.errors import ModelHubError, OverloadedError
 logger = logging.getLogger("modelhub.ingress")
 
 REQUESTS, TOKENS, CONCURRENT = "requests", "tokens", "concurrent"
+IDLE_TICKS = 2   # a share unused this many sync ticks goes back to the store
 
 
 class RateLimitError(ModelHubError):
@@ -38,7 +39,7 @@ class RateLimitError(ModelHubError):
 class Pool:
     """This replica's share of one subject's bucket: `held` units leased and not yet spent."""
 
-    __slots__ = ("key", "capacity", "rate", "batch", "held", "level", "stamp", "used", "pending", "waiting")
+    __slots__ = ("key", "capacity", "rate", "batch", "held", "level", "stamp", "used", "idle", "pending", "waiting")
 
     def __init__(self, key: tuple[str, str], capacity: float, rate: float, batch: float):
         self.key = key
@@ -46,6 +47,7 @@ class Pool:
         self.held = 0.0
         self.level, self.stamp = capacity, time.monotonic()   # the store's level at our last exchange
         self.used = False
+        self.idle = 0        # sync ticks since it was last used
         self.pending: Optional[asyncio.Future] = None
         self.waiting = 0.0   # units requests are waiting for while a lease is fetched
 
@@ -201,12 +203,15 @@ class RateLimiter:
                 logger.warning("rate limit sync failed (%s)", type(exc).__name__)
 
     async def sync_once(self) -> None:
-        """Returns the shares of pools unused since the last tick (settled debts included) and forgets
-        empty idle pools."""
+        """Returns the shares of pools unused for IDLE_TICKS ticks (settled debts included) and forgets
+        them; a pool in steady use keeps its share, so low, steady traffic does not lease it anew."""
         returns = []
         for key, p in list(self._pools.items()):
             if p.used or p.pending is not None:
-                p.used = False
+                p.used, p.idle = False, 0
+                continue
+            p.idle += 1
+            if p.idle < IDLE_TICKS:
                 continue
             if p.held != 0:
                 returns.append((key[0], key[1], p.held))

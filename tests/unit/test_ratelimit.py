@@ -180,7 +180,9 @@ def test_idle_shares_go_back_to_the_store():
         await a.admit("s", limits)       # a leases half the bucket and spends one
         await asyncio.sleep(0.01)        # its background top-up
         await a.sync_once()              # used since the last tick: kept
-        await a.sync_once()              # idle for a tick: returned
+        await a.sync_once()              # idle for one tick: still kept
+        assert handle.store.exchange([("s", "requests", 10, 10 / 60, 0, 0)])[0][1] < 6
+        await a.sync_once()              # idle for two ticks: returned
         admitted = await admit_many([b], limits, 20)
         return admitted
     assert run(go()) == 9
