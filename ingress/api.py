@@ -31,7 +31,7 @@ logger = logging.getLogger("modelhub.ingress")
 def create_api(registry: ModelRegistry, *, image_store: Any = None, auth: Optional[AuthConfig] = None,
                limit_store: Any = None, meter: Optional[UsageMeter] = None, log_prompts: bool = False,
                public_url: Optional[str] = None, limits: Optional[RequestLimits] = None,
-               readiness: Optional[Readiness] = None) -> FastAPI:
+               readiness: Optional[Readiness] = None, echo_request_id: bool = True) -> FastAPI:
     """`readiness()` returns {model id: {"healthy": bool, ...detail}} for /ready (app.py asks Serve);
     `limit_store`: a LimitStore handle (None: no rate limits); `meter`: usage counters (default Ray's)."""
     auth = auth or AuthConfig()
@@ -69,7 +69,8 @@ def create_api(registry: ModelRegistry, *, image_store: Any = None, auth: Option
     install_error_handlers(app)
     app.add_middleware(Guard, authenticator=authenticator, limiter=limiter)
     # outermost: request ids, the body limit, the access log; it renders the Guard's 401s and 429s too
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=limits.max_body_bytes,
+                       echo_request_id=echo_request_id)
     return app
 
 

@@ -32,7 +32,8 @@ class IngressServer:
         readiness = ServeReadiness({m.id: deployment_name(m.id, m.kind) for m in cfg.models})
         self._api = create_api(registry, image_store=image_store, auth=cfg.ingress.auth, limit_store=limit_store,
                                log_prompts=cfg.ingress.log_prompts, public_url=cfg.ingress.public_url,
-                               limits=cfg.ingress.limits, readiness=readiness)
+                               limits=cfg.ingress.limits, readiness=readiness,
+                               echo_request_id=False)   # Serve's own middleware echoes x-request-id
 
     @staticmethod
     def _client(model: Any, handle: Any, cfg: AppConfig) -> Any:

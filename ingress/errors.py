@@ -56,8 +56,7 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def error_response(err: ModelHubError, request_id: str) -> JSONResponse:
-    headers = {"x-request-id": request_id, **err.headers}
-    return JSONResponse({"error": err.to_dict()}, status_code=err.status_code, headers=headers)
+    return JSONResponse({"error": err.to_dict()}, status_code=err.status_code, headers=err.headers)
 
 
 def sse_error(err: ModelHubError) -> str:

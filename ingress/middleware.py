@@ -23,9 +23,12 @@ _MAX_LOGGED = 128   # characters of a client-supplied string in the access log
 
 
 class RequestContextMiddleware:
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app, max_body_bytes: int, echo_request_id: bool = True):
+        """echo_request_id: set `x-request-id` on responses (the client's, else ours). Off under Ray
+        Serve, whose own middleware already echoes the client's header or one it made."""
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.echo_request_id = echo_request_id
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -44,7 +47,9 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
-                message = {**message, "headers": headers + [(b"x-request-id", echo)]}
+                if self.echo_request_id:
+                    headers.append((b"x-request-id", echo))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:

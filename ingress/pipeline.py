@@ -82,7 +82,7 @@ def now() -> int:
 
 
 def json_response(body: Any, request: Request) -> JSONResponse:
-    return JSONResponse(body, headers={"x-request-id": request_id_of(request)})
+    return JSONResponse(body)
 
 
 async def sse_response(request: Request, chunks: AsyncIterator[Any], render: Callable[[Any], str],
@@ -117,7 +117,7 @@ async def sse_response(request: Request, chunks: AsyncIterator[Any], render: Cal
         finally:
             await it.aclose()
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, "x-request-id": rid})
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 class _StreamClock:

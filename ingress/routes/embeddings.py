@@ -24,5 +24,4 @@ async def embeddings(request: Request):
     request.state.usage = Usage(result.prompt_tokens, 0)
     ticket.settle(entry.cfg.id, embedding_tokens=result.prompt_tokens)
     payload = embedding_response(result.embeddings, body.model, result.prompt_tokens, body.encoding_format or "float")
-    return Response(dumps(payload), media_type="application/json",
-                    headers={"x-request-id": request.state.request_id})
+    return Response(dumps(payload), media_type="application/json")

@@ -64,7 +64,8 @@ def test_512_concurrent_clients_get_answers_or_fast_retry_after(small):
     statuses = [r[0] for r in results]
     assert set(statuses) <= {200, 429, 503}, sorted(set(statuses))
     refused = [r for r in results if r[0] != 200]
-    assert all(int(r[2]["Retry-After"]) >= 1 and json.loads(r[3])["error"]["type"] for r in refused)
+    bad = [(r[0], r[3][:200]) for r in refused if "Retry-After" not in r[2] or "error" not in json.loads(r[3])]
+    assert not bad, bad[:5]
     admitted = [r[1] for r in results if r[0] == 200]
     assert admitted, "nothing was admitted"
     assert after[0] == 200
@@ -74,13 +75,17 @@ def test_512_concurrent_clients_get_answers_or_fast_retry_after(small):
           f"refusals p50 {_p([r[1] for r in refused], 0.5) * 1000:.0f} ms, p99 {_p([r[1] for r in refused], 0.99) * 1000:.0f} ms")
 
 
-def _replica_pid(app: str, deployment_prefix: str) -> int:
-    from ray.util.state import list_actors
-    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        name = a.name or ""
-        if name.startswith(f"SERVE_REPLICA::{app}#{deployment_prefix}"):
-            return a.pid
-    raise AssertionError("replica not found")
+def _replica_pid(title: str) -> int:
+    """The process whose title Ray set to the replica's (`ray::ServeReplica:<app>:<deployment>`)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read().split(b"\0")[0].decode(errors="replace").startswith(title):
+                        return int(entry)
+            except OSError:
+                continue
+    raise AssertionError(f"no process titled {title!r}")
 
 
 def test_kill_9_of_the_model_replica_under_load_ends_requests_cleanly_and_recovers(small):
@@ -99,7 +104,7 @@ def test_kill_9_of_the_model_replica_under_load_ends_requests_cleanly_and_recove
             tasks = [asyncio.create_task(_chat(s, small, long)) for _ in range(2)]
             tasks += [asyncio.create_task(stream(s)) for _ in range(2)]
             await asyncio.sleep(3)     # under way (the replica answers 8 tokens in well under a second)
-            os.kill(_replica_pid("small", "chat:small-chat"), signal.SIGKILL)
+            os.kill(_replica_pid("ray::ServeReplica:small:chat:small-chat"), signal.SIGKILL)
             killed_at = time.monotonic()
             done = await asyncio.wait_for(asyncio.gather(*tasks), 90)
             recovered = None
