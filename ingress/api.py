@@ -44,11 +44,6 @@ def create_api(registry: ModelRegistry, *, image_store: Any = None, auth: Option
     app.state.public_url = public_url.rstrip("/") if public_url else None
     app.state.limits = limits
     app.state.log_prompt = _prompt_logger(log_prompts)
-    authenticator = Authenticator(auth)
-    (logger.info if authenticator.enabled else logger.warning)(authenticator.describe())
-    limiter = RateLimiter(limit_store, failure=auth.rate_limit_failure, lease_fraction=auth.rate_limit_lease_fraction,
-                          sync_s=auth.rate_limit_sync_s, meter=meter or UsageMeter(),
-                          default_completion_tokens=auth.default_reserved_completion_tokens)
     for module in (models, chat, completions, embeddings, images):
         app.include_router(module.router)
     app.include_router(images.files_router)
@@ -67,11 +62,21 @@ def create_api(registry: ModelRegistry, *, image_store: Any = None, auth: Option
                             status_code=200 if ok else 503, headers={} if ok else {"Retry-After": "5"})
 
     install_error_handlers(app)
-    app.add_middleware(Guard, authenticator=authenticator, limiter=limiter)
+    app.add_middleware(Guard, **_guard_parts(auth, limit_store, meter))
     # outermost: request ids, the body limit, the access log; it renders the Guard's 401s and 429s too
     app.add_middleware(RequestContextMiddleware, max_body_bytes=limits.max_body_bytes,
                        echo_request_id=echo_request_id)
     return app
+
+
+def _guard_parts(auth: AuthConfig, limit_store: Any, meter: Optional[UsageMeter]) -> dict[str, Any]:
+    """The Guard's authenticator and rate limiter; says at startup whether auth is on."""
+    authenticator = Authenticator(auth)
+    (logger.info if authenticator.enabled else logger.warning)(authenticator.describe())
+    limiter = RateLimiter(limit_store, failure=auth.rate_limit_failure, lease_fraction=auth.rate_limit_lease_fraction,
+                          sync_s=auth.rate_limit_sync_s, meter=meter or UsageMeter(),
+                          default_completion_tokens=auth.default_reserved_completion_tokens)
+    return {"authenticator": authenticator, "limiter": limiter}
 
 
 def _prompt_logger(log_prompts: bool):

@@ -80,8 +80,9 @@ class RateLimiter:
     async def admit(self, subject: str, limits: RateLimits) -> "Ticket":
         ticket = Ticket(self, subject, limits)
         needs = []
-        if limits.requests_per_minute and self.store is not None:
-            needs.append((self._pool(subject, REQUESTS, limits.requests_per_minute, limits.requests_per_minute / 60), 1))
+        rpm = limits.requests_per_minute
+        if rpm and self.store is not None:
+            needs.append((self._pool(subject, REQUESTS, rpm, rpm / 60), 1))
         if limits.concurrent_requests and self.store is not None:
             needs.append((self._pool(subject, CONCURRENT, limits.concurrent_requests, 0.0), 1))
         if needs:
