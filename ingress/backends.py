@@ -1,7 +1,8 @@
 """The model registry: model id -> config and a client that calls the model's deployment.
 
 `HandleClient` wraps a Ray Serve DeploymentHandle; tests pass fakes with the same methods, so
-the whole HTTP layer runs without Ray. A caller that goes away cancels the downstream call.
+the whole HTTP layer runs without Ray. A caller that goes away cancels the downstream call; Ray's
+busy, starting and lost-replica errors become typed errors (503 with Retry-After).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, AsyncIterator, Optional, Protocol
 
 from deployments.config import ModelConfig
 from deployments.errors import InvalidRequestError, ModelNotFoundError
+from ingress.errors import transport_error
 from deployments.types import (EmbedRequest, EmbedResult, GenerateChunk, GenerateRequest, GenerateResult,
                                ImageRequest, ImageResult, ModelCard)
 from ingress.auth import Principal
@@ -42,6 +44,8 @@ class HandleClient:
             async for chunk in gen:
                 yield chunk
             done = True
+        except Exception as exc:
+            raise transport_error(exc) or exc
         finally:
             if not done:
                 gen.cancel()
@@ -57,11 +61,15 @@ class HandleClient:
 
 
 async def _call(response: Any) -> Any:
+    """Awaits a handle call; Ray's busy/unavailable/lost errors become typed errors here, so no
+    handler Serve installs on the app renders them as plain text."""
     try:
         return await response
     except asyncio.CancelledError:
         response.cancel()
         raise
+    except Exception as exc:
+        raise transport_error(exc) or exc
 
 
 @dataclass

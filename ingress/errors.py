@@ -7,6 +7,7 @@ Anything else is a bug: 500 with the request id, the traceback in the log, no in
 from __future__ import annotations
 
 import logging
+import reprlib
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -31,7 +32,17 @@ def to_modelhub_error(exc: BaseException, request_id: str) -> ModelHubError:
         return exc
     if isinstance(exc, ValidationError):
         return validation_error(exc.errors())
-    names = {c.__name__ for c in type(exc).__mro__}   # Ray's classes, matched by name: no import of Ray here
+    typed = transport_error(exc)
+    if typed is not None:
+        return typed
+    logger.error("request %s failed with an unexpected error", request_id, exc_info=exc)
+    return ModelHubError(f"The server had an error while processing your request. Request id: {request_id}.")
+
+
+def transport_error(exc: BaseException) -> Optional[ModelHubError]:
+    """The typed error for what a DeploymentHandle call raises when the model is busy, starting or
+    lost (Ray's classes, matched by name: no import of Ray here); None for anything else."""
+    names = {c.__name__ for c in type(exc).__mro__}
     if "BackPressureError" in names:
         return OverloadedError("Too many requests are queued for this model; retry shortly.")
     if names & {"DeploymentUnavailableError", "ReplicaUnavailableError"}:
@@ -39,8 +50,7 @@ def to_modelhub_error(exc: BaseException, request_id: str) -> ModelHubError:
     if names & _REPLICA_LOST:
         return EngineUnavailableError("The model's replica stopped while serving this request; Serve is replacing "
                                       "it. Retry shortly.", retry_after_s=5)
-    logger.error("request %s failed with an unexpected error", request_id, exc_info=exc)
-    return ModelHubError(f"The server had an error while processing your request. Request id: {request_id}.")
+    return None
 
 
 # What a handle call raises when the replica (or its node) died under it: busy-retry, not a bug.
@@ -127,7 +137,7 @@ def _param(loc: list) -> str:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = reprlib.repr(value)   # bounded in depth and length, whatever the client sent
     return text if len(text) <= 40 else text[:37] + "..."
 
 

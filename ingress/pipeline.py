@@ -25,9 +25,6 @@ T = TypeVar("T")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-MAX_JSON_DEPTH = 64   # deeper bodies are a 400: every later step (templates, pickling) recurses
-
-
 async def parse_body(request: Request, model: Type[M]) -> M:
     """The body as `model`, checked against the configured caps (limits) before any model work."""
     raw = await request.body()
@@ -37,28 +34,12 @@ async def parse_body(request: Request, model: Type[M]) -> M:
         raise validation_error([{"type": "json_invalid", "loc": ()}]) from None
     if not isinstance(data, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-    if _depth(data) > MAX_JSON_DEPTH:
-        raise InvalidRequestError(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.",
-                                  code="invalid_json")
     try:
         body = model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
     body.check_limits(request.app.state.limits)
     return body
-
-
-def _depth(data: Any) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, stack = 0, [(data, 1)]
-    while stack:
-        node, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if depth > MAX_JSON_DEPTH:
-            break
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return deepest
 
 
 async def bounded(request: Request, work: Awaitable[T]) -> T:

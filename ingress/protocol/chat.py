@@ -10,7 +10,7 @@ from deployments.errors import InvalidRequestError, UnsupportedParameterError
 from deployments.types import (Choice, ChoiceDelta, GenerateRequest, SamplingParams, TokenLogprob,
                                ToolCall, ToolSpec, Usage)
 from deployments.config import RequestLimits
-from ingress.protocol.common import SamplingFields, WireModel, over_limit
+from ingress.protocol.common import SamplingFields, WireModel, check_depth, over_limit
 
 
 class TextPart(WireModel):
@@ -100,7 +100,11 @@ class ChatCompletionRequest(SamplingFields):
                              "max_prompt_chars")
         if len(self.tools or ()) > limits.max_tools:
             raise over_limit("tools", "the number of tools", limits.max_tools, "max_tools")
+        for i, tool in enumerate(self.tools or ()):
+            check_depth(tool.function.parameters, f"tools[{i}].function.parameters")
         rf = self.response_format
+        if rf is not None:
+            check_depth(rf.json_schema, "response_format.json_schema")
         if rf is not None and rf.json_schema is not None and len(dumps(rf.json_schema)) > limits.max_schema_bytes:
             raise over_limit("response_format.json_schema", "the schema's size in bytes", limits.max_schema_bytes,
                              "max_schema_bytes")

@@ -6,7 +6,7 @@ parameter this server does not implement can never be silently ignored.
 from __future__ import annotations
 
 import re
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
@@ -21,6 +21,22 @@ class WireModel(BaseModel):
 
     def check_limits(self, limits: RequestLimits) -> None:
         """Raises a 400 naming the cap a request is over (RequestLimits), before any model work."""
+
+
+MAX_JSON_DEPTH = 32   # free-form JSON (schemas) deeper than this is a 400: later steps recurse over it
+
+
+def check_depth(value: Any, param: str) -> None:
+    """Free-form JSON (a tool's parameters, a response schema) nested too deeply is a 400; typed
+    fields cannot nest, so this is the only place depth needs a bound."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequestError(f"Invalid '{param}': nested more than {MAX_JSON_DEPTH} levels deep.",
+                                      param=param, code="invalid_value")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
 
 
 def over_limit(param: str, what: str, limit: int, setting: str) -> InvalidRequestError:

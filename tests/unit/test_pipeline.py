@@ -64,6 +64,10 @@ ODD = [  # inputs that once got a 500
     ("/v1/chat/completions", json.dumps({"model": CHAT, "messages": MSG, "tools": [
         {"type": "function", "function": {"name": "f", "parameters": json.loads("{\"a\":" * 200 + "1" + "}" * 200)}}]})
      .encode()),
+    ("/v1/chat/completions", json.dumps({"model": CHAT, "messages": MSG, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "s", "schema": json.loads('{"a":' * 40 + "1" + "}" * 40)}}})
+     .encode()),
+    ("/v1/chat/completions", json.dumps({"model": CHAT, "messages": json.loads("[" * 900 + "]" * 900)}).encode()),
     ("/v1/chat/completions", b'{"model": "m", "messages": NaN}'),
     ("/v1/embeddings", b"\xff\xfe"),
 ]
@@ -140,3 +144,34 @@ def test_a_replica_lost_under_a_request_is_503_with_retry_after_or_a_final_sse_e
                                                                           "stream": True})])
     events = [json.loads(line[6:]) for line in r2.text.splitlines() if line.startswith("data: {")]
     assert r2.status_code == 200 and events[-1]["error"]["code"] == "engine_unavailable"
+
+
+def test_handle_client_turns_serves_back_pressure_into_a_typed_503():
+    """Serve installs its own handler for BackPressureError on the app (plain text, no JSON), so the
+    handle client must convert it before it reaches FastAPI."""
+    from deployments.errors import OverloadedError
+    from ingress.backends import HandleClient
+
+    class BackPressureError(Exception):
+        pass
+
+    class Response:
+        def __await__(self):
+            raise BackPressureError("dropped")
+            yield
+
+        def cancel(self):
+            pass
+
+    class Method:
+        def remote(self, *a):
+            return Response()
+
+    class Handle:
+        generate = Method()
+
+        def options(self, **kw):
+            return self
+    with pytest.raises(OverloadedError) as info:
+        run(HandleClient(Handle()).generate(None))
+    assert info.value.headers["Retry-After"]
