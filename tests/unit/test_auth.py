@@ -104,6 +104,41 @@ def test_valid_es256_from_a_jwks_and_key_rotation(tmp_path, rsa_key, ec_key):
     assert err.value.status_code == 401
 
 
+def test_jwks_over_http_is_cached_and_refetched_on_an_unknown_kid(rsa_key, ec_key):
+    import http.server
+    import threading
+    served = {"body": jwks(("k1", ec_key, "ES256")), "fetches": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            served["fetches"] += 1
+            body = served["body"].encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = AuthConfig.model_validate({"jwt": {"algorithms": ["ES256", "RS256"], "audience": [AUD],
+                                                 "jwks_url": f"http://127.0.0.1:{server.server_port}/jwks.json",
+                                                 "jwks_refetch_cooldown_s": 0}})
+        auth = Authenticator(cfg)
+        for sub in ("a", "b"):   # two tokens, one fetch
+            t = jwt.encode(claims(sub=sub), ec_key, algorithm="ES256", headers={"kid": "k1"})
+            assert run(auth.authenticate(f"Bearer {t}")).subject == sub
+        assert served["fetches"] == 1
+        served["body"] = jwks(("k1", ec_key, "ES256"), ("k2", rsa_key, "RS256"))   # rotation adds k2
+        t2 = jwt.encode(claims(sub="c"), rsa_key, algorithm="RS256", headers={"kid": "k2"})
+        assert run(auth.authenticate(f"Bearer {t2}")).subject == "c" and served["fetches"] == 2
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize("over", [
     {"exp": int(time.time()) - 3600},                 # expired
     {"nbf": int(time.time()) + 3600},                 # not yet valid
