@@ -9,7 +9,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.config import ModelConfig
+from deployments.config import IngressConfig, ModelConfig
 from deployments.embeddings.server import EmbeddingServer
 from deployments.images.server import ImageServer
 from deployments.images.store import ImageStore
@@ -32,8 +32,9 @@ def model_deployment(cfg: ModelConfig) -> Any:
     return serve.deployment(cls, name=deployment_name(cfg.id, cfg.kind), **opts).bind(cfg)
 
 
-def image_store_deployment(ttl_s: int) -> Any:
-    return serve.deployment(ImageStore, name="ImageStore", **ImageStore.default_options()).bind(ttl_s)
+def image_store_deployment(ingress: IngressConfig) -> Any:
+    return serve.deployment(ImageStore, name="ImageStore", **ImageStore.default_options()).bind(
+        ingress.image_url_ttl_s, ingress.image_store_bytes, ingress.image_quota_bytes)
 
 
 def tp_placement(world: int, actor: dict[str, Any], strategy: str = "STRICT_PACK") -> dict[str, Any]:

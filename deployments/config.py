@@ -402,6 +402,124 @@ ModelConfig = Annotated[Union[ChatModelConfig, EmbeddingModelConfig, ImageModelC
                         Field(discriminator="kind")]
 
 
+class RateLimits(StrictModel):
+    """Per-subject limits, summed over every ingress replica. Unset: no limit of that kind."""
+
+    requests_per_minute: Optional[int] = Field(None, ge=1, description="Requests admitted per minute (a token "
+                                               "bucket holding one minute's worth, refilled continuously).")
+    tokens_per_minute: Optional[int] = Field(
+        None, ge=1, description="Tokens per minute: a request reserves its estimated prompt tokens plus its "
+                                "max_tokens (times n) and is settled against its actual usage when it ends.")
+    concurrent_requests: Optional[int] = Field(None, ge=1, description="Requests in flight at once.")
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.requests_per_minute, self.tokens_per_minute,
+                                          self.concurrent_requests))
+
+
+class ApiKeyEntry(StrictModel):
+    """A static API key known by its SHA-256, with the models and limits of its holder."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the key (`printf %s KEY | "
+                                                                "sha256sum`); the key itself never goes here.")
+    subject: str = Field(min_length=1, max_length=128, description="Who holds the key: the label of its limits "
+                                                                   "and usage metrics.")
+    models: Optional[list[str]] = Field(None, description="Model ids (glob patterns) this key may use; "
+                                                          "unset: auth.default_models.")
+    limits: Optional[RateLimits] = Field(None, description="This key's limits; unset: auth.limits.")
+
+
+JwtAlgorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                       "ES256", "ES384", "ES512", "EdDSA"]
+
+
+class JwtConfig(StrictModel):
+    """Bearer JWTs verified with PyJWT. HS* use a shared secret; RS*/PS*/ES*/EdDSA a public key or a JWKS."""
+
+    algorithms: list[JwtAlgorithm] = Field(min_length=1, description="The only algorithms accepted (a token "
+                                           "whose header names another, or 'none', is refused).")
+    secret_env: Optional[str] = Field(None, description="Environment variable holding the HS* shared secret.")
+    secret_file: Optional[str] = Field(None, description="File holding the HS* shared secret.")
+    public_key_file: Optional[str] = Field(None, description="PEM public key for RS*/PS*/ES*/EdDSA tokens.")
+    jwks_url: Optional[str] = Field(None, pattern=r"^https?://", description="JWKS URL (http or https); keys "
+                                    "are picked by the token's `kid`, cached, and refetched on an unknown kid.")
+    jwks_file: Optional[str] = Field(None, description="Path of a JWKS file, read like jwks_url.")
+    jwks_cache_s: float = Field(300, gt=0, description="How long a fetched JWKS is trusted before it is refetched.")
+    jwks_refetch_cooldown_s: float = Field(
+        10, ge=0, description="Least time between two fetches forced by unknown kids (bounds the fetches "
+                              "that tokens with made-up kids can cause).")
+    issuer: Optional[str] = Field(None, description="Required `iss`; unset: not checked.")
+    audience: Optional[list[str]] = Field(None, description="Accepted `aud` values; unset: a token carrying an "
+                                                            "`aud` is refused (PyJWT's rule).")
+    leeway_s: float = Field(30, ge=0, le=300, description="Clock skew allowed on exp, nbf and iat.")
+    require: list[str] = Field(["exp", "sub"], description="Claims a token must carry.")
+    subject_claim: str = Field("sub", description="Claim naming the subject (limits and usage are per subject).")
+    models_claim: str = Field("models", description="Claim listing the model ids (glob patterns) the token "
+                                                    "may use; absent: auth.default_models.")
+    limits_claim: Optional[str] = Field(
+        None, description="Claim holding per-token limits ({requests_per_minute, tokens_per_minute, "
+                          "concurrent_requests}); absent or unset: auth.limits.")
+
+    @model_validator(mode="after")
+    def _keys_for_algorithms(self):
+        hs = any(a.startswith("HS") for a in self.algorithms)
+        asym = any(not a.startswith("HS") for a in self.algorithms)
+        if hs != bool(self.secret_env or self.secret_file):
+            raise ValueError("HS* algorithms need secret_env or secret_file, and a secret needs an HS* algorithm")
+        if asym != bool(self.public_key_file or self.jwks_url or self.jwks_file):
+            raise ValueError("RS*/PS*/ES*/EdDSA algorithms need public_key_file, jwks_url or jwks_file, and "
+                             "those need such an algorithm")
+        if sum(bool(x) for x in (self.public_key_file, self.jwks_url, self.jwks_file)) > 1:
+            raise ValueError("set one of public_key_file, jwks_url and jwks_file")
+        if self.secret_env and self.secret_file:
+            raise ValueError("set secret_env or secret_file, not both")
+        return self
+
+
+class AuthConfig(StrictModel):
+    """Who may call the API, which models each caller may use, and how fast. With no keys and no
+    jwt, auth is off: every request is served as subject 'anonymous', unlimited (docs/auth.md)."""
+
+    api_keys_env: Optional[str] = Field(
+        None, description="Environment variable holding comma-separated API keys. Keys never go in this file.")
+    api_keys_file: Optional[str] = Field(None, description="File holding API keys, one per line ('#' comments).")
+    keys: list[ApiKeyEntry] = Field(default_factory=list, description="Keys known by their SHA-256, with a "
+                                    "subject, models and limits; a key from api_keys_env/_file that matches "
+                                    "one of them gets its settings.")
+    jwt: Optional[JwtConfig] = None
+    default_models: list[str] = Field(["*"], description="Models (glob patterns) for credentials that name none.")
+    limits: RateLimits = Field(default_factory=RateLimits, description="Limits of subjects that carry none.")
+    default_reserved_completion_tokens: int = Field(
+        1024, ge=0, description="tokens_per_minute reservation for a request that sets no max_tokens.")
+    rate_limit_failure: Literal["open", "closed"] = Field(
+        "open", description="When the shared limit store cannot be reached: 'open' admits requests unlimited "
+                            "(logged), 'closed' answers 503 until it is back.")
+    rate_limit_lease_fraction: float = Field(
+        0.02, gt=0, le=1, description="Share of a limit an ingress replica takes from the shared store at once and "
+                                      "spends locally; a share unused for two sync periods goes back.")
+    rate_limit_sync_s: float = Field(0.5, gt=0, description="How often a replica looks for idle shares to return.")
+    image_url_secret_env: Optional[str] = Field(
+        None, description="Environment variable holding the HMAC secret of image URLs (unset: the image "
+                          "store makes one that lives as long as its images).")
+    image_url_secret_file: Optional[str] = Field(None, description="File holding the HMAC secret of image URLs.")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys_env or self.api_keys_file or self.keys or self.jwt)
+
+    @model_validator(mode="after")
+    def _limits_need_credentials(self):
+        if self.limits.any() and not self.enabled:
+            raise ValueError("auth.limits are per subject and need credentials: set api_keys_env, "
+                             "api_keys_file, keys or jwt")
+        return self
+
+    def limited(self) -> bool:
+        """Whether any subject can have a limit (so the shared limit store is needed)."""
+        return (self.limits.any() or any(k.limits and k.limits.any() for k in self.keys)
+                or bool(self.jwt and self.jwt.limits_claim))
+
+
 class RequestLimits(StrictModel):
     """Caps checked at the ingress before any model work (body read, tokenizing, queueing). Over a
     cap: 413 for the body, 400 naming the cap for the rest; a request that can never fit is never
@@ -434,11 +552,13 @@ class IngressConfig(StrictModel):
     """The HTTP side."""
 
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Request size caps and timeouts.")
-    api_keys_env: Optional[str] = Field(
-        None, description="Name of an environment variable holding comma-separated API keys. Set: "
-                          "every /v1 request needs `Authorization: Bearer <key>`. Keys never go in this file.")
     image_url_ttl_s: int = Field(3600, ge=1, description="Lifetime of images served by URL.")
+    image_store_bytes: int = Field(1 << 30, ge=1, description="Most bytes of images the image store keeps.")
+    image_quota_bytes: int = Field(
+        256 << 20, ge=1, description="Most bytes of images one subject keeps in the store; over it, that "
+                                     "subject's own oldest images go first (never another subject's).")
     log_prompts: bool = Field(False, description="Log prompt text (off by default for privacy).")
     public_url: Optional[str] = Field(
         None, description="Base URL clients reach this server at, for image URLs (default: the request's Host).")

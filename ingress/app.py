@@ -18,6 +18,7 @@ from ingress.api import create_api
 from ingress.backends import HandleClient, ModelEntry, ModelRegistry
 from ingress.coalesce import EmbeddingCoalescer
 from ingress.coldstart import ColdStartGuard
+from ingress.limit_store import LimitStore
 from ingress.readiness import ServeReadiness
 from ingress.startup import announce_when_ready
 
@@ -28,12 +29,12 @@ INGRESS_DEFAULTS: dict[str, Any] = {
 
 
 class IngressServer:
-    def __init__(self, config: dict[str, Any], handles: dict[str, Any], image_store: Any):
+    def __init__(self, config: dict[str, Any], handles: dict[str, Any], image_store: Any, limit_store: Any = None):
         cfg = AppConfig.model_validate(config)
         readiness = ServeReadiness({m.id: deployment_name(m.id, m.kind) for m in cfg.models})
         registry = ModelRegistry({m.id: ModelEntry(m, self._client(m, handles[m.id], cfg, readiness))
                                   for m in cfg.models}, replicas=readiness)
-        self._api = create_api(registry, image_store=image_store, api_keys_env=cfg.ingress.api_keys_env,
+        self._api = create_api(registry, image_store=image_store, auth=cfg.ingress.auth, limit_store=limit_store,
                                log_prompts=cfg.ingress.log_prompts, public_url=cfg.ingress.public_url,
                                limits=cfg.ingress.limits, readiness=readiness,
                                echo_request_id=False)   # Serve's own middleware echoes x-request-id
@@ -63,7 +64,10 @@ def build_app(args: dict[str, Any]) -> Any:
     cfg = parse_app_config(args)
     handles = {m.id: model_deployment(m) for m in cfg.models}
     has_images = any(m.kind == "image" for m in cfg.models)   # no image model, no store replica
-    store = image_store_deployment(cfg.ingress.image_url_ttl_s) if has_images else None
+    store = image_store_deployment(cfg.ingress) if has_images else None
+    limits = None   # the shared rate-limit buckets, only where some subject can have a limit
+    if cfg.ingress.auth.enabled and cfg.ingress.auth.limited():
+        limits = serve.deployment(LimitStore, name="LimitStore", **LimitStore.default_options()).bind()
     opts = cfg.ingress.deployment.serve_options(INGRESS_DEFAULTS)
     ingress = serve.deployment(serve.ingress()(IngressServer), name="Ingress", **opts)
-    return ingress.bind(cfg.model_dump(mode="json"), handles, store)
+    return ingress.bind(cfg.model_dump(mode="json"), handles, store, limits)

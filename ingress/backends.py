@@ -18,6 +18,7 @@ from ingress.errors import transport_error
 from deployments.types import (EmbedRequest, EmbedResult, GenerateChunk, GenerateRequest, GenerateResult,
                                ImageRequest, ImageResult, ModelCard, ScoreRequest, ScoreResult, TokenizeRequest,
                                TokenizeResult)
+from ingress.auth import Principal
 
 logger = logging.getLogger(__name__)
 
@@ -127,17 +128,19 @@ class ModelRegistry:
         self.created = int(time.time())
         self._details: dict[str, ModelCard] = {}
 
-    def get(self, model_id: Optional[str], kind: Union[str, tuple[str, ...]]) -> ModelEntry:
+    def get(self, model_id: Optional[str], kind: Union[str, tuple[str, ...]], principal: Principal) -> ModelEntry:
         """The entry serving `model_id` for an endpoint that takes models of `kind` (one kind, or
-        several in order of preference). Endpoints whose `model` is optional pass None: the first
-        model configured of the first kind that has one answers."""
+        several in order of preference), among those `principal` may use: a model out of its scope
+        answers exactly as an absent one. Endpoints whose `model` is optional pass None: the first
+        allowed model of the first kind that has one answers."""
         kinds = (kind,) if isinstance(kind, str) else kind
         if model_id is None:
-            model_id = next((k for want in kinds for k, e in self.entries.items() if e.cfg.kind == want), None)
+            model_id = next((k for want in kinds for k, e in self.entries.items()
+                             if e.cfg.kind == want and principal.allows(k)), None)
             if model_id is None:
                 raise ModelNotFoundError(f"No {' or '.join(kinds)} model is configured.", param="model")
         entry = self.entries.get(model_id)
-        if entry is None:
+        if entry is None or not principal.allows(model_id):
             raise ModelNotFoundError(f"The model `{model_id}` does not exist or you do not have access to it.")
         if entry.cfg.kind not in kinds:
             raise InvalidRequestError(
@@ -145,11 +148,13 @@ class ModelRegistry:
                 f"only, not this endpoint.", param="model", code="model_not_supported")
         return entry
 
-    async def cards(self) -> list[ModelCard]:
-        missing = [e for model_id, e in self.entries.items() if model_id not in self._details and _needs_details(e.cfg)]
+    async def cards(self, principal: Principal) -> list[ModelCard]:
+        """The cards of the models `principal` may use."""
+        allowed = {k: e for k, e in self.entries.items() if principal.allows(k)}
+        missing = [e for model_id, e in allowed.items() if model_id not in self._details and _needs_details(e.cfg)]
         if missing:
             await asyncio.gather(*(self._fetch_details(e) for e in await self._running(missing)))
-        return [self._card(model_id, e) for model_id, e in self.entries.items()]
+        return [self._card(model_id, e) for model_id, e in allowed.items()]
 
     def _card(self, model_id: str, entry: ModelEntry) -> ModelCard:
         card = entry.cfg.card(self.created)
@@ -171,8 +176,8 @@ class ModelRegistry:
         except Exception:   # noqa: BLE001 - the listing stands on the config; the model's own errors show on use
             logger.warning("model %s did not give its details; listing it from its config", entry.cfg.id, exc_info=True)
 
-    async def card(self, model_id: str) -> ModelCard:
-        for c in await self.cards():
+    async def card(self, model_id: str, principal: Principal) -> ModelCard:
+        for c in await self.cards(principal):
             if c.id == model_id:
                 return c
         raise ModelNotFoundError(f"The model `{model_id}` does not exist or you do not have access to it.")

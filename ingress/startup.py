@@ -9,6 +9,7 @@ import os
 from typing import Any, Optional
 
 from deployments.types import ModelCard
+from ingress.auth import ANONYMOUS
 
 logger = logging.getLogger("ray.serve.modelhub.ingress")   # under ray.serve: see deployments/loading.py
 ENDPOINTS = {"chat": "/v1/chat/completions", "embedding": "/v1/embeddings", "image": "/v1/images/generations",
@@ -40,7 +41,7 @@ async def announce_when_ready(registry: Any, readiness: Any, public_url: Optiona
         if all(d.get("healthy") for d in detail.values()):
             break
         await asyncio.sleep(poll_s)
-    cards = await registry.cards()
+    cards = await registry.cards(ANONYMOUS)   # every model: the line is for the operator
     logger.info("%s", ready_line(cards, public_url or await serve_base_url()))
 
 

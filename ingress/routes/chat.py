@@ -18,19 +18,25 @@ async def chat_completions(request: Request):
     body = await parse_body(request, ChatCompletionRequest)
     request.state.model = body.model
     body.check()
-    state = request.app.state
-    entry = state.registry.get(body.model, "chat")
+    state, ticket = request.app.state, request.state.ticket
+    entry = state.registry.get(body.model, "chat", request.state.principal)
+    await ticket.reserve(body)
     greq = body.to_generate_request(request.state.request_id)
     state.log_prompt(request, body.messages)
     head = {"id": new_id("chatcmpl"), "created": now(), "model": body.model, "system_fingerprint": FINGERPRINT}
     if not body.stream:
         result = await bounded(request, entry.client.generate(greq))
         request.state.usage = result.usage
+        ticket.settle_usage(entry.cfg.id, result.usage)
         return json_response({**head, "object": "chat.completion",
                               "choices": [choice_json(c, body.single_tool_call) for c in result.choices],
                               "usage": usage_json(result.usage)}, request)
     stream = ChatStream(head, body, request.state)
-    return await sse_response(request, entry.client.generate_stream(greq), stream.render, stream.finish)
+
+    def finish() -> str:
+        ticket.settle_usage(entry.cfg.id, stream.usage)
+        return stream.finish()
+    return await sse_response(request, entry.client.generate_stream(greq), stream.render, finish)
 
 
 class ChatStream:

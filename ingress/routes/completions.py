@@ -18,8 +18,9 @@ async def completions(request: Request):
     body = await parse_body(request, CompletionRequest)
     request.state.model = body.model
     body.check()
-    state = request.app.state
-    entry = state.registry.get(body.model, "chat")
+    state, ticket = request.app.state, request.state.ticket
+    entry = state.registry.get(body.model, "chat", request.state.principal)
+    await ticket.reserve(body)
     greq = body.to_generate_request(request.state.request_id)
     state.log_prompt(request, body.prompt)
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": body.model,
@@ -27,12 +28,17 @@ async def completions(request: Request):
     if not body.stream:
         result = await bounded(request, entry.client.generate(greq))
         request.state.usage = result.usage
+        ticket.settle_usage(entry.cfg.id, result.usage)
         choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
                     "logprobs": LogprobsAccumulator().render(c.logprobs) if c.logprobs is not None else None}
                    for c in result.choices]
         return json_response({**head, "choices": choices, "usage": usage_json(result.usage)}, request)
     stream = CompletionStream(head, body, request.state)
-    return await sse_response(request, entry.client.generate_stream(greq), stream.render, stream.finish)
+
+    def finish() -> str:
+        ticket.settle_usage(entry.cfg.id, stream.usage)
+        return stream.finish()
+    return await sse_response(request, entry.client.generate_stream(greq), stream.render, finish)
 
 
 class CompletionStream:

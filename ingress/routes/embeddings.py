@@ -16,11 +16,13 @@ router = APIRouter()
 async def embeddings(request: Request):
     body = await parse_body(request, EmbeddingRequest)
     request.state.model = body.model
-    state = request.app.state
-    entry = state.registry.get(body.model, "embedding")
+    state, ticket = request.app.state, request.state.ticket
+    entry = state.registry.get(body.model, "embedding", request.state.principal)
     request.state.model = entry.cfg.id   # `model` may be omitted
+    await ticket.reserve(body)
     state.log_prompt(request, body.input)
     result = await bounded(request, entry.client.embed(body.to_embed_request()))
     request.state.usage = Usage(result.prompt_tokens, 0)
+    ticket.settle(entry.cfg.id, embedding_tokens=result.prompt_tokens)
     payload = embedding_response(result.embeddings, entry.cfg.id, result.prompt_tokens, body.encoding_format or "float")
     return Response(dumps(payload), media_type="application/json")

@@ -13,7 +13,7 @@ from ingress.pipeline import bounded, json_response, now, parse_body
 from ingress.protocol.images import ImageGenerationRequest
 
 router = APIRouter()
-files_router = APIRouter()   # no auth: the unguessable token is the capability, like OpenAI's URLs
+files_router = APIRouter()   # no credentials: the URL's HMAC signature and expiry are the capability
 FILES_PATH = "/v1/images/files"
 
 
@@ -22,7 +22,8 @@ async def generate_images(request: Request):
     body = await parse_body(request, ImageGenerationRequest)
     request.state.model = body.model
     state = request.app.state
-    entry = state.registry.get(body.model, "image")
+    principal, ticket = request.state.principal, request.state.ticket
+    entry = state.registry.get(body.model, "image", principal)
     request.state.model = entry.cfg.id   # `model` may be omitted
     sizes = entry.cfg.engine.sizes
     ireq = body.to_image_request(sizes[0], sizes)
@@ -32,18 +33,22 @@ async def generate_images(request: Request):
     if body.response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in result.pngs]
     else:
-        stored = await state.image_store.put.remote(result.pngs)
+        stored = await state.image_store.put.remote(result.pngs, principal.subject)
         base = state.public_url or str(request.base_url).rstrip("/")
-        data = [{"url": f"{base}{FILES_PATH}/{token}.png"} for token, _ in stored]
+        data = [{"url": f"{base}{FILES_PATH}/{token}.png?{await state.url_signer.query(token, expires)}"}
+                for token, expires in stored]
+    ticket.settle(entry.cfg.id, images=len(result.pngs))
     return json_response({"created": now(), "data": data, "size": format_size(ireq.width, ireq.height),
                           "output_format": "png"}, request)
 
 
 @files_router.get(FILES_PATH + "/{name}")
-async def image_file(name: str, request: Request):
+async def image_file(name: str, request: Request, expires: str = "", signature: str = ""):
     token = name.removesuffix(".png")
-    store = request.app.state.image_store
-    png = None if store is None else await store.get.remote(token)
+    state = request.app.state
+    png = None
+    if state.image_store is not None and await state.url_signer.verify(token, expires, signature):
+        png = await state.image_store.get.remote(token)
     if png is None:
         raise NotFoundError("This image does not exist or its URL has expired.")
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

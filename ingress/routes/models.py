@@ -11,9 +11,9 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return json_response(model_list_json(await request.app.state.registry.cards()), request)
+    return json_response(model_list_json(await request.app.state.registry.cards(request.state.principal)), request)
 
 
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request):
-    return json_response(model_json(await request.app.state.registry.card(model_id)), request)
+    return json_response(model_json(await request.app.state.registry.card(model_id, request.state.principal)), request)

@@ -16,10 +16,12 @@ router = APIRouter()
 async def rerank(request: Request):
     body = await parse_body(request, RerankRequest)
     state = request.app.state
-    entry = state.registry.get(body.model, SCORING_KINDS)
+    entry = state.registry.get(body.model, SCORING_KINDS, request.state.principal)
     request.state.model = entry.cfg.id
     state.log_prompt(request, body.query)
+    await request.state.ticket.reserve(body)
     result = await bounded(request, score_pairs(entry, body.pairs()))
+    request.state.ticket.settle(entry.cfg.id, embedding_tokens=result.prompt_tokens)
     return json_response(rerank_json(new_id("rerank"), entry.cfg.id, body, result.scores, result.prompt_tokens),
                          request)
 
@@ -29,10 +31,12 @@ async def rerank(request: Request):
 async def score(request: Request):
     body = await parse_body(request, ScoreTextsRequest)
     state = request.app.state
-    entry = state.registry.get(body.model, SCORING_KINDS)
+    entry = state.registry.get(body.model, SCORING_KINDS, request.state.principal)
     request.state.model = entry.cfg.id
     pairs = body.pairs()
     state.log_prompt(request, pairs)
+    await request.state.ticket.reserve(body)
     result = await bounded(request, score_pairs(entry, pairs))
+    request.state.ticket.settle(entry.cfg.id, embedding_tokens=result.prompt_tokens)
     return json_response(score_json(new_id("score"), now(), entry.cfg.id, result.scores, result.prompt_tokens),
                          request)

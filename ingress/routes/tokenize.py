@@ -14,7 +14,7 @@ async def tokenize(request: Request):
     body = await parse_body(request, TokenizeBody)
     body.check()
     state = request.app.state
-    entry = state.registry.get(body.model, "chat")
+    entry = state.registry.get(body.model, "chat", request.state.principal)
     request.state.model = entry.cfg.id
     state.log_prompt(request, getattr(body, "messages", None) or getattr(body, "prompt", None))
     result = await bounded(request, entry.client.tokenize(body.to_tokenize_request()))
@@ -24,6 +24,6 @@ async def tokenize(request: Request):
 @router.post("/detokenize")
 async def detokenize(request: Request):
     body = await parse_body(request, DetokenizeRequest)
-    entry = request.app.state.registry.get(body.model, "chat")
+    entry = request.app.state.registry.get(body.model, "chat", request.state.principal)
     request.state.model = entry.cfg.id
     return json_response({"prompt": await bounded(request, entry.client.detokenize(body.tokens))}, request)

@@ -148,13 +148,14 @@ class _Remote:
 
 
 class FakeImageStore:
-    """Mimics the ImageStore handle (`.put.remote`, `.get.remote`) over a real ImageStore."""
+    """Mimics the ImageStore handle (`.put.remote`, `.get.remote`, ...) over a real ImageStore."""
 
-    def __init__(self, ttl_s: int = 3600):
+    def __init__(self, ttl_s: int = 3600, **kw):
         from deployments.images.store import ImageStore
-        self.store = ImageStore(ttl_s)
+        self.store = ImageStore(ttl_s, **kw)
         self.put = _Remote(self.store.put)
         self.get = _Remote(self.store.get)
+        self.url_secret = _Remote(self.store.url_secret)
 
 
 

@@ -15,7 +15,7 @@ from openai.types import CreateEmbeddingResponse, ImagesResponse, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.completion import Completion
 
-from deployments.config import parse_app_config
+from deployments.config import AuthConfig, parse_app_config
 from deployments.errors import ContextLengthExceededError
 from ingress.api import create_api
 from ingress.backends import ModelEntry, ModelRegistry
@@ -24,7 +24,7 @@ from tests.unit.fakes import FakeChatClient, FakeEmbedClient, FakeImageClient, F
 CHAT, EMB, IMG = "fake-chat", "fake-embed", "fake-image"
 
 
-def make_app(chat_client=None, api_keys_env=None, store=None, **kw):
+def make_app(chat_client=None, auth=None, store=None, **kw):
     cfg = parse_app_config({"models": [
         {"id": CHAT, "kind": "chat", "source": "x"},
         {"id": EMB, "kind": "embedding", "source": "x"},
@@ -32,7 +32,7 @@ def make_app(chat_client=None, api_keys_env=None, store=None, **kw):
     ]})
     clients = {CHAT: chat_client or FakeChatClient(), EMB: FakeEmbedClient(), IMG: FakeImageClient()}
     registry = ModelRegistry({m.id: ModelEntry(m, clients[m.id]) for m in cfg.models})
-    return create_api(registry, image_store=store or FakeImageStore(), api_keys_env=api_keys_env, **kw)
+    return create_api(registry, image_store=store or FakeImageStore(), auth=auth, **kw)
 
 
 def client_for(app, api_key="test") -> openai.AsyncOpenAI:
@@ -205,8 +205,8 @@ def test_images_b64_and_url_roundtrip_and_expiry():
             path = url.data[0].url.removeprefix("http://test")
             ok = await h.get(path)
             for token in list(store.store._items):   # expire everything
-                exp, data = store.store._items[token]
-                store.store._items[token] = (0.0, data)
+                exp, data, subject = store.store._items[token]
+                store.store._items[token] = (0.0, data, subject)
             gone = await h.get(path)
         return b64, url, ok, gone
     b64, url, ok, gone = run(go())
@@ -330,7 +330,7 @@ def test_unexpected_error_is_500_with_request_id_and_no_internals():
 
 def test_api_keys_checked_in_one_place(monkeypatch):
     monkeypatch.setenv("TEST_MODELHUB_KEYS", "k1,k2")
-    app = make_app(api_keys_env="TEST_MODELHUB_KEYS")
+    app = make_app(auth=AuthConfig(api_keys_env="TEST_MODELHUB_KEYS"))
     async def go():
         ok = await client_for(app, api_key="k2").models.list()
         with pytest.raises(openai.AuthenticationError):
@@ -394,8 +394,9 @@ def test_image_response_and_size_errors_write_sizes_w_star_h():
 
 def test_version_and_utility_endpoints_sit_behind_the_same_auth(monkeypatch):
     from ingress.routes.version import server_version
+    from deployments.config import AuthConfig
     monkeypatch.setenv("TEST_MODELHUB_KEYS", "k1")
-    app = make_app(api_keys_env="TEST_MODELHUB_KEYS")
+    app = make_app(auth=AuthConfig(api_keys_env="TEST_MODELHUB_KEYS"))
     async def go():
         async with raw_client(app) as h:
             denied = [await h.post(p, json={}) for p in ("/tokenize", "/detokenize", "/v1/rerank", "/v1/score")]

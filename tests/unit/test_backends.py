@@ -6,6 +6,7 @@ import asyncio
 
 from deployments.config import parse_app_config
 from deployments.types import ModelCard
+from ingress.auth import ANONYMOUS
 from ingress.backends import ModelEntry, ModelRegistry
 
 
@@ -41,7 +42,7 @@ def _registry(scale_to_zero: bool, running: int, hang: bool = False):
 
 def test_a_model_at_zero_is_listed_from_its_config_without_being_called():
     registry, clients, asked = _registry(scale_to_zero=True, running=0)
-    cards = {c.id: c for c in asyncio.run(registry.cards())}
+    cards = {c.id: c for c in asyncio.run(registry.cards(ANONYMOUS))}
     assert list(cards) == ["chat", "emb", "img"]
     assert clients["chat"].calls == 0 and asked   # Serve was asked, the model was not
     assert cards["chat"].capabilities[0] == "chat.completions" and cards["chat"].context_length is None
@@ -53,7 +54,7 @@ def test_details_are_asked_once_of_a_running_model_and_cached():
     registry, clients, _ = _registry(scale_to_zero=True, running=1)
 
     async def twice():
-        return await registry.cards(), await registry.card("chat")
+        return await registry.cards(ANONYMOUS), await registry.card("chat", ANONYMOUS)
     cards, chat = asyncio.run(twice())
     assert chat.context_length == 2048 and chat.created == registry.created
     assert clients["chat"].calls == 1 and clients["emb"].calls == 1
@@ -63,7 +64,7 @@ def test_a_model_slow_to_answer_is_listed_from_its_config_and_asked_again_later(
     registry, clients, _ = _registry(scale_to_zero=False, running=1, hang=True)
 
     async def twice():
-        return await registry.cards(), await registry.cards()
+        return await registry.cards(ANONYMOUS), await registry.cards(ANONYMOUS)
     first, _ = asyncio.run(twice())
     assert [c.id for c in first] == ["chat", "emb", "img"] and first[0].context_length is None
     assert clients["chat"].calls == 2
@@ -71,5 +72,5 @@ def test_a_model_slow_to_answer_is_listed_from_its_config_and_asked_again_later(
 
 def test_a_model_still_loading_is_listed_from_its_config_without_waiting_for_it():
     registry, clients, asked = _registry(scale_to_zero=False, running=0, hang=True)
-    cards = asyncio.run(registry.cards())
+    cards = asyncio.run(registry.cards(ANONYMOUS))
     assert cards[0].id == "chat" and clients["chat"].calls == 0 and asked

@@ -45,7 +45,7 @@ def test_production_config_has_the_seed_models_all_autoscaled():
     assert models["intfloat/e5-large-v2"].kind == "embedding"
     assert models["stabilityai/stable-diffusion-xl-base-1.0"].engine.sizes == ["1024*1024", "1792*1024", "1024*1792"]
     assert all(m.deployment.autoscaling_config is not None for m in cfg.models)
-    assert cfg.ingress.api_keys_env   # a public port needs keys
+    assert cfg.ingress.auth.api_keys_env   # a public port needs keys
 
 
 def test_rayservice_carries_the_production_serve_config():

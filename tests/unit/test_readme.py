@@ -20,4 +20,4 @@ def test_gpu_cluster_config_example_is_valid():
     block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
     cfg = parse_app_config(yaml.safe_load(block)["args"])
     assert {m.kind for m in cfg.models} == {"chat", "embedding", "image"}
-    assert cfg.ingress.api_keys_env == "MODELHUB_API_KEYS"
+    assert cfg.ingress.auth.api_keys_env == "MODELHUB_API_KEYS"
