@@ -8,8 +8,6 @@ from pydantic import BaseModel
 from tests.integration.conftest import CHAT, EMB
 
 PARIS = "What is the capital of France? Answer in one word."
-NEEDS_16 = pytest.mark.xfail(strict=False, reason="needs #16 constrained tool calls: SmolLM2's forced call "
-                                                  "arguments are not always valid JSON for the schema today")
 
 
 class City(BaseModel):
@@ -49,7 +47,6 @@ def test_langchain_bind_tools_sends_tools_and_reads_back_the_reply(chat_model):
         assert call["name"] == "get_weather" and isinstance(call["args"], dict)
 
 
-@NEEDS_16
 def test_langchain_bind_tools_forced(chat_model):
     reply = chat_model.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Paris?")
     assert reply.tool_calls[0]["name"] == "get_weather" and "city" in reply.tool_calls[0]["args"]
@@ -60,7 +57,6 @@ def test_langchain_structured_output_json_schema(chat_model):
     assert isinstance(city, City) and city.name
 
 
-@NEEDS_16
 def test_langchain_structured_output_function_calling(chat_model):
     city = chat_model.with_structured_output(City, method="function_calling").invoke("Paris is a city in France.")
     assert isinstance(city, City) and city.name
@@ -89,7 +85,6 @@ def test_instructor_json_schema(openai_client):
     assert isinstance(city, City) and city.name
 
 
-@NEEDS_16
 def test_instructor_tools(openai_client):
     import instructor
     client = instructor.from_openai(openai_client, mode=instructor.Mode.TOOLS)
