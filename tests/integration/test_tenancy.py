@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from tests.integration.conftest import EMB, IMG, METRICS_PORT
+from tests.integration.conftest import EMB, IMG, METRICS_PORT, deploy
 
 KEY_A, KEY_B, KEY_C = "tenant-a-key", "tenant-b-key", "tenant-c-key"
 RPM = 20
@@ -28,7 +28,7 @@ def tenancy_url(hub):
     from ray import serve
 
     from ingress.app import build_app
-    tiny = {"ray_actor_options": {"num_cpus": 0.005}}   # beside the default app in the 2-CPU test cluster
+    tiny = {"ray_actor_options": {"num_cpus": 0.005}}
     args = {
         "models": [
             {"id": EMB, "kind": "embedding", "source": SOURCES[EMB], "engine": {"num_threads": 1}, "deployment": tiny},
@@ -44,7 +44,7 @@ def tenancy_url(hub):
             ]},
         },
     }
-    serve.run(build_app(args), name="tenancy", route_prefix="/tenancy")
+    deploy(build_app(args), "tenancy", "/tenancy")
     yield hub.proxy_url.replace("/v1", "/tenancy/v1")
     serve.delete("tenancy")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import CHAT
+from tests.integration.conftest import CHAT, deploy
 
 pytestmark = pytest.mark.parametrize("server_url", ["proxy"], indirect=True)
 
@@ -23,9 +23,8 @@ def handles(server_url):
         "id": "smollm2-tp3", "kind": "chat", "source": SOURCE,
         "engine": {"tensor_parallel_size": 3, "num_threads": 1, "max_num_seqs": 8,
                    "default_temperature": 0.2, "default_top_p": 0.9},
-        # three bundles of 0.02 CPU fit beside the default app in the 2-CPU test cluster
         "deployment": {"ray_actor_options": {"num_cpus": 0.02}}}]})
-    serve.run(model_deployment(cfg.models[0]), name="tp", route_prefix=None)
+    deploy(model_deployment(cfg.models[0]), "tp", None)
     yield (serve.get_deployment_handle(deployment_name("smollm2-tp3", "chat"), app_name="tp"),
            serve.get_deployment_handle(deployment_name(CHAT, "chat"), app_name="modelhub"))
     serve.delete("tp")
