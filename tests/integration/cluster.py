@@ -56,6 +56,8 @@ class LocalCluster:
         # ~/.ray/auth_token exists, and a worker started without the token could not join).
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
         self.env.pop("RAY_ADDRESS", None)
+        for key in [k for k in self.env if k.startswith("RAY_SERVE_")]:
+            del self.env[key]   # e.g. the direct-ingress ports the suite's own Ray session set in os.environ
 
     @property
     def address(self) -> str:

@@ -30,9 +30,12 @@ FAST = {"metrics_interval_s": 0.5, "look_back_period_s": 2.0, "upscale_delay_s":
 
 def app_args() -> dict:
     """The default app, each model pinned to a node by its custom resource: the chat model on the
-    worker (autoscaled 1..2), embeddings and images on the head and both scaled to zero when idle."""
+    worker (autoscaled 1..2), embeddings and images on the head and both scaled to zero when idle, the
+    reranker on the head with one replica."""
     args = default_app_args()
-    chat, emb, img = args["models"]
+    chat, emb, img, rerank = (next(m for m in args["models"] if m["kind"] == k)
+                              for k in ("chat", "embedding", "image", "rerank"))
+    rerank["deployment"] = {"ray_actor_options": {"num_cpus": 0.1, "resources": {"head": 1}}}
     chat["engine"].update(num_threads=1, max_num_seqs=4)
     chat["deployment"] = {"ray_actor_options": {"num_cpus": 0.5, "resources": {"worker": 1}},
                           "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
