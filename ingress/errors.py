@@ -65,7 +65,7 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def error_response(err: ModelHubError, request_id: str) -> JSONResponse:
+def error_response(err: ModelHubError) -> JSONResponse:
     return JSONResponse({"error": err.to_dict()}, status_code=err.status_code, headers=err.headers)
 
 
@@ -147,18 +147,18 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ModelHubError)
     async def _typed(request: Request, exc: ModelHubError):
         rid = request_id_of(request)
-        return error_response(to_modelhub_error(exc, rid), rid)
+        return error_response(to_modelhub_error(exc, rid))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return error_response(validation_error(list(exc.errors())), request_id_of(request))
+        return error_response(validation_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         err = ModelHubError(str(exc.detail))
         err.status_code = exc.status_code
         err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(err, request_id_of(request))
+        return error_response(err)
 
 
 def request_id_of(request: Request) -> str:

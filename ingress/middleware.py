@@ -54,14 +54,14 @@ class RequestContextMiddleware:
 
         try:
             if self._declares_too_much(scope):
-                await error_response(self._too_large(), rid)(scope, receive, tracking_send)
+                await error_response(self._too_large())(scope, receive, tracking_send)
             else:
                 await self.app(scope, self._counting(receive), tracking_send)
         except Exception as exc:
             if status:
                 logger.error("request %s failed after its response started", rid, exc_info=exc)
             else:
-                await error_response(to_modelhub_error(exc, rid), rid)(scope, receive, tracking_send)
+                await error_response(to_modelhub_error(exc, rid))(scope, receive, tracking_send)
         finally:
             _log_access(scope, state, status or 500, time.perf_counter() - began, given)
 

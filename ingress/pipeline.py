@@ -13,7 +13,7 @@ import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Type, TypeVar
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from deployments.errors import InvalidRequestError, RequestTimeoutError
@@ -62,10 +62,6 @@ def now() -> int:
     return int(time.time())
 
 
-def json_response(body: Any, request: Request) -> JSONResponse:
-    return JSONResponse(body)
-
-
 async def sse_response(request: Request, chunks: AsyncIterator[Any], render: Callable[[Any], str],
                        finish: Callable[[], str]) -> StreamingResponse:
     """`render(chunk)` returns SSE text for one chunk; `finish()` the text before `data: [DONE]`.
@@ -112,8 +108,10 @@ class _StreamClock:
         left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
         wait = min((t for t in (self.idle, left) if t is not None), default=None)
         try:
-            return await asyncio.wait_for(it.__anext__(), wait)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps each chunk's await in a task
+            async with asyncio.timeout(wait):
+                return await it.__anext__()
+        except TimeoutError:
             if left is not None and wait == left:
                 raise RequestTimeoutError("The stream ran past this server's time limit for a request.") from None
             raise RequestTimeoutError(f"The stream produced nothing for {self.idle:g} s.") from None

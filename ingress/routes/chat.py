@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from deployments.types import GenerateChunk
-from ingress.pipeline import bounded, json_response, new_id, now, parse_body, sse_response
+from ingress.pipeline import bounded, new_id, now, parse_body, sse_response
 from ingress.protocol.chat import ChatCompletionRequest, choice_json, delta_events, dumps, usage_json
 
 router = APIRouter()
@@ -28,9 +29,9 @@ async def chat_completions(request: Request):
         result = await bounded(request, entry.client.generate(greq))
         request.state.usage = result.usage
         ticket.settle_usage(entry.cfg.id, result.usage)
-        return json_response({**head, "object": "chat.completion",
-                              "choices": [choice_json(c, body.single_tool_call) for c in result.choices],
-                              "usage": usage_json(result.usage)}, request)
+        return JSONResponse({**head, "object": "chat.completion",
+                             "choices": [choice_json(c, body.single_tool_call) for c in result.choices],
+                             "usage": usage_json(result.usage)})
     stream = ChatStream(head, body, request.state)
 
     def finish() -> str:

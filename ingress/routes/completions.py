@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from deployments.types import ChoiceDelta, GenerateChunk
-from ingress.pipeline import bounded, json_response, new_id, now, parse_body, sse_response
+from ingress.pipeline import bounded, new_id, now, parse_body, sse_response
 from ingress.protocol.chat import dumps, usage_json
 from ingress.protocol.completions import CompletionRequest, LogprobsAccumulator
 
@@ -32,7 +33,7 @@ async def completions(request: Request):
         choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
                     "logprobs": LogprobsAccumulator().render(c.logprobs) if c.logprobs is not None else None}
                    for c in result.choices]
-        return json_response({**head, "choices": choices, "usage": usage_json(result.usage)}, request)
+        return JSONResponse({**head, "choices": choices, "usage": usage_json(result.usage)})
     stream = CompletionStream(head, body, request.state)
 
     def finish() -> str:

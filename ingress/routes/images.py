@@ -4,12 +4,12 @@ from __future__ import annotations
 import base64
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from deployments.config import format_size
 from deployments.errors import NotFoundError
 from deployments.images.server import check_image_request
-from ingress.pipeline import bounded, json_response, now, parse_body
+from ingress.pipeline import bounded, now, parse_body
 from ingress.protocol.images import ImageGenerationRequest
 
 router = APIRouter()
@@ -38,8 +38,8 @@ async def generate_images(request: Request):
         data = [{"url": f"{base}{FILES_PATH}/{token}.png?{await state.url_signer.query(token, expires)}"}
                 for token, expires in stored]
     ticket.settle(entry.cfg.id, images=len(result.pngs))
-    return json_response({"created": now(), "data": data, "size": format_size(ireq.width, ireq.height),
-                          "output_format": "png"}, request)
+    return JSONResponse({"created": now(), "data": data, "size": format_size(ireq.width, ireq.height),
+                         "output_format": "png"})
 
 
 @files_router.get(FILES_PATH + "/{name}")

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
-from ingress.pipeline import json_response
 from ingress.protocol.models import model_json, model_list_json
 
 router = APIRouter()
@@ -11,9 +11,9 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return json_response(model_list_json(await request.app.state.registry.cards(request.state.principal)), request)
+    return JSONResponse(model_list_json(await request.app.state.registry.cards(request.state.principal)))
 
 
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request):
-    return json_response(model_json(await request.app.state.registry.card(model_id, request.state.principal)), request)
+    return JSONResponse(model_json(await request.app.state.registry.card(model_id, request.state.principal)))

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
-from ingress.pipeline import bounded, json_response, new_id, now, parse_body
+from ingress.pipeline import bounded, new_id, now, parse_body
 from ingress.protocol.rerank import RerankRequest, ScoreTextsRequest, rerank_json, score_json
 from ingress.scoring import SCORING_KINDS, score_pairs
 
@@ -22,8 +23,7 @@ async def rerank(request: Request):
     await request.state.ticket.reserve(body)
     result = await bounded(request, score_pairs(entry, body.pairs()))
     request.state.ticket.settle(entry.cfg.id, embedding_tokens=result.prompt_tokens)
-    return json_response(rerank_json(new_id("rerank"), entry.cfg.id, body, result.scores, result.prompt_tokens),
-                         request)
+    return JSONResponse(rerank_json(new_id("rerank"), entry.cfg.id, body, result.scores, result.prompt_tokens))
 
 
 @router.post("/v1/score")
@@ -38,5 +38,4 @@ async def score(request: Request):
     await request.state.ticket.reserve(body)
     result = await bounded(request, score_pairs(entry, pairs))
     request.state.ticket.settle(entry.cfg.id, embedding_tokens=result.prompt_tokens)
-    return json_response(score_json(new_id("score"), now(), entry.cfg.id, result.scores, result.prompt_tokens),
-                         request)
+    return JSONResponse(score_json(new_id("score"), now(), entry.cfg.id, result.scores, result.prompt_tokens))

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
-from ingress.pipeline import bounded, json_response, parse_body
+from ingress.pipeline import bounded, parse_body
 from ingress.protocol.tokenize import DetokenizeRequest, TokenizeBody, tokenize_json
 
 router = APIRouter()
@@ -18,7 +19,7 @@ async def tokenize(request: Request):
     request.state.model = entry.cfg.id
     state.log_prompt(request, getattr(body, "messages", None) or getattr(body, "prompt", None))
     result = await bounded(request, entry.client.tokenize(body.to_tokenize_request()))
-    return json_response(tokenize_json(result), request)
+    return JSONResponse(tokenize_json(result))
 
 
 @router.post("/detokenize")
@@ -26,4 +27,4 @@ async def detokenize(request: Request):
     body = await parse_body(request, DetokenizeRequest)
     entry = request.app.state.registry.get(body.model, "chat", request.state.principal)
     request.state.model = entry.cfg.id
-    return json_response({"prompt": await bounded(request, entry.client.detokenize(body.tokens))}, request)
+    return JSONResponse({"prompt": await bounded(request, entry.client.detokenize(body.tokens))})

@@ -4,8 +4,7 @@ from __future__ import annotations
 from importlib import metadata
 
 from fastapi import APIRouter, Request
-
-from ingress.pipeline import json_response
+from fastapi.responses import JSONResponse
 
 router = APIRouter()
 
@@ -19,4 +18,4 @@ def server_version() -> str:
 
 @router.get("/version")
 async def version(request: Request):
-    return json_response({"version": server_version()}, request)
+    return JSONResponse({"version": server_version()})
