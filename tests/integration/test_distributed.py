@@ -91,7 +91,7 @@ def test_an_idle_model_stays_at_zero_while_listed_and_its_first_request_waits_fo
     assert cluster.replicas(APP, IMG_DEP, state=None) == [] and cluster.replicas(APP, EMB_DEP, state=None) == []
     models = httpx.get(f"{cluster.url}/v1/models", timeout=60).json()["data"]
     listed = {m["id"]: m for m in models}
-    assert listed[IMG]["image_sizes"] == ["64x64", "128x128", "256x256"] and "embedding_dimensions" not in listed[EMB]
+    assert listed[IMG]["image_sizes"] == ["64*64", "128*128", "256*256"] and "embedding_dimensions" not in listed[EMB]
     ready = httpx.get(f"{cluster.url}/ready", timeout=60)
     assert ready.status_code == 200, ready.text
     assert ready.json()["models"][IMG] == {"healthy": True, "status": "HEALTHY", "running_replicas": 0}
