@@ -97,7 +97,8 @@ def engine_run(model, concurrency: int, prompt_len: int, tokens: int, seconds: f
                budget: int, profile: bool = False) -> dict:
     """Warms up until `concurrency` requests have finished (or 3x seconds), then measures `seconds`.
     TTFT counts only requests added inside the measured window."""
-    from deployments.llm.engine import EngineRequest, LLMEngine
+    from deployments.llm.engine import LLMEngine
+    from deployments.llm.request import EngineRequest
     from deployments.types import SamplingParams
     engine = LLMEngine(model, NumberTokenizer(model.config.vocab_size), max_model_len=prompt_len + tokens + 8,
                        max_num_seqs=max(concurrency, 1), max_num_batched_tokens=1 << 20, mixed_steps=mixed,

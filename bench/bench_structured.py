@@ -24,7 +24,7 @@ from deployments.llm import sampler as sampler_module  # noqa: E402
 from deployments.llm import engine as engine_module  # noqa: E402
 from deployments.llm import structured  # noqa: E402
 from deployments.llm.chat_template import render_chat  # noqa: E402
-from deployments.llm.engine import EngineRequest  # noqa: E402
+from deployments.llm.request import EngineRequest  # noqa: E402
 from deployments.llm.factory import build_engine  # noqa: E402
 from deployments.llm.tool_calls import FORMATS  # noqa: E402
 from deployments.types import SamplingParams, ToolSpec  # noqa: E402

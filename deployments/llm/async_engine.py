@@ -21,7 +21,8 @@ from typing import Any, AsyncIterator, Optional
 import torch
 
 from deployments.errors import EngineUnavailableError, InvalidRequestError, OverloadedError
-from deployments.llm.engine import EngineRequest, LLMEngine
+from deployments.llm.engine import LLMEngine
+from deployments.llm.request import EngineRequest
 from deployments.types import ChoiceDelta, GenerateChunk
 
 logger = logging.getLogger(__name__)

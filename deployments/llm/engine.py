@@ -13,50 +13,27 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch
 from transformers import DynamicCache
 
 from deployments.llm.batch import RunningBatch
-from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher, TokenText
-from deployments.llm.mixed import install as install_mixed
-from deployments.llm.mixed import prompt_cache, run_mixed, supports_late_admission, supports_mixed_steps
-from deployments.llm.sampler import Sampler, compute_logprobs, make_generator
+from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher
+from deployments.llm.kv_cache import prompt_cache, zero_padding
+from deployments.llm.model_runner import install as install_mixed
+from deployments.llm.model_runner import run_mixed, supports_late_admission, supports_mixed_steps
+from deployments.llm.outputs import OutputProcessor
+from deployments.llm.prepacked import batch_invariant_rows
+from deployments.llm.request import EngineRequest
+from deployments.llm.sampler import Sampler, make_generator
 from deployments.llm.scheduler import PromptGroup, Scheduler
 from deployments.llm.sequence import Sequence, Status
 from deployments.llm.structured import new_matcher
-from deployments.prepacked import batch_invariant_rows
-from deployments.types import ChoiceDelta, GenerateChunk, SamplingParams, TokenLogprob, Usage
+from deployments.types import GenerateChunk, TokenLogprob
 
 logger = logging.getLogger(__name__)
 PROMPT_LOGPROBS_CHUNK = 256   # prompt positions whose logits (x vocabulary) exist at once, for echo + logprobs
-
-
-@dataclass(eq=False)
-class EngineRequest:
-    """A tokenized request: prompts (token ids), each generating params.n choices."""
-
-    request_id: str                       # the engine's key; AsyncLLMEngine sets its own, unique per engine
-    prompts: list[list[int]]
-    params: SamplingParams
-    max_tokens: list[int]                 # per prompt, already clamped to the context window
-    seqs: list[Sequence] = field(default_factory=list)
-    echo_sent: set = field(default_factory=set)
-    grammar: Any = None                      # compiled grammar: response_format or forced tool calls (structured.py)
-    grammar_spec: Optional[dict] = None      # what `grammar` was compiled from (other TP ranks compile it too)
-    error: Optional[Exception] = None        # set when this request failed alone (LLMEngine._append)
-    arrival: float = field(default_factory=time.monotonic)
-    scheduled_at: Optional[float] = None     # admitted into the running batch (monotonic)
-    first_token_at: Optional[float] = None   # set by the metrics, when recorded
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
-
-    def usage(self) -> Usage:
-        return Usage(sum(len(p) for p in self.prompts), sum(len(s.output_ids) for s in self.seqs))
 
 
 class LLMEngine:
@@ -71,8 +48,8 @@ class LLMEngine:
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, max_prefill_tokens)
         self.batch = RunningBatch(self.device)
         self.sampler = Sampler(len(tokenizer), self.device)
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self.token_text = TokenText(tokenizer)
+        self.outputs = OutputProcessor(model, tokenizer, max_model_len)
+        self.eos_ids = self.outputs.eos_ids
         self.requests: dict[str, EngineRequest] = {}
         self.mixed_steps = mixed_steps and supports_mixed_steps(model)
         self.batch_invariant = batch_invariant and self.mixed_steps
@@ -191,7 +168,7 @@ class LLMEngine:
             mask[row, width - len(g.prompt_ids):] = 1
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_(min=0),
                          past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
-        _zero_padding(out.past_key_values, mask)
+        zero_padding(out.past_key_values, mask)
         self._start_and_join(groups, out.logits[:, -1], out.past_key_values, mask)
 
     def _resume(self, group: PromptGroup) -> None:
@@ -220,13 +197,13 @@ class LLMEngine:
         ids = torch.tensor([group.prompt_ids], device=self.device)
         cache = DynamicCache(config=self.model.config)
         length, k = ids.shape[1], group.seqs[0].params.logprobs or 0
-        entries: list[Optional[TokenLogprob]] = [self._logprob(group.prompt_ids[0], None, [])]
+        entries: list[Optional[TokenLogprob]] = [self.outputs.logprob(group.prompt_ids[0], None, [])]
         for start in range(0, length, PROMPT_LOGPROBS_CHUNK):
             end = min(start + PROMPT_LOGPROBS_CHUNK, length)
             logits = self.model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=0,
                                 position_ids=torch.arange(start, end, device=self.device)[None]).logits[0]
             targets = ids[0, start + 1:end + 1]   # each position predicts the next prompt token
-            entries += self._prompt_logprobs(group.prompt_ids[start + 1:end + 1], logits[:len(targets)], targets, k)
+            entries += self.outputs.prompt_logprobs(group.prompt_ids[start + 1:end + 1], logits[:len(targets)], targets, k)
             last = logits[-1:]
         for s in group.seqs:
             s.prompt_logprobs = entries
@@ -254,7 +231,7 @@ class LLMEngine:
                                 self.batch.seqs + seqs)
         self.batch.remove_finished()
         if groups:
-            cache, mask = prompt_cache(step, [len(g.prompt_ids) for g in groups])
+            cache, mask = prompt_cache(step.new_kv, [len(g.prompt_ids) for g in groups])
             self._join(seqs, rows, cache, mask)
         return groups
 
@@ -291,7 +268,7 @@ class LLMEngine:
             tokens = self.lockstep.tokens(tokens)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if want:
-            self._token_logprobs(logits, tokens, seqs, want)
+            self.outputs.token_logprobs(logits, tokens, seqs, want)
         for s, t in zip(seqs, tokens.tolist()):
             self._append(s, t)
 
@@ -299,9 +276,9 @@ class LLMEngine:
         """Takes a sampled token. A failure here (detokenizing, stop strings, the grammar) concerns
         this request only: it ends with the error and the batch goes on."""
         if self.lockstep is not None:   # under TP every rank must take the same path: a failure stops all
-            return self._take(seq, token)
+            return self.outputs.take(seq, token)
         try:
-            self._take(seq, token)
+            self.outputs.take(seq, token)
         except Exception as exc:
             logger.exception("processing a sampled token failed; failing its request only")
             self._fail(seq.owner, exc)
@@ -314,73 +291,11 @@ class LLMEngine:
             if not s.finished:
                 s.finish("error")
 
-    def _take(self, seq: Sequence, token: int) -> None:
-        seq.output_ids.append(token)
-        if seq.matcher is not None:
-            seq.matcher.accept_token(token)
-        if token in self.eos_ids or (seq.matcher is not None and seq.matcher.is_terminated()):
-            seq.finish("stop")
-        elif seq.stop.append(seq.detok.push(token)):
-            seq.finish("stop")
-        elif len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish("length")
-
-    # ------------------------------------------------------------------ logprobs
-
-    def _token_logprobs(self, logits, tokens, seqs, rows) -> None:
-        idx = torch.tensor(rows, device=logits.device)
-        k = max(seqs[r].params.logprobs for r in rows)
-        chosen, top = compute_logprobs(logits.index_select(0, idx), tokens.index_select(0, idx), k)
-        for j, r in enumerate(rows):
-            seq = seqs[r]
-            alts = [] if top is None else list(zip(top.indices[j].tolist(), top.values[j].tolist()))
-            seq.pending_logprobs.append(self._logprob(int(tokens[r]), float(chosen[j]),
-                                                      alts[: seq.params.logprobs]))
-
-    def _prompt_logprobs(self, tokens: list[int], logits: torch.Tensor, targets: torch.Tensor,
-                         k: int) -> list[TokenLogprob]:
-        if not tokens:
-            return []
-        chosen, top = compute_logprobs(logits, targets, k)
-        out = []
-        for j, token in enumerate(tokens):
-            alts = [] if top is None else list(zip(top.indices[j].tolist(), top.values[j].tolist()))
-            out.append(self._logprob(token, float(chosen[j]), alts))
-        return out
-
-    def _logprob(self, token: int, logprob: Optional[float], alts: list[tuple[int, float]]) -> TokenLogprob:
-        text, raw = self.token_text(token)
-        top = [(*self.token_text(t), lp) for t, lp in alts]
-        return TokenLogprob(text, logprob, raw, [(t, lp, b) for t, b, lp in top])
-
-    # ------------------------------------------------------------------ outputs
-
     def _chunk(self, req: EngineRequest) -> Union[GenerateChunk, Exception]:
-        if req.error is not None:
+        chunk = self.outputs.chunk(req)
+        if req.error is not None or req.finished:
             self.requests.pop(req.request_id, None)
-            return req.error
-        deltas = []
-        for s in req.seqs:
-            delta = self._delta(req, s)
-            if delta is not None:
-                deltas.append(delta)
-        done = req.finished
-        if done:
-            self.requests.pop(req.request_id, None)
-        return GenerateChunk(deltas, req.usage() if done else None)
-
-    def _delta(self, req: EngineRequest, s: Sequence) -> Optional[ChoiceDelta]:
-        text = s.stop.take_ready(final=s.finished)
-        logprobs, s.pending_logprobs = s.pending_logprobs, []
-        if s.params.echo and s.choice_index not in req.echo_sent and s.status is not Status.WAITING:
-            req.echo_sent.add(s.choice_index)
-            text = self.tokenizer.decode(s.prompt_ids, skip_special_tokens=True) + text
-            logprobs = (s.prompt_logprobs or []) + logprobs
-        if not text and not logprobs and (not s.finished or s.finish_reported):
-            return None   # a finished choice reports its finish once, not at every step of its siblings
-        s.finish_reported = s.finished
-        reason = s.finish_reason if s.finished and s.finish_reason != "abort" else None
-        return ChoiceDelta(s.choice_index, text, logprobs if s.params.logprobs is not None else None, reason)
+        return chunk
 
     # ------------------------------------------------------------------ construction
 
@@ -428,23 +343,3 @@ def _similar_lengths(groups: list[PromptGroup], max_waste: float = 0.25) -> list
                 continue
         chunks.append([g])
     return chunks
-
-
-def _zero_padding(cache: DynamicCache, mask: torch.Tensor) -> None:
-    """Padding positions never hold non-finite values, so masked attention weights (0) stay 0."""
-    if bool(mask.all()):
-        return
-    pad = (mask == 0)[:, None, :, None]
-    for layer in cache.layers:
-        layer.keys.masked_fill_(pad, 0.0)
-        layer.values.masked_fill_(pad, 0.0)
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(source, "eos_token_id", None) if source is not None else None
-        ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids

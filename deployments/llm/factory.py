@@ -9,8 +9,8 @@ from deployments.config import ChatModelConfig, LLMEngineConfig
 from deployments.llm.async_engine import AsyncLLMEngine
 from deployments.llm.engine import LLMEngine
 from deployments.llm.loader import load_causal_lm, model_config, prepared_source
-from deployments.llm.mixed import supports_mixed_steps
-from deployments.prepacked import PackedLinear
+from deployments.llm.model_runner import supports_mixed_steps
+from deployments.llm.prepacked import PackedLinear
 from deployments.threads import on_passing_thread
 from deployments.torch_utils import pick_device, pick_dtype, set_threads
 

@@ -111,7 +111,7 @@ class LLMServer:
     # ------------------------------------------------------------------ request preparation
 
     def _prepare(self, req: GenerateRequest):
-        from deployments.llm.engine import EngineRequest
+        from deployments.llm.request import EngineRequest
         from deployments.llm.chat_template import render_chat
         p = req.sampling
         if p.n > self.cfg.engine.max_n:

@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deployments.llm.engine import EngineRequest, LLMEngine
-from deployments.llm.mixed import _rowwise
-from deployments.prepacked import PackedLinear, batch_invariant_rows, prepack_linears
+from deployments.llm.engine import LLMEngine
+
+from deployments.llm.request import EngineRequest
+from deployments.llm.attention import _rowwise
+from deployments.llm.prepacked import PackedLinear, batch_invariant_rows, prepack_linears
 from deployments.types import SamplingParams
 from tests.unit.fakes import ByteTokenizer
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.llm.engine import EngineRequest, LLMEngine
+from deployments.llm.engine import LLMEngine
+
+from deployments.llm.request import EngineRequest
 from deployments.types import SamplingParams
 from tests.unit.fakes import ByteTokenizer, tiny_llama
 
@@ -410,7 +412,7 @@ def test_response_format_grammar_makes_even_a_random_model_answer_the_schema(mod
 
 
 def test_models_outside_the_llama_family_use_separate_prefill_steps(model):
-    from deployments.llm.mixed import supports_mixed_steps
+    from deployments.llm.model_runner import supports_mixed_steps
     assert supports_mixed_steps(model)
     cfg = model.config
     saved = cfg.sliding_window if hasattr(cfg, "sliding_window") else None
@@ -496,7 +498,7 @@ def test_engines_on_two_threads_may_share_a_model():
 def test_running_cache_grows_in_place_and_matches_cat():
     import torch
 
-    from deployments.llm.mixed import _append
+    from deployments.llm.kv_cache import append_column as _append
     t = torch.randn(3, 2, 5, 4)
     ref = t.clone()
     earlier = None
