@@ -202,7 +202,7 @@ class AsyncLLMEngine:
             loop.call_soon_threadsafe(_put_all, batch)
 
     def _fail_all(self, exc: Exception) -> None:
-        rids = list(self.engine.requests)
+        rids = self.engine.request_ids()
         for rid in rids:
             self.engine.abort(rid)
         self._deliver([(rid, exc) for rid in rids])

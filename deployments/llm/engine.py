@@ -1,13 +1,15 @@
-"""The continuous-batching engine: each step admits waiting prompts and/or decodes one token for
-every running sequence, then reports what changed.
+"""The continuous-batching engine: each step runs the scheduler's plan and reports what changed.
 
-    step():  running rows and admitted prompts, model supports it (mixed.py):
-                                one packed forward decodes the rows and prefills the prompts
-             admitted prompts   prefill them together (forked n ways) -> sample first tokens
-             else               decode all rows -> sample
-             -> detokenize / stop -> drop finished rows -> return per-request chunks
+    step():  plan = scheduler.schedule()          (scheduler.py: admission, budgets, preemption)
+             run the plan's forwards               mixed:   one packed forward decodes the rows and
+                                                            prefills the prompts (model_runner.py)
+                                                   prefill: prompts together (forked n ways)
+                                                   decode:  every running row, one token
+             sample each forward's rows            (sampler.py), tokens -> sequences (outputs.py)
+             -> per-request chunks                 (outputs.py: stop text, echo, logprobs, deltas)
 
-It is synchronous and single-threaded; `AsyncLLMEngine` (async_engine.py) runs it on a thread.
+The running batch's KV cache lives in kv_cache.py. Synchronous and single-threaded;
+`AsyncLLMEngine` (async_engine.py) runs it on a thread.
 """
 from __future__ import annotations
 
@@ -27,13 +29,15 @@ from deployments.llm.outputs import OutputProcessor
 from deployments.llm.prepacked import batch_invariant_rows
 from deployments.llm.request import EngineRequest
 from deployments.llm.sampler import Sampler, make_generator
-from deployments.llm.scheduler import PromptGroup, Scheduler
+from deployments.llm.scheduler import PromptGroup, Scheduler, StepPlan
 from deployments.llm.sequence import Sequence, Status
 from deployments.llm.structured import new_matcher
 from deployments.types import GenerateChunk, TokenLogprob
 
 logger = logging.getLogger(__name__)
 PROMPT_LOGPROBS_CHUNK = 256   # prompt positions whose logits (x vocabulary) exist at once, for echo + logprobs
+
+Touched = dict[str, EngineRequest]   # the requests a step changed, by id
 
 
 class LLMEngine:
@@ -45,21 +49,21 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_model_len = max_model_len
-        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, max_prefill_tokens)
+        self.mixed_steps = mixed_steps and supports_mixed_steps(model)
+        self.batch_invariant = batch_invariant and self.mixed_steps
         self.batch = RunningBatch(self.device)
+        self.scheduler = Scheduler(self.batch, max_num_seqs, max_num_batched_tokens, max_prefill_tokens,
+                                   mixed_steps=self.mixed_steps, mixed_when_idle=self.batch_invariant)
         self.sampler = Sampler(len(tokenizer), self.device)
         self.outputs = OutputProcessor(model, tokenizer, max_model_len)
         self.eos_ids = self.outputs.eos_ids
         self.requests: dict[str, EngineRequest] = {}
-        self.mixed_steps = mixed_steps and supports_mixed_steps(model)
-        self.batch_invariant = batch_invariant and self.mixed_steps
         if self.batch_invariant:
             batch_invariant_rows(model)
         if self.mixed_steps:
             install_mixed(model)
-        self._prefill_since_decode = 0   # prompt tokens prefilled since the last decode step
-        # Late admission (mixed.run_mixed): set by the AsyncLLMEngine, it moves requests posted since
-        # the step began into the scheduler, so their prompts can join the step's forward midway.
+        # Late admission (model_runner.run_mixed): set by the AsyncLLMEngine, it moves requests posted
+        # since the step began into the scheduler, so their prompts can join the step's forward midway.
         self.arrivals: Optional[Callable[[], None]] = None
 
     # ------------------------------------------------------------------ public API
@@ -86,61 +90,55 @@ class LLMEngine:
         self.batch.remove_finished()
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting) or len(self.batch) > 0
+        return self.scheduler.has_work()
+
+    def request_ids(self) -> list[str]:
+        """The requests in the engine now (waiting or running)."""
+        return list(self.requests)
+
+    def num_running_seqs(self) -> int:
+        return len(self.batch)
+
+    def num_waiting_seqs(self) -> int:
+        return self.scheduler.num_waiting_seqs()
 
     @torch.inference_mode()
     def step(self) -> list[tuple[EngineRequest, GenerateChunk]]:
-        """With mixed steps, every step with running rows decodes them, and up to max_prefill_tokens
-        of waiting prompts (at least one) are prefilled in the same forward. Otherwise a step is a
-        prefill step (new prompts get their first token at once) or a decode step (every running row
-        gets one token); between two decode steps at most max_prefill_tokens are prefilled (at least
-        one prompt), so a burst of arrivals delays running streams by a bounded amount per token,
-        and a prompt that arrives during a small prefill step may follow it."""
+        """One step: plan, run the plan's forwards (each samples its rows), report the changes."""
         if self.lockstep is not None:   # under TP, rank 0 sends this step's adds/aborts to the other ranks
             self.lockstep.before_step()
-        self._fit_kv_budget()
-        if self.mixed_steps and (len(self.batch) or self.batch_invariant):
-            return self._mixed_step(self.scheduler.next_prefills(self.batch))
-        touched: dict[str, EngineRequest] = {}
-        spent = self._prefill_since_decode if len(self.batch) else 0
-        groups = self.scheduler.next_prefills(self.batch, spent)
-        if groups:
-            self._prefill_since_decode = spent + sum(len(g.prompt_ids) for g in groups)
-            self._prefill_all(groups)
-            touched = {g.request_id: self.requests[g.request_id] for g in groups}
-        elif len(self.batch):
-            self._prefill_since_decode = 0
-            self._decode()
-            touched = {s.request_id: s.owner for s in self.batch.seqs}
-            self.batch.remove_finished()
+        plan = self.scheduler.schedule()
+        touched = self._run(plan)
         return [(req, self._chunk(req)) for req in touched.values()]
 
-    def _mixed_step(self, groups: list[PromptGroup]) -> list[tuple[EngineRequest, GenerateChunk]]:
+    def _run(self, plan: StepPlan) -> Touched:
+        if plan.mode == "mixed":
+            return self._mixed_step(plan)
+        if plan.mode == "prefill":
+            self._prefill_all(plan.prefills)
+            return {g.request_id: self.requests[g.request_id] for g in plan.prefills}
+        if plan.mode == "decode":
+            self._decode()
+            touched = {s.request_id: s.owner for s in plan.decode}
+            self.batch.remove_finished()
+            return touched
+        return {}
+
+    def _mixed_step(self, plan: StepPlan) -> Touched:
         """Every running row decodes in one packed forward with the admitted prompts (and any that
         join midway); an echo+logprobs prompt, which needs every position's logits, is prefilled in
         its own forward first and then decodes with the rest."""
+        groups = plan.prefills
         touched = {g.request_id: self.requests[g.request_id] for g in groups}
         for g in groups:
             if g.alone:
                 self._prefill([g])
         decoded = list(self.batch.seqs)
         rest = [g for g in groups if not g.alone]
-        joined = self._mixed(rest) if rest or len(self.batch) else []
-        self._prefill_since_decode = 0
+        joined = self._mixed(rest, plan) if rest or len(self.batch) else []
         touched.update((g.request_id, self.requests[g.request_id]) for g in joined)
         touched.update((s.request_id, s.owner) for s in decoded)
-        return [(req, self._chunk(req)) for req in touched.values()]
-
-    def _fit_kv_budget(self) -> None:
-        """Keeps the running batch's cache, after this step's new column, within the KV budget
-        (max_num_batched_tokens): the most recently admitted rows go back to the waiting queue, to
-        be recomputed when there is room again (vLLM's recompute preemption). A lone row is never
-        preempted."""
-        budget = self.scheduler.max_num_batched_tokens
-        while len(self.batch) > 1 and len(self.batch) * (self.batch.width + 1) > budget:
-            victim = self.batch.seqs[-1]
-            self.batch.remove(lambda s: s is victim)
-            self.scheduler.preempt(victim)
+        return touched
 
     # ------------------------------------------------------------------ model work
 
@@ -209,21 +207,19 @@ class LLMEngine:
             s.prompt_logprobs = entries
         self._start_and_join([group], last, cache, torch.ones(1, length, dtype=torch.long, device=self.device))
 
-    def _mixed(self, groups: list[PromptGroup]) -> list[PromptGroup]:
+    def _mixed(self, groups: list[PromptGroup], plan: StepPlan) -> list[PromptGroup]:
         """One forward: a token for every running row and the first token of each new prompt.
         Returns the prompt groups it prefilled: `groups`, then those that joined midway."""
         inputs = self.batch.step_inputs() if len(self.batch) else _no_rows(self.device)
-        late: list[PromptGroup] = []
 
         def poll() -> list[list[int]]:
-            picked = self._late_prefills(groups + late)
-            late.extend(picked)
-            return [g.prompt_ids for g in picked]
+            self.arrivals()
+            return [g.prompt_ids for g in self.scheduler.late_prefills(plan)]
         can_join = self.arrivals is not None and supports_late_admission(self.model)
         logits, step = run_mixed(self.model, inputs["input_ids"], inputs["position_ids"], self.batch.cache,
                                  inputs["attention_mask"], [g.prompt_ids for g in groups], poll if can_join else None,
                                  invariant=self.batch_invariant)
-        groups = groups + late
+        groups = groups + plan.late
         b = len(self.batch)
         rows = _fork_rows(groups, self.device)
         seqs = _start(groups)
@@ -234,19 +230,6 @@ class LLMEngine:
             cache, mask = prompt_cache(step.new_kv, [len(g.prompt_ids) for g in groups])
             self._join(seqs, rows, cache, mask)
         return groups
-
-    def _late_prefills(self, taken: list[PromptGroup]) -> list[PromptGroup]:
-        """Waiting prompts that may join the running forward, within the step's budgets given the
-        prompts it already `taken`; echo+logprobs prompts never do (they need their own forward)."""
-        self.arrivals()
-        if not self.scheduler.waiting or self.scheduler.waiting[0].alone:
-            return []
-        picked = self.scheduler.next_prefills(
-            self.batch, sum(len(g.prompt_ids) for g in taken), extra_rows=sum(len(g.seqs) for g in taken),
-            extra_width=max((len(g.prompt_ids) + 1 for g in taken), default=0))
-        cut = next((i for i, g in enumerate(picked) if g.alone), len(picked))
-        self.scheduler.waiting.extendleft(reversed(picked[cut:]))
-        return picked[:cut]
 
     def _join(self, seqs: list[Sequence], rows: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
         """Merges new sequences that did not finish on their first token into the batch; `rows` maps

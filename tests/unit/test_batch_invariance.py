@@ -92,7 +92,7 @@ def test_an_idle_engine_prefills_in_the_mixed_forward_when_invariant(model):
     e.add(EngineRequest("x", [list(PROMPTS[0])], params(0, False), [24]))
     calls = []
     inner = e._mixed
-    e._mixed = lambda groups: calls.append(len(groups)) or inner(groups)
+    e._mixed = lambda groups, plan: calls.append(len(groups)) or inner(groups, plan)
     e.step()
     assert calls == [1] and len(e.batch) == 1
 
