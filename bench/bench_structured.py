@@ -82,7 +82,7 @@ def run_batch(engine, grammars, prompt: list[int], constrained: int, tokens: int
         engine.add(req)
     steps = []
     while engine.has_work():
-        full = len(engine.batch) == 8 and not engine.scheduler.waiting
+        full = engine.num_running_seqs() == 8 and not engine.num_waiting_seqs()
         timed.seconds = 0.0
         t = time.perf_counter()
         engine.step()

@@ -61,6 +61,16 @@ class AsyncLLMEngine:
     def num_in_flight_seqs(self) -> int:
         return self._in_flight_seqs
 
+    def stats(self) -> dict[str, int]:
+        """Occupancy: sequences running and waiting in the engine, and in flight here."""
+        return {"running": self.engine.num_running_seqs(), "waiting": self.engine.num_waiting_seqs(),
+                "in_flight_seqs": self._in_flight_seqs}
+
+    def grammars(self) -> Any:
+        """A structured.Grammars over the engine's tokenizer, vocabulary and stop tokens."""
+        from deployments.llm.structured import Grammars
+        return Grammars.for_engine(self.engine)
+
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 

@@ -55,6 +55,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.batch, max_num_seqs, max_num_batched_tokens, max_prefill_tokens,
                                    mixed_steps=self.mixed_steps, mixed_when_idle=self.batch_invariant)
         self.sampler = Sampler(len(tokenizer), self.device)
+        self.vocab_size = self.sampler.vocab_size
         self.outputs = OutputProcessor(model, tokenizer, max_model_len)
         self.eos_ids = self.outputs.eos_ids
         self.requests: dict[str, EngineRequest] = {}
