@@ -178,8 +178,7 @@ class LLMEngineConfig(StrictModel):
                                 "this long is a 503).")
     prepack_weights: bool = Field(
         True, description="CPU only: the linear layers run on weights packed once at load for oneDNN "
-                          "(bit-identical outputs in bf16; measured here 1.1x tok/s at 32 streams, 1.4x at "
-                          "one: bench/README.md). False: torch's F.linear on the plain weights. Not "
+                          "(bit-identical outputs in bf16; faster at every batch size: bench/README.md). False: torch's F.linear on the plain weights. Not "
                           "applied to tensor-parallel shards.")
     batch_invariant: Optional[bool] = Field(
         None, description="A request's output (greedy, or seeded) does not depend on what else is running: each "

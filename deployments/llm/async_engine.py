@@ -4,8 +4,7 @@ The replica's event loop never runs the model: requests and aborts go into an in
 thread drains between steps, and each step's outputs come back with one call_soon_threadsafe.
 A consumer that falls behind gets the queued chunks merged into one (fewer Ray messages per token),
 and under load each stream waits a little to gather more tokens per chunk (max_chunks_per_s): each
-chunk costs the replica CPU that the engine step then lacks (measured: 32 streams at one chunk per
-token ran at ~245 tok/s; the same streams at ~80 chunks/s in all at ~300 tok/s).
+chunk costs the replica CPU that the engine step then lacks (bench/README.md, "Engine").
 A stream that is closed early (client gone) aborts its sequences at the next step.
 """
 from __future__ import annotations

@@ -109,8 +109,7 @@ def _rowwise(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths:
     """Batch-invariant decode attention: each row in its own SDPA call over its last n columns (its
     true length), with no padding and no mask, as it would run alone. One call per row, because
     SDPA's CPU kernel gives a row a result that depends on the padded width it sees, and (rarely) on
-    the other rows of its call: measured, 2 of 2489 rows of one length batched in one call differed
-    from their lone result (docs/architecture.md)."""
+    the other rows of its call (docs/architecture.md; counts in bench/README.md, "Engine")."""
     width = keys.shape[2]
     return torch.cat([F.scaled_dot_product_attention(q[i:i + 1], keys[i:i + 1, :, width - n:],
                                                      values[i:i + 1, :, width - n:], scale=scaling)

@@ -144,9 +144,9 @@ class LLMEngine:
     # ------------------------------------------------------------------ model work
 
     def _prefill_all(self, groups: list[PromptGroup]) -> None:
-        """Prompts of similar length are prefilled together (left-padded): on CPU a batch of 32
-        short prompts costs ~2.5x less per prompt than one at a time. Echo+logprobs prompts,
-        which need every position's logits, go alone."""
+        """Prompts of similar length are prefilled together (left-padded): on CPU a batch of short
+        prompts costs much less per prompt than one at a time (bench/README.md, "Engine").
+        Echo+logprobs prompts, which need every position's logits, go alone."""
         for g in groups:
             if g.alone:
                 self._prefill([g])
