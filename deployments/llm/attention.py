@@ -22,7 +22,7 @@ mixed steps (model_runner.install).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from deployments.llm.kv_cache import append_column
+from deployments.llm.kv_cache import SlotKVCache, append_column
 
 if TYPE_CHECKING:
     from deployments.llm.model_runner import LateAdmission
@@ -49,7 +49,7 @@ def register() -> None:
 class MixedStep:
     """What one mixed forward needs, handed to every attention layer as a forward kwarg."""
 
-    cache: Optional[DynamicCache]            # the running rows' cache (None: no running rows)
+    cache: Union[DynamicCache, SlotKVCache, None]   # the running rows' cache (None: no running rows)
     decode_mask: Optional[torch.Tensor]      # [B, 1, 1, T+1] bool, True = attend (unused when invariant)
     num_decode: int
     invariant: bool = False                  # batch-invariant attention: a call per row and per prompt
@@ -81,12 +81,17 @@ def mixed_attention(module, query, key, value, attention_mask, dropout: float = 
         q = query[0, :, :b].transpose(0, 1).reshape(b, hkv, hq // hkv, dim)   # query heads grouped by kv head
         k = key[0, :, :b].transpose(0, 1).unsqueeze(2)                         # [B, Hkv, 1, D]
         v = value[0, :, :b].transpose(0, 1).unsqueeze(2)
-        lc = step.cache.layers[layer]
-        lc.keys, lc.values = append_column(lc.keys, k), append_column(lc.values, v)
-        if step.invariant:
-            o = _rowwise(q, lc.keys, lc.values, step.row_lengths, scaling)
+        if isinstance(step.cache, SlotKVCache):   # rows right-padded in their slots
+            keys, values = step.cache.append(layer, k, v)
+            left = False
         else:
-            o = F.scaled_dot_product_attention(q, lc.keys, lc.values, attn_mask=step.decode_mask, scale=scaling)
+            lc = step.cache.layers[layer]
+            lc.keys, lc.values = append_column(lc.keys, k), append_column(lc.values, v)
+            keys, values, left = lc.keys, lc.values, True
+        if step.invariant:
+            o = _rowwise(q, keys, values, step.row_lengths, scaling, left)
+        else:
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.decode_mask, scale=scaling)
         outs.append(o.reshape(b, hq, dim))
     if step.prompts:   # causal within each prompt, blind to the others
         q, k, v = query[:, :, b:], key[:, :, b:], value[:, :, b:]
@@ -105,11 +110,16 @@ def mixed_attention(module, query, key, value, attention_mask, dropout: float = 
 
 
 def _rowwise(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: list[int],
-             scaling: Optional[float]) -> torch.Tensor:
-    """Batch-invariant decode attention: each row in its own SDPA call over its last n columns (its
-    true length), with no padding and no mask, as it would run alone. One call per row, because
+             scaling: Optional[float], left_padded: bool = True) -> torch.Tensor:
+    """Batch-invariant decode attention: each row in its own SDPA call over its n columns (its true
+    length: the last n when left-padded, the first n in a slot), with no padding and no mask, as it
+    would run alone. One call per row, because
     SDPA's CPU kernel gives a row a result that depends on the padded width it sees, and (rarely) on
     the other rows of its call (docs/architecture.md; counts in bench/README.md, "Engine")."""
+    if not left_padded:
+        return torch.cat([F.scaled_dot_product_attention(q[i:i + 1], keys[i:i + 1, :, :n], values[i:i + 1, :, :n],
+                                                         scale=scaling)
+                          for i, n in enumerate(lengths)])
     width = keys.shape[2]
     return torch.cat([F.scaled_dot_product_attention(q[i:i + 1], keys[i:i + 1, :, width - n:],
                                                      values[i:i + 1, :, width - n:], scale=scaling)

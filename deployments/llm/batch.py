@@ -5,26 +5,26 @@ The cache tensors themselves are changed only in kv_cache.py.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Union
 
 import torch
 from transformers import DynamicCache
 
-from deployments.llm.kv_cache import KVCache
+from deployments.llm.kv_cache import KVCache, SlotKVCache
 from deployments.llm.sequence import Sequence
 
 
 class RunningBatch:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, kv: Union[KVCache, SlotKVCache, None] = None):
         self.device = device
         self.seqs: list[Sequence] = []
-        self.kv = KVCache()
+        self.kv = kv if kv is not None else KVCache()
 
     def __len__(self) -> int:
         return len(self.seqs)
 
     @property
-    def cache(self) -> Optional[DynamicCache]:
+    def cache(self) -> Union[DynamicCache, SlotKVCache, None]:
         return self.kv.cache
 
     @property

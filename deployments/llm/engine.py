@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from deployments.llm.batch import RunningBatch
 from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher
-from deployments.llm.kv_cache import prompt_cache, zero_padding
+from deployments.llm.kv_cache import SlotKVCache, prompt_cache, zero_padding
 from deployments.llm.model_runner import install as install_mixed
 from deployments.llm.model_runner import run_mixed, supports_late_admission, supports_mixed_steps
 from deployments.llm.outputs import OutputProcessor
@@ -37,13 +37,14 @@ from deployments.types import GenerateChunk, TokenLogprob
 logger = logging.getLogger(__name__)
 PROMPT_LOGPROBS_CHUNK = 256   # prompt positions whose logits (x vocabulary) exist at once, for echo + logprobs
 
+_SLOT_COLUMNS = 256   # a slot cache's first capacity per row (it doubles when a row outgrows it)
 Touched = dict[str, EngineRequest]   # the requests a step changed, by id
 
 
 class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_prefill_tokens: int = 64, mixed_steps: bool = True,
-                 lockstep: Any = None, batch_invariant: bool = False):
+                 lockstep: Any = None, batch_invariant: bool = False, kv_cache: str = "padded"):
         self.model = model
         self.lockstep = lockstep            # tp.Lockstep when the model is sharded over ranks
         self.tokenizer = tokenizer
@@ -51,7 +52,13 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.mixed_steps = mixed_steps and supports_mixed_steps(model)
         self.batch_invariant = batch_invariant and self.mixed_steps
-        self.batch = RunningBatch(self.device)
+        if kv_cache not in ("padded", "slots"):
+            raise ValueError(f"kv_cache must be 'padded' or 'slots', not {kv_cache!r}")
+        if kv_cache == "slots" and not self.mixed_steps:
+            raise ValueError("kv_cache slots needs mixed steps (Llama-family attention without sliding window, "
+                             "mixed_steps not false)")
+        self.batch = RunningBatch(self.device, SlotKVCache(max_num_seqs, _SLOT_COLUMNS)
+                                  if kv_cache == "slots" else None)
         self.scheduler = Scheduler(self.batch, max_num_seqs, max_num_batched_tokens, max_prefill_tokens,
                                    mixed_steps=self.mixed_steps, mixed_when_idle=self.batch_invariant)
         self.sampler = Sampler(len(tokenizer), self.device)

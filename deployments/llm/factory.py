@@ -56,7 +56,7 @@ def build_engine(cfg: ChatModelConfig, source: str, tp: Optional[tuple[int, int,
     engine = LLMEngine(model, tokenizer, max_model_len=min(e.max_model_len or model_limit, model_limit),
                        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
                        max_prefill_tokens=prefill_tokens, mixed_steps=mixed, lockstep=lockstep,
-                       batch_invariant=invariant)
+                       batch_invariant=invariant, kv_cache=e.kv_cache)
     return engine, tokenizer
 
 

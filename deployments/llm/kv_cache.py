@@ -142,3 +142,100 @@ def _zeros_before(t: torch.Tensor, n: int) -> torch.Tensor:
 def _padded(mask: torch.Tensor, width: int) -> torch.Tensor:
     n = width - mask.shape[1]
     return mask if n <= 0 else torch.cat([mask.new_zeros(mask.shape[0], n), mask], dim=1)
+
+
+class SlotKVCache:
+    """The running rows' cache as fixed slots (engine.kv_cache "slots"): per layer one key and one
+    value buffer [S, H, C, D], row i of the batch in slot i, its tokens in columns [0, length) and
+    nothing to its left, so a decode step writes one column per row in place and nothing is padded
+    or merged by concatenation. A row that leaves is compacted away by moving the rows after it
+    down (order kept); new rows are copied into the next free slots. S and C grow (doubling, a copy)
+    only when a batch or a row outgrows them. Used only by mixed steps (attention.py reads and
+    writes it); `mask` is [B, W] with 1 in each row's first `length` columns."""
+
+    def __init__(self, rows: int, columns: int):
+        self.rows, self.columns = rows, columns   # capacity
+        self.keys: list[torch.Tensor] = []        # per layer [S, H, C, D]
+        self.values: list[torch.Tensor] = []
+        self.lengths: Optional[torch.Tensor] = None   # [B] long
+        self.mask: Optional[torch.Tensor] = None
+
+    @property
+    def cache(self) -> Optional["SlotKVCache"]:
+        return self if self.lengths is not None else None
+
+    @property
+    def width(self) -> int:
+        return 0 if self.lengths is None else int(self.lengths.max())
+
+    def merge(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Copies rows of a left-padded cache (and its mask) into the next free slots."""
+        b = 0 if self.lengths is None else self.lengths.shape[0]
+        new = mask.sum(dim=1)
+        lengths = new if self.lengths is None else torch.cat([self.lengths, new])
+        self._reserve(cache, b + mask.shape[0], int(lengths.max()))
+        width = mask.shape[1]
+        for layer, theirs in enumerate(cache.layers):
+            for j, n in enumerate(new.tolist()):
+                self.keys[layer][b + j, :, :n] = theirs.keys[j, :, width - n:]
+                self.values[layer][b + j, :, :n] = theirs.values[j, :, width - n:]
+        self.lengths = lengths
+        self.mask = self._mask(self.width)
+
+    def add_column(self) -> torch.Tensor:
+        """Each row gains the column this decode step writes (attention.py, through `append`)."""
+        self.lengths = self.lengths + 1
+        if self.width > self.columns:
+            self._grow(self.rows, self.width)
+        self.mask = self._mask(self.width)
+        return self.mask
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes the decode rows' new key/value ([B, H, 1, D]) at each row's last column (add_column
+        counted it); returns views [B, H, W, D] of the rows' keys and values (right-padded)."""
+        b, width = self.lengths.shape[0], self.width
+        rows = torch.arange(b, device=k.device)
+        last = self.lengths - 1
+        self.keys[layer][rows, :, last] = k[:, :, 0]
+        self.values[layer][rows, :, last] = v[:, :, 0]
+        return self.keys[layer][:b, :, :width], self.values[layer][:b, :, :width]
+
+    def clear(self) -> None:
+        self.lengths, self.mask = None, None   # the buffers stay allocated for the next rows
+
+    def keep_rows(self, idx: torch.Tensor) -> None:
+        """Keeps the rows `idx` (ascending): the rows after the first gap move down into place."""
+        keep = idx.tolist()
+        first = next((j for j, i in enumerate(keep) if i != j), len(keep))
+        if first < len(keep):
+            src = idx[first:]
+            width = self.width
+            for buf in self.keys + self.values:
+                buf[first:len(keep), :, :width] = buf[:, :, :width].index_select(0, src)
+        self.lengths = self.lengths.index_select(0, idx)
+        self.mask = self._mask(self.width)
+
+    def _mask(self, width: int) -> torch.Tensor:
+        return (torch.arange(width, device=self.lengths.device)[None, :] < self.lengths[:, None]).long()
+
+    def _reserve(self, like: DynamicCache, rows: int, columns: int) -> None:
+        if not self.keys:
+            first = like.layers[0].keys
+            _, h, _, d = first.shape
+            self.rows, self.columns = max(self.rows, rows), max(self.columns, columns)
+            for _ in like.layers:
+                self.keys.append(first.new_zeros(self.rows, h, self.columns, d))
+                self.values.append(first.new_zeros(self.rows, h, self.columns, d))
+        elif rows > self.rows or columns > self.columns:
+            self._grow(max(rows, self.rows), max(columns, self.columns))
+
+    def _grow(self, rows: int, columns: int) -> None:
+        rows = max(rows, self.rows if rows <= self.rows else 2 * self.rows)
+        columns = max(columns, self.columns if columns <= self.columns else 2 * self.columns)
+        for bufs in (self.keys, self.values):
+            for i, old in enumerate(bufs):
+                s, h, c, d = old.shape
+                new = old.new_zeros(rows, h, columns, d)
+                new[:s, :, :c] = old
+                bufs[i] = new
+        self.rows, self.columns = rows, columns

@@ -66,3 +66,18 @@ def staggered(model, mixed: bool, make_reqs, every: int = 2):
     finally:
         handle.remove()
     return reqs, len(calls)
+
+
+def staggered_outputs(engine: LLMEngine, reqs: list[EngineRequest], every: int = 2) -> dict:
+    """Adds one request every `every` steps while earlier ones run, with late admission on;
+    returns {request_id: [each choice's output ids, finish reason, logprob tokens]}."""
+    pending = list(reqs)
+    engine.arrivals = lambda: None
+    k = 0
+    while engine.has_work() or pending:
+        if pending and k % every == 0:
+            engine.add(pending.pop(0))
+        engine.step()
+        k += 1
+    return {r.request_id: [(s.output_ids, s.finish_reason, [e.token for e in s.prompt_logprobs or []])
+                           for s in r.seqs] for r in reqs}
