@@ -94,14 +94,15 @@ def static_batch(model, batch: int, prompt_len: int, tokens: int, device: str, r
 
 
 def engine_run(model, concurrency: int, prompt_len: int, tokens: int, seconds: float, mixed: bool,
-               budget: int, profile: bool = False) -> dict:
+               budget: int, profile: bool = False, kv_cache: str = "padded") -> dict:
     """Warms up until `concurrency` requests have finished (or 3x seconds), then measures `seconds`.
     TTFT counts only requests added inside the measured window."""
-    from deployments.llm.engine import EngineRequest, LLMEngine
+    from deployments.llm.engine import LLMEngine
+    from deployments.llm.request import EngineRequest
     from deployments.types import SamplingParams
     engine = LLMEngine(model, NumberTokenizer(model.config.vocab_size), max_model_len=prompt_len + tokens + 8,
                        max_num_seqs=max(concurrency, 1), max_num_batched_tokens=1 << 20, mixed_steps=mixed,
-                       max_prefill_tokens=budget)
+                       max_prefill_tokens=budget, kv_cache=kv_cache)
     pool = prompts(4096, prompt_len, model.config.vocab_size, 2)
     params = SamplingParams(max_tokens=tokens, temperature=0.0)
     counter = iter(range(1 << 30))
@@ -188,7 +189,8 @@ def main() -> None:
     ap.add_argument("--static-runs", type=int, default=2)
     ap.add_argument("--budgets", default="auto",
                     help="comma-separated max_prefill_tokens variants, each optionally ':separate' "
-                         "(mixed steps off); auto = the engine's defaults for the device")
+                         "(mixed steps off) or ':slots' (engine.kv_cache slots); auto = the engine's "
+                         "defaults for the device")
     ap.add_argument("--profile", type=int, default=0, help="after the table, profile 20 steps at this concurrency")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -202,7 +204,8 @@ def main() -> None:
             n, mixed = device_defaults(LLMEngineConfig(), torch.device(args.device))
         else:
             n, mixed = int(budget), mode != "separate"
-        variants.append((f"{n}{'' if mixed else ':separate'}", n, mixed))
+        kv = "slots" if mode == "slots" else "padded"
+        variants.append((f"{n}{'' if mixed else ':separate'}{':slots' if kv == 'slots' else ''}", n, mixed, kv))
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"# {args.arch} random weights, {args.dtype}, {name}; prompt {args.prompt_tokens} tokens, "
           f"{args.tokens} out; torch {torch.__version__}", flush=True)
@@ -211,14 +214,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for c in (int(x) for x in args.levels.split(",")):
         static = static_batch(model, c, args.prompt_tokens, args.tokens, args.device, args.static_runs)
-        for label, budget, mixed in variants:
-            ours = engine_run(model, c, args.prompt_tokens, args.tokens, args.seconds, mixed, budget)
+        for label, budget, mixed, kv in variants:
+            ours = engine_run(model, c, args.prompt_tokens, args.tokens, args.seconds, mixed, budget, kv_cache=kv)
             print(f"| {c} | {static:.1f} | {label} | {ours['tok_s']:.1f} | {ours['tok_s'] / static:.2f} | "
                   f"{1000 * ours['ttft_p50']:.1f} | {ours['step_ms']:.1f} | {ours['forward_ms']:.1f} |", flush=True)
     if args.profile:
-        c, (label, budget, mixed) = args.profile, variants[0]
+        c, (label, budget, mixed, kv) = args.profile, variants[0]
         print(f"\n# torch.profiler: 20 steps at concurrency {c}, variant {label}")
-        engine_run(model, c, args.prompt_tokens, args.tokens, args.seconds, mixed, budget, profile=True)
+        engine_run(model, c, args.prompt_tokens, args.tokens, args.seconds, mixed, budget, profile=True, kv_cache=kv)
 
 
 if __name__ == "__main__":

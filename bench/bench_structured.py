@@ -24,7 +24,7 @@ from deployments.llm import sampler as sampler_module  # noqa: E402
 from deployments.llm import engine as engine_module  # noqa: E402
 from deployments.llm import structured  # noqa: E402
 from deployments.llm.chat_template import render_chat  # noqa: E402
-from deployments.llm.engine import EngineRequest  # noqa: E402
+from deployments.llm.request import EngineRequest  # noqa: E402
 from deployments.llm.factory import build_engine  # noqa: E402
 from deployments.llm.tool_calls import FORMATS  # noqa: E402
 from deployments.types import SamplingParams, ToolSpec  # noqa: E402
@@ -82,7 +82,7 @@ def run_batch(engine, grammars, prompt: list[int], constrained: int, tokens: int
         engine.add(req)
     steps = []
     while engine.has_work():
-        full = len(engine.batch) == 8 and not engine.scheduler.waiting
+        full = engine.num_running_seqs() == 8 and not engine.num_waiting_seqs()
         timed.seconds = 0.0
         t = time.perf_counter()
         engine.step()

@@ -178,8 +178,7 @@ class LLMEngineConfig(StrictModel):
                                 "this long is a 503).")
     prepack_weights: bool = Field(
         True, description="CPU only: the linear layers run on weights packed once at load for oneDNN "
-                          "(bit-identical outputs in bf16; measured here 1.1x tok/s at 32 streams, 1.4x at "
-                          "one: bench/README.md). False: torch's F.linear on the plain weights. Not "
+                          "(bit-identical outputs in bf16; faster at every batch size: bench/README.md). False: torch's F.linear on the plain weights. Not "
                           "applied to tensor-parallel shards.")
     batch_invariant: Optional[bool] = Field(
         None, description="A request's output (greedy, or seeded) does not depend on what else is running: each "
@@ -189,6 +188,13 @@ class LLMEngineConfig(StrictModel):
                           "differently). Costs throughput under load (bench/README.md). Needs mixed steps and "
                           "prepacked weights. Default: on for CPU; not supported on CUDA (its GEMM kernels "
                           "depend on the batch size).")
+    kv_cache: Literal["padded", "slots"] = Field(
+        "padded", description="How the running rows' KV cache is laid out. padded: one left-padded cache, "
+                              "rows merged in by padding and concatenation and dropped by selection. slots: "
+                              "each row in a slot of fixed buffers (grown by doubling when outgrown), the "
+                              "decode step writing one column per row in place, with no padding or merging; "
+                              "needs mixed steps. Same outputs either way; slots is the layout a CUDA-graph "
+                              "decode path needs (not built yet).")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
     revision: Optional[str] = Field(None, description="HF revision (branch, tag or commit).")
     chat_template: Optional[str] = Field(None, description="Jinja chat template overriding the model's.")

@@ -86,7 +86,6 @@ class ChoiceDelta:
     logprobs: Optional[list[TokenLogprob]] = None
     finish_reason: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None   # complete calls, on the choice's last delta
-    text_offset: int = 0                  # completions logprobs: offset of `text` in the choice's text
     tool_call_deltas: Optional[list[ToolCallDelta]] = None   # what a stream sends of the calls
 
 

@@ -21,10 +21,6 @@ from deployments.errors import EngineUnavailableError, InvalidRequestError, Mode
 logger = logging.getLogger("ray.serve.modelhub.ingress")   # under ray.serve: Serve configures its handlers in replicas
 
 
-def error_body(message: str, type_: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
 def to_modelhub_error(exc: BaseException, request_id: str) -> ModelHubError:
     """Maps any exception (Ray-wrapped or not) to the error the client should see."""
     exc = _unwrap(exc)

@@ -4,8 +4,7 @@ The replica's event loop never runs the model: requests and aborts go into an in
 thread drains between steps, and each step's outputs come back with one call_soon_threadsafe.
 A consumer that falls behind gets the queued chunks merged into one (fewer Ray messages per token),
 and under load each stream waits a little to gather more tokens per chunk (max_chunks_per_s): each
-chunk costs the replica CPU that the engine step then lacks (measured: 32 streams at one chunk per
-token ran at ~245 tok/s; the same streams at ~80 chunks/s in all at ~300 tok/s).
+chunk costs the replica CPU that the engine step then lacks (bench/README.md, "Engine").
 A stream that is closed early (client gone) aborts its sequences at the next step.
 """
 from __future__ import annotations
@@ -21,7 +20,8 @@ from typing import Any, AsyncIterator, Optional
 import torch
 
 from deployments.errors import EngineUnavailableError, InvalidRequestError, OverloadedError
-from deployments.llm.engine import EngineRequest, LLMEngine
+from deployments.llm.engine import LLMEngine
+from deployments.llm.request import EngineRequest
 from deployments.types import ChoiceDelta, GenerateChunk
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,16 @@ class AsyncLLMEngine:
     @property
     def num_in_flight_seqs(self) -> int:
         return self._in_flight_seqs
+
+    def stats(self) -> dict[str, int]:
+        """Occupancy: sequences running and waiting in the engine, and in flight here."""
+        return {"running": self.engine.num_running_seqs(), "waiting": self.engine.num_waiting_seqs(),
+                "in_flight_seqs": self._in_flight_seqs}
+
+    def grammars(self) -> Any:
+        """A structured.Grammars over the engine's tokenizer, vocabulary and stop tokens."""
+        from deployments.llm.structured import Grammars
+        return Grammars.for_engine(self.engine)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -201,7 +211,7 @@ class AsyncLLMEngine:
             loop.call_soon_threadsafe(_put_all, batch)
 
     def _fail_all(self, exc: Exception) -> None:
-        rids = list(self.engine.requests)
+        rids = self.engine.request_ids()
         for rid in rids:
             self.engine.abort(rid)
         self._deliver([(rid, exc) for rid in rids])

@@ -68,10 +68,6 @@ class StopMatcher:
                 return k
         return 0
 
-    @property
-    def sent(self) -> int:
-        return self._sent
-
 
 class TokenText:
     """The text and raw bytes a token stands for (for logprobs), per tokenizer. What it needs of

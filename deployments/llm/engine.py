@@ -1,88 +1,77 @@
-"""The continuous-batching engine: each step admits waiting prompts and/or decodes one token for
-every running sequence, then reports what changed.
+"""The continuous-batching engine: each step runs the scheduler's plan and reports what changed.
 
-    step():  running rows and admitted prompts, model supports it (mixed.py):
-                                one packed forward decodes the rows and prefills the prompts
-             admitted prompts   prefill them together (forked n ways) -> sample first tokens
-             else               decode all rows -> sample
-             -> detokenize / stop -> drop finished rows -> return per-request chunks
+    step():  plan = scheduler.schedule()          (scheduler.py: admission, budgets, preemption)
+             run the plan's forwards               mixed:   one packed forward decodes the rows and
+                                                            prefills the prompts (model_runner.py)
+                                                   prefill: prompts together (forked n ways)
+                                                   decode:  every running row, one token
+             sample each forward's rows            (sampler.py), tokens -> sequences (outputs.py)
+             -> per-request chunks                 (outputs.py: stop text, echo, logprobs, deltas)
 
-It is synchronous and single-threaded; `AsyncLLMEngine` (async_engine.py) runs it on a thread.
+The running batch's KV cache lives in kv_cache.py. Synchronous and single-threaded;
+`AsyncLLMEngine` (async_engine.py) runs it on a thread.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch
 from transformers import DynamicCache
 
 from deployments.llm.batch import RunningBatch
-from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher, TokenText
-from deployments.llm.mixed import install as install_mixed
-from deployments.llm.mixed import prompt_cache, run_mixed, supports_late_admission, supports_mixed_steps
-from deployments.llm.sampler import Sampler, compute_logprobs, make_generator
-from deployments.llm.scheduler import PromptGroup, Scheduler
+from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher
+from deployments.llm.kv_cache import SlotKVCache, prompt_cache, zero_padding
+from deployments.llm.model_runner import install as install_mixed
+from deployments.llm.model_runner import run_mixed, supports_late_admission, supports_mixed_steps
+from deployments.llm.outputs import OutputProcessor
+from deployments.llm.prepacked import batch_invariant_rows
+from deployments.llm.request import EngineRequest
+from deployments.llm.sampler import Sampler, make_generator
+from deployments.llm.scheduler import PromptGroup, Scheduler, StepPlan
 from deployments.llm.sequence import Sequence, Status
 from deployments.llm.structured import new_matcher
-from deployments.prepacked import batch_invariant_rows
-from deployments.types import ChoiceDelta, GenerateChunk, SamplingParams, TokenLogprob, Usage
+from deployments.types import GenerateChunk, TokenLogprob
 
 logger = logging.getLogger(__name__)
 PROMPT_LOGPROBS_CHUNK = 256   # prompt positions whose logits (x vocabulary) exist at once, for echo + logprobs
 
-
-@dataclass(eq=False)
-class EngineRequest:
-    """A tokenized request: prompts (token ids), each generating params.n choices."""
-
-    request_id: str                       # the engine's key; AsyncLLMEngine sets its own, unique per engine
-    prompts: list[list[int]]
-    params: SamplingParams
-    max_tokens: list[int]                 # per prompt, already clamped to the context window
-    seqs: list[Sequence] = field(default_factory=list)
-    echo_sent: set = field(default_factory=set)
-    grammar: Any = None                      # compiled grammar: response_format or forced tool calls (structured.py)
-    grammar_spec: Optional[dict] = None      # what `grammar` was compiled from (other TP ranks compile it too)
-    error: Optional[Exception] = None        # set when this request failed alone (LLMEngine._append)
-    arrival: float = field(default_factory=time.monotonic)
-    scheduled_at: Optional[float] = None     # admitted into the running batch (monotonic)
-    first_token_at: Optional[float] = None   # set by the metrics, when recorded
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
-
-    def usage(self) -> Usage:
-        return Usage(sum(len(p) for p in self.prompts), sum(len(s.output_ids) for s in self.seqs))
+_SLOT_COLUMNS = 256   # a slot cache's first capacity per row (it doubles when a row outgrows it)
+Touched = dict[str, EngineRequest]   # the requests a step changed, by id
 
 
 class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_prefill_tokens: int = 64, mixed_steps: bool = True,
-                 lockstep: Any = None, batch_invariant: bool = False):
+                 lockstep: Any = None, batch_invariant: bool = False, kv_cache: str = "padded"):
         self.model = model
         self.lockstep = lockstep            # tp.Lockstep when the model is sharded over ranks
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_model_len = max_model_len
-        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, max_prefill_tokens)
-        self.batch = RunningBatch(self.device)
-        self.sampler = Sampler(len(tokenizer), self.device)
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self.token_text = TokenText(tokenizer)
-        self.requests: dict[str, EngineRequest] = {}
         self.mixed_steps = mixed_steps and supports_mixed_steps(model)
         self.batch_invariant = batch_invariant and self.mixed_steps
+        if kv_cache not in ("padded", "slots"):
+            raise ValueError(f"kv_cache must be 'padded' or 'slots', not {kv_cache!r}")
+        if kv_cache == "slots" and not self.mixed_steps:
+            raise ValueError("kv_cache slots needs mixed steps (Llama-family attention without sliding window, "
+                             "mixed_steps not false)")
+        self.batch = RunningBatch(self.device, SlotKVCache(max_num_seqs, _SLOT_COLUMNS)
+                                  if kv_cache == "slots" else None)
+        self.scheduler = Scheduler(self.batch, max_num_seqs, max_num_batched_tokens, max_prefill_tokens,
+                                   mixed_steps=self.mixed_steps, mixed_when_idle=self.batch_invariant)
+        self.sampler = Sampler(len(tokenizer), self.device)
+        self.vocab_size = self.sampler.vocab_size
+        self.outputs = OutputProcessor(model, tokenizer, max_model_len)
+        self.eos_ids = self.outputs.eos_ids
+        self.requests: dict[str, EngineRequest] = {}
         if self.batch_invariant:
             batch_invariant_rows(model)
         if self.mixed_steps:
             install_mixed(model)
-        self._prefill_since_decode = 0   # prompt tokens prefilled since the last decode step
-        # Late admission (mixed.run_mixed): set by the AsyncLLMEngine, it moves requests posted since
-        # the step began into the scheduler, so their prompts can join the step's forward midway.
+        # Late admission (model_runner.run_mixed): set by the AsyncLLMEngine, it moves requests posted
+        # since the step began into the scheduler, so their prompts can join the step's forward midway.
         self.arrivals: Optional[Callable[[], None]] = None
 
     # ------------------------------------------------------------------ public API
@@ -109,68 +98,62 @@ class LLMEngine:
         self.batch.remove_finished()
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting) or len(self.batch) > 0
+        return self.scheduler.has_work()
+
+    def request_ids(self) -> list[str]:
+        """The requests in the engine now (waiting or running)."""
+        return list(self.requests)
+
+    def num_running_seqs(self) -> int:
+        return len(self.batch)
+
+    def num_waiting_seqs(self) -> int:
+        return self.scheduler.num_waiting_seqs()
 
     @torch.inference_mode()
     def step(self) -> list[tuple[EngineRequest, GenerateChunk]]:
-        """With mixed steps, every step with running rows decodes them, and up to max_prefill_tokens
-        of waiting prompts (at least one) are prefilled in the same forward. Otherwise a step is a
-        prefill step (new prompts get their first token at once) or a decode step (every running row
-        gets one token); between two decode steps at most max_prefill_tokens are prefilled (at least
-        one prompt), so a burst of arrivals delays running streams by a bounded amount per token,
-        and a prompt that arrives during a small prefill step may follow it."""
+        """One step: plan, run the plan's forwards (each samples its rows), report the changes."""
         if self.lockstep is not None:   # under TP, rank 0 sends this step's adds/aborts to the other ranks
             self.lockstep.before_step()
-        self._fit_kv_budget()
-        if self.mixed_steps and (len(self.batch) or self.batch_invariant):
-            return self._mixed_step(self.scheduler.next_prefills(self.batch))
-        touched: dict[str, EngineRequest] = {}
-        spent = self._prefill_since_decode if len(self.batch) else 0
-        groups = self.scheduler.next_prefills(self.batch, spent)
-        if groups:
-            self._prefill_since_decode = spent + sum(len(g.prompt_ids) for g in groups)
-            self._prefill_all(groups)
-            touched = {g.request_id: self.requests[g.request_id] for g in groups}
-        elif len(self.batch):
-            self._prefill_since_decode = 0
-            self._decode()
-            touched = {s.request_id: s.owner for s in self.batch.seqs}
-            self.batch.remove_finished()
+        plan = self.scheduler.schedule()
+        touched = self._run(plan)
         return [(req, self._chunk(req)) for req in touched.values()]
 
-    def _mixed_step(self, groups: list[PromptGroup]) -> list[tuple[EngineRequest, GenerateChunk]]:
+    def _run(self, plan: StepPlan) -> Touched:
+        if plan.mode == "mixed":
+            return self._mixed_step(plan)
+        if plan.mode == "prefill":
+            self._prefill_all(plan.prefills)
+            return {g.request_id: self.requests[g.request_id] for g in plan.prefills}
+        if plan.mode == "decode":
+            self._decode()
+            touched = {s.request_id: s.owner for s in plan.decode}
+            self.batch.remove_finished()
+            return touched
+        return {}
+
+    def _mixed_step(self, plan: StepPlan) -> Touched:
         """Every running row decodes in one packed forward with the admitted prompts (and any that
         join midway); an echo+logprobs prompt, which needs every position's logits, is prefilled in
         its own forward first and then decodes with the rest."""
+        groups = plan.prefills
         touched = {g.request_id: self.requests[g.request_id] for g in groups}
         for g in groups:
             if g.alone:
                 self._prefill([g])
         decoded = list(self.batch.seqs)
         rest = [g for g in groups if not g.alone]
-        joined = self._mixed(rest) if rest or len(self.batch) else []
-        self._prefill_since_decode = 0
+        joined = self._mixed(rest, plan) if rest or len(self.batch) else []
         touched.update((g.request_id, self.requests[g.request_id]) for g in joined)
         touched.update((s.request_id, s.owner) for s in decoded)
-        return [(req, self._chunk(req)) for req in touched.values()]
-
-    def _fit_kv_budget(self) -> None:
-        """Keeps the running batch's cache, after this step's new column, within the KV budget
-        (max_num_batched_tokens): the most recently admitted rows go back to the waiting queue, to
-        be recomputed when there is room again (vLLM's recompute preemption). A lone row is never
-        preempted."""
-        budget = self.scheduler.max_num_batched_tokens
-        while len(self.batch) > 1 and len(self.batch) * (self.batch.width + 1) > budget:
-            victim = self.batch.seqs[-1]
-            self.batch.remove(lambda s: s is victim)
-            self.scheduler.preempt(victim)
+        return touched
 
     # ------------------------------------------------------------------ model work
 
     def _prefill_all(self, groups: list[PromptGroup]) -> None:
-        """Prompts of similar length are prefilled together (left-padded): on CPU a batch of 32
-        short prompts costs ~2.5x less per prompt than one at a time. Echo+logprobs prompts,
-        which need every position's logits, go alone."""
+        """Prompts of similar length are prefilled together (left-padded): on CPU a batch of short
+        prompts costs much less per prompt than one at a time (bench/README.md, "Engine").
+        Echo+logprobs prompts, which need every position's logits, go alone."""
         for g in groups:
             if g.alone:
                 self._prefill([g])
@@ -191,7 +174,7 @@ class LLMEngine:
             mask[row, width - len(g.prompt_ids):] = 1
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_(min=0),
                          past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
-        _zero_padding(out.past_key_values, mask)
+        zero_padding(out.past_key_values, mask)
         self._start_and_join(groups, out.logits[:, -1], out.past_key_values, mask)
 
     def _resume(self, group: PromptGroup) -> None:
@@ -220,33 +203,31 @@ class LLMEngine:
         ids = torch.tensor([group.prompt_ids], device=self.device)
         cache = DynamicCache(config=self.model.config)
         length, k = ids.shape[1], group.seqs[0].params.logprobs or 0
-        entries: list[Optional[TokenLogprob]] = [self._logprob(group.prompt_ids[0], None, [])]
+        entries: list[Optional[TokenLogprob]] = [self.outputs.logprob(group.prompt_ids[0], None, [])]
         for start in range(0, length, PROMPT_LOGPROBS_CHUNK):
             end = min(start + PROMPT_LOGPROBS_CHUNK, length)
             logits = self.model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=0,
                                 position_ids=torch.arange(start, end, device=self.device)[None]).logits[0]
             targets = ids[0, start + 1:end + 1]   # each position predicts the next prompt token
-            entries += self._prompt_logprobs(group.prompt_ids[start + 1:end + 1], logits[:len(targets)], targets, k)
+            entries += self.outputs.prompt_logprobs(group.prompt_ids[start + 1:end + 1], logits[:len(targets)], targets, k)
             last = logits[-1:]
         for s in group.seqs:
             s.prompt_logprobs = entries
         self._start_and_join([group], last, cache, torch.ones(1, length, dtype=torch.long, device=self.device))
 
-    def _mixed(self, groups: list[PromptGroup]) -> list[PromptGroup]:
+    def _mixed(self, groups: list[PromptGroup], plan: StepPlan) -> list[PromptGroup]:
         """One forward: a token for every running row and the first token of each new prompt.
         Returns the prompt groups it prefilled: `groups`, then those that joined midway."""
         inputs = self.batch.step_inputs() if len(self.batch) else _no_rows(self.device)
-        late: list[PromptGroup] = []
 
         def poll() -> list[list[int]]:
-            picked = self._late_prefills(groups + late)
-            late.extend(picked)
-            return [g.prompt_ids for g in picked]
+            self.arrivals()
+            return [g.prompt_ids for g in self.scheduler.late_prefills(plan)]
         can_join = self.arrivals is not None and supports_late_admission(self.model)
         logits, step = run_mixed(self.model, inputs["input_ids"], inputs["position_ids"], self.batch.cache,
                                  inputs["attention_mask"], [g.prompt_ids for g in groups], poll if can_join else None,
                                  invariant=self.batch_invariant)
-        groups = groups + late
+        groups = groups + plan.late
         b = len(self.batch)
         rows = _fork_rows(groups, self.device)
         seqs = _start(groups)
@@ -254,22 +235,9 @@ class LLMEngine:
                                 self.batch.seqs + seqs)
         self.batch.remove_finished()
         if groups:
-            cache, mask = prompt_cache(step, [len(g.prompt_ids) for g in groups])
+            cache, mask = prompt_cache(step.new_kv, [len(g.prompt_ids) for g in groups])
             self._join(seqs, rows, cache, mask)
         return groups
-
-    def _late_prefills(self, taken: list[PromptGroup]) -> list[PromptGroup]:
-        """Waiting prompts that may join the running forward, within the step's budgets given the
-        prompts it already `taken`; echo+logprobs prompts never do (they need their own forward)."""
-        self.arrivals()
-        if not self.scheduler.waiting or self.scheduler.waiting[0].alone:
-            return []
-        picked = self.scheduler.next_prefills(
-            self.batch, sum(len(g.prompt_ids) for g in taken), extra_rows=sum(len(g.seqs) for g in taken),
-            extra_width=max((len(g.prompt_ids) + 1 for g in taken), default=0))
-        cut = next((i for i, g in enumerate(picked) if g.alone), len(picked))
-        self.scheduler.waiting.extendleft(reversed(picked[cut:]))
-        return picked[:cut]
 
     def _join(self, seqs: list[Sequence], rows: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
         """Merges new sequences that did not finish on their first token into the batch; `rows` maps
@@ -291,7 +259,7 @@ class LLMEngine:
             tokens = self.lockstep.tokens(tokens)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if want:
-            self._token_logprobs(logits, tokens, seqs, want)
+            self.outputs.token_logprobs(logits, tokens, seqs, want)
         for s, t in zip(seqs, tokens.tolist()):
             self._append(s, t)
 
@@ -299,9 +267,9 @@ class LLMEngine:
         """Takes a sampled token. A failure here (detokenizing, stop strings, the grammar) concerns
         this request only: it ends with the error and the batch goes on."""
         if self.lockstep is not None:   # under TP every rank must take the same path: a failure stops all
-            return self._take(seq, token)
+            return self.outputs.take(seq, token)
         try:
-            self._take(seq, token)
+            self.outputs.take(seq, token)
         except Exception as exc:
             logger.exception("processing a sampled token failed; failing its request only")
             self._fail(seq.owner, exc)
@@ -314,73 +282,11 @@ class LLMEngine:
             if not s.finished:
                 s.finish("error")
 
-    def _take(self, seq: Sequence, token: int) -> None:
-        seq.output_ids.append(token)
-        if seq.matcher is not None:
-            seq.matcher.accept_token(token)
-        if token in self.eos_ids or (seq.matcher is not None and seq.matcher.is_terminated()):
-            seq.finish("stop")
-        elif seq.stop.append(seq.detok.push(token)):
-            seq.finish("stop")
-        elif len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish("length")
-
-    # ------------------------------------------------------------------ logprobs
-
-    def _token_logprobs(self, logits, tokens, seqs, rows) -> None:
-        idx = torch.tensor(rows, device=logits.device)
-        k = max(seqs[r].params.logprobs for r in rows)
-        chosen, top = compute_logprobs(logits.index_select(0, idx), tokens.index_select(0, idx), k)
-        for j, r in enumerate(rows):
-            seq = seqs[r]
-            alts = [] if top is None else list(zip(top.indices[j].tolist(), top.values[j].tolist()))
-            seq.pending_logprobs.append(self._logprob(int(tokens[r]), float(chosen[j]),
-                                                      alts[: seq.params.logprobs]))
-
-    def _prompt_logprobs(self, tokens: list[int], logits: torch.Tensor, targets: torch.Tensor,
-                         k: int) -> list[TokenLogprob]:
-        if not tokens:
-            return []
-        chosen, top = compute_logprobs(logits, targets, k)
-        out = []
-        for j, token in enumerate(tokens):
-            alts = [] if top is None else list(zip(top.indices[j].tolist(), top.values[j].tolist()))
-            out.append(self._logprob(token, float(chosen[j]), alts))
-        return out
-
-    def _logprob(self, token: int, logprob: Optional[float], alts: list[tuple[int, float]]) -> TokenLogprob:
-        text, raw = self.token_text(token)
-        top = [(*self.token_text(t), lp) for t, lp in alts]
-        return TokenLogprob(text, logprob, raw, [(t, lp, b) for t, b, lp in top])
-
-    # ------------------------------------------------------------------ outputs
-
     def _chunk(self, req: EngineRequest) -> Union[GenerateChunk, Exception]:
-        if req.error is not None:
+        chunk = self.outputs.chunk(req)
+        if req.error is not None or req.finished:
             self.requests.pop(req.request_id, None)
-            return req.error
-        deltas = []
-        for s in req.seqs:
-            delta = self._delta(req, s)
-            if delta is not None:
-                deltas.append(delta)
-        done = req.finished
-        if done:
-            self.requests.pop(req.request_id, None)
-        return GenerateChunk(deltas, req.usage() if done else None)
-
-    def _delta(self, req: EngineRequest, s: Sequence) -> Optional[ChoiceDelta]:
-        text = s.stop.take_ready(final=s.finished)
-        logprobs, s.pending_logprobs = s.pending_logprobs, []
-        if s.params.echo and s.choice_index not in req.echo_sent and s.status is not Status.WAITING:
-            req.echo_sent.add(s.choice_index)
-            text = self.tokenizer.decode(s.prompt_ids, skip_special_tokens=True) + text
-            logprobs = (s.prompt_logprobs or []) + logprobs
-        if not text and not logprobs and (not s.finished or s.finish_reported):
-            return None   # a finished choice reports its finish once, not at every step of its siblings
-        s.finish_reported = s.finished
-        reason = s.finish_reason if s.finished and s.finish_reason != "abort" else None
-        return ChoiceDelta(s.choice_index, text, logprobs if s.params.logprobs is not None else None, reason)
+        return chunk
 
     # ------------------------------------------------------------------ construction
 
@@ -428,23 +334,3 @@ def _similar_lengths(groups: list[PromptGroup], max_waste: float = 0.25) -> list
                 continue
         chunks.append([g])
     return chunks
-
-
-def _zero_padding(cache: DynamicCache, mask: torch.Tensor) -> None:
-    """Padding positions never hold non-finite values, so masked attention weights (0) stay 0."""
-    if bool(mask.all()):
-        return
-    pad = (mask == 0)[:, None, :, None]
-    for layer in cache.layers:
-        layer.keys.masked_fill_(pad, 0.0)
-        layer.values.masked_fill_(pad, 0.0)
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(source, "eos_token_id", None) if source is not None else None
-        ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids

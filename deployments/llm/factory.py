@@ -7,17 +7,18 @@ import torch
 
 from deployments.config import ChatModelConfig, LLMEngineConfig
 from deployments.llm.async_engine import AsyncLLMEngine
+from deployments.llm.built_engine import BuiltEngine
 from deployments.llm.engine import LLMEngine
 from deployments.llm.loader import load_causal_lm, model_config, prepared_source
-from deployments.llm.mixed import supports_mixed_steps
-from deployments.prepacked import PackedLinear
+from deployments.llm.model_runner import supports_mixed_steps
+from deployments.llm.prepacked import PackedLinear
 from deployments.threads import on_passing_thread
 from deployments.torch_utils import pick_device, pick_dtype, set_threads
 
 
-def build_async_engine(cfg: ChatModelConfig):
-    """Returns (AsyncLLMEngine, tokenizer, max_model_len). With tensor_parallel_size > 1 this
-    replica is rank 0 and starts the other ranks (tp.py)."""
+def build_async_engine(cfg: ChatModelConfig) -> BuiltEngine:
+    """The AsyncLLMEngine with its tokenizer and context window. With tensor_parallel_size > 1
+    this replica is rank 0 and starts the other ranks (tp.py)."""
     e = cfg.engine
     ranks = None
     if e.tensor_parallel_size > 1:
@@ -33,7 +34,7 @@ def build_async_engine(cfg: ChatModelConfig):
                                   stream_interval_s=e.stream_interval_ms / 1000,
                                   max_chunks_per_s=e.max_chunks_per_s, metrics=_metrics(cfg.id), ranks=ranks,
                                   late_admission=e.late_admission, step_timeout_s=e.step_timeout_s)
-    return async_engine, tokenizer, engine.max_model_len
+    return BuiltEngine(async_engine, tokenizer, engine.max_model_len)
 
 
 def build_engine(cfg: ChatModelConfig, source: str, tp: Optional[tuple[int, int, str, int]] = None):
@@ -55,7 +56,7 @@ def build_engine(cfg: ChatModelConfig, source: str, tp: Optional[tuple[int, int,
     engine = LLMEngine(model, tokenizer, max_model_len=min(e.max_model_len or model_limit, model_limit),
                        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
                        max_prefill_tokens=prefill_tokens, mixed_steps=mixed, lockstep=lockstep,
-                       batch_invariant=invariant)
+                       batch_invariant=invariant, kv_cache=e.kv_cache)
     return engine, tokenizer
 
 

@@ -50,7 +50,7 @@ def load_causal_lm(source: str, cfg: LLMEngineConfig, device: torch.device, dtyp
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device).eval()
         if device.type == "cpu" and cfg.prepack_weights:
-            from deployments.prepacked import prepack_linears
+            from deployments.llm.prepacked import prepack_linears
             logger.info("%d linear layers run on prepacked weights", prepack_linears(model))
     if cfg.chat_template:
         tokenizer.chat_template = cfg.chat_template

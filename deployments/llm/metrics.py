@@ -47,8 +47,8 @@ class EngineMetrics:
         """After one engine step (monotonic times): the step's duration, occupancy, and the
         requests that got their first token or finished in it."""
         self.step.observe(now - started)
-        self.running.set(len(engine.batch))
-        self.waiting.set(sum(len(g.seqs) for g in engine.scheduler.waiting))
+        self.running.set(engine.num_running_seqs())
+        self.waiting.set(engine.num_waiting_seqs())
         prompt = generated = 0
         for req, chunk in outputs:
             if req.first_token_at is None and any(s.output_ids for s in req.seqs):

@@ -2,7 +2,7 @@
 
 Order, as in OpenAI/vLLM: logit_bias, presence/frequency penalties (over the sequence's output
 tokens), the grammar's mask (response_format, forced tool calls), temperature, top_p, then a draw by inverse CDF (one uniform number per row: a cumsum and
-a searchsorted, ~40x cheaper on CPU than drawing a noise value per vocabulary entry). A seeded
+a searchsorted, far cheaper on CPU than drawing a noise value per vocabulary entry). A seeded
 sequence draws its number from its own generator, so its output does not depend on its batch
 mates. temperature == 0 is greedy.
 """

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from deployments.config import ChatModelConfig
 from deployments.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
+from deployments.llm.built_engine import BuiltEngine
 from deployments.llm.tool_calls import FORMATS, ToolCallStream, ToolFormat, default_parser
 from deployments.loading import loading
 from deployments.types import (Choice, ChoiceDelta, GenerateChunk, GenerateRequest, GenerateResult,
@@ -24,11 +25,14 @@ LEGACY_COMPLETIONS_MAX_TOKENS = 16   # OpenAI's default max_tokens for /v1/compl
 
 
 class LLMServer:
-    def __init__(self, model_cfg: ChatModelConfig, *, engine_factory: Optional[Callable] = None):
-        from deployments.llm.factory import build_async_engine
+    def __init__(self, model_cfg: ChatModelConfig, *,
+                 engine_factory: Optional[Callable[[ChatModelConfig], BuiltEngine]] = None):
+        if engine_factory is None:   # torch and transformers load here, not at import
+            from deployments.llm.factory import build_async_engine as engine_factory
         self.cfg = model_cfg
         with loading(model_cfg):
-            self.engine, self.tokenizer, self.max_model_len = (engine_factory or build_async_engine)(model_cfg)
+            built: BuiltEngine = engine_factory(model_cfg)
+        self.engine, self.tokenizer, self.max_model_len = built.engine, built.tokenizer, built.max_model_len
         self.created = int(time.time())
         self.tool_format = FORMATS[model_cfg.engine.tool_parser or default_parser(self.tokenizer.chat_template)]
         self._grammar_cache = None
@@ -46,9 +50,7 @@ class LLMServer:
 
     def stats(self) -> dict[str, int]:
         """Engine occupancy (for tests, dashboards and autoscaling decisions)."""
-        engine = self.engine.engine
-        return {"running": len(engine.batch), "waiting": sum(len(g.seqs) for g in engine.scheduler.waiting),
-                "in_flight_seqs": self.engine.num_in_flight_seqs}
+        return self.engine.stats()
 
     async def check_health(self) -> None:
         self.engine.check_health()
@@ -111,7 +113,7 @@ class LLMServer:
     # ------------------------------------------------------------------ request preparation
 
     def _prepare(self, req: GenerateRequest):
-        from deployments.llm.engine import EngineRequest
+        from deployments.llm.request import EngineRequest
         from deployments.llm.chat_template import render_chat
         p = req.sampling
         if p.n > self.cfg.engine.max_n:
@@ -147,8 +149,7 @@ class LLMServer:
 
     def _grammars(self):
         if self._grammar_cache is None:
-            from deployments.llm.structured import Grammars
-            self._grammar_cache = Grammars.for_engine(self.engine.engine)
+            self._grammar_cache = self.engine.grammars()
         return self._grammar_cache
 
     def _tokenize(self, prompt) -> list[int]:

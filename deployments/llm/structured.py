@@ -52,7 +52,7 @@ class Grammars:
     @classmethod
     def for_engine(cls, engine: Any) -> "Grammars":
         """Grammars over the engine's tokenizer, vocabulary and stop tokens."""
-        return cls(engine.tokenizer, engine.sampler.vocab_size, sorted(engine.eos_ids))
+        return cls(engine.tokenizer, engine.vocab_size, sorted(engine.eos_ids))
 
     def _get_compiler(self, param: str):
         with self._lock:

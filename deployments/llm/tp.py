@@ -127,7 +127,7 @@ class TPRank:
             raise
 
     def _request(self, request_id, prompts, params, max_tokens, grammar_spec):
-        from deployments.llm.engine import EngineRequest
+        from deployments.llm.request import EngineRequest
         req = EngineRequest(request_id, prompts, params, max_tokens, grammar_spec=grammar_spec)
         if grammar_spec is not None:
             if self._grammars is None:

@@ -16,7 +16,8 @@ def _random_llama(dtype: torch.dtype):
 
 
 def test_engine_runs_on_cuda_in_bf16_and_batching_keeps_greedy_outputs():
-    from deployments.llm.engine import EngineRequest, LLMEngine
+    from deployments.llm.engine import LLMEngine
+    from deployments.llm.request import EngineRequest
     from deployments.types import SamplingParams
     from tests.unit.fakes import ByteTokenizer
     model = _random_llama(torch.bfloat16)
@@ -39,7 +40,8 @@ def test_engine_runs_on_cuda_in_bf16_and_batching_keeps_greedy_outputs():
 
 
 def test_mixed_steps_on_cuda_match_separate_prefill_steps():
-    from deployments.llm.engine import EngineRequest, LLMEngine
+    from deployments.llm.engine import LLMEngine
+    from deployments.llm.request import EngineRequest
     from deployments.types import SamplingParams
     from tests.unit.fakes import ByteTokenizer
     model = _random_llama(torch.float32)

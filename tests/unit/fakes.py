@@ -167,3 +167,34 @@ def byte_grammars():
     info = xgr.TokenizerInfo([bytes([i]) for i in range(256)] + [b""], xgr.VocabType.RAW, vocab_size=257,
                              stop_token_ids=[256])
     return Grammars(ByteTokenizer(), 257, [256], tokenizer_info=info)
+
+
+class FakeServingEngine:
+    """Stands in for AsyncLLMEngine behind a real LLMServer (built_engine.ServingEngine): every
+    choice streams the bytes of "fake reply" one per chunk, up to its max_tokens. Needs no torch."""
+
+    REPLY = "fake reply"
+
+    def __init__(self):
+        self.num_in_flight_seqs = 0
+        self.requests = []
+
+    async def generate(self, req) -> AsyncIterator[GenerateChunk]:
+        self.requests.append(req)
+        n, limit = req.params.n * len(req.prompts), req.max_tokens[0]
+        text = self.REPLY[:limit]
+        reason = "length" if limit < len(self.REPLY) else "stop"
+        for k, c in enumerate(text):
+            last = k == len(text) - 1
+            yield GenerateChunk([ChoiceDelta(i, c, None, reason if last else None) for i in range(n)],
+                                Usage(sum(len(p) for p in req.prompts), len(text) * n) if last else None)
+            await asyncio.sleep(0)
+
+    def check_health(self) -> None:
+        return None
+
+    def stats(self) -> dict[str, int]:
+        return {"running": 0, "waiting": 0, "in_flight_seqs": self.num_in_flight_seqs}
+
+    def grammars(self):
+        raise NotImplementedError("FakeServingEngine serves no structured outputs")

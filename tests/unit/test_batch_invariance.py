@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deployments.llm.engine import EngineRequest, LLMEngine
-from deployments.llm.mixed import _rowwise
-from deployments.prepacked import PackedLinear, batch_invariant_rows, prepack_linears
+from deployments.llm.engine import LLMEngine
+
+from deployments.llm.request import EngineRequest
+from deployments.llm.attention import _rowwise
+from deployments.llm.prepacked import PackedLinear, batch_invariant_rows, prepack_linears
 from deployments.types import SamplingParams
 from tests.unit.fakes import ByteTokenizer
 
@@ -90,7 +92,7 @@ def test_an_idle_engine_prefills_in_the_mixed_forward_when_invariant(model):
     e.add(EngineRequest("x", [list(PROMPTS[0])], params(0, False), [24]))
     calls = []
     inner = e._mixed
-    e._mixed = lambda groups: calls.append(len(groups)) or inner(groups)
+    e._mixed = lambda groups, plan: calls.append(len(groups)) or inner(groups, plan)
     e.step()
     assert calls == [1] and len(e.batch) == 1
 

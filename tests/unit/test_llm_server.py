@@ -8,6 +8,7 @@ import pytest
 from deployments.config import ChatModelConfig
 from deployments.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
 from deployments.llm.async_engine import AsyncLLMEngine
+from deployments.llm.built_engine import BuiltEngine
 from deployments.llm.engine import LLMEngine
 from deployments.llm.server import LLMServer
 from deployments.types import GenerateRequest, SamplingParams
@@ -24,7 +25,7 @@ def make_server(max_num_seqs=4, max_waiting=4, max_model_len=64, **engine) -> LL
         tok = ByteTokenizer()
         engine = LLMEngine(MODEL, tok, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=4096)
-        return AsyncLLMEngine(engine, max_in_flight_seqs=max_num_seqs + max_waiting), tok, max_model_len
+        return BuiltEngine(AsyncLLMEngine(engine, max_in_flight_seqs=max_num_seqs + max_waiting), tok, max_model_len)
     return LLMServer(cfg, engine_factory=factory)
 
 
@@ -147,7 +148,7 @@ def test_omitted_temperature_and_top_p_take_the_configured_defaults():
         engine = LLMEngine(MODEL, tok, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=4096)
         real_add = engine.add
         engine.add = lambda r: (seen.append(r.params), real_add(r))
-        return AsyncLLMEngine(engine, max_in_flight_seqs=8), tok, 64
+        return BuiltEngine(AsyncLLMEngine(engine, max_in_flight_seqs=8), tok, 64)
     cfg = ChatModelConfig(id="tiny", kind="chat", source="x",
                           engine={"default_temperature": 0.0, "default_top_p": 0.5})
     server = LLMServer(cfg, engine_factory=factory)
@@ -339,7 +340,7 @@ def test_engine_metrics_record_ttft_queue_latency_tokens_and_occupancy():
     def factory(_cfg):
         tok = ByteTokenizer()
         engine = LLMEngine(MODEL, tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=4096)
-        return AsyncLLMEngine(engine, max_in_flight_seqs=8, metrics=metrics), tok, 64
+        return BuiltEngine(AsyncLLMEngine(engine, max_in_flight_seqs=8, metrics=metrics), tok, 64)
 
     async def go():
         server = LLMServer(ChatModelConfig(id="tiny", kind="chat", source="x"), engine_factory=factory)
@@ -374,7 +375,7 @@ def test_under_tensor_parallelism_a_failed_step_stops_the_engine_and_fails_the_h
         ranks = _Ranks()
         engine = LLMEngine(MODEL, ByteTokenizer(), max_model_len=64, max_num_seqs=4, max_num_batched_tokens=4096)
         server = LLMServer(ChatModelConfig(id="tiny", kind="chat", source="x"), engine_factory=lambda _:
-                           (AsyncLLMEngine(engine, max_in_flight_seqs=8, ranks=ranks), ByteTokenizer(), 64))
+                           BuiltEngine(AsyncLLMEngine(engine, max_in_flight_seqs=8, ranks=ranks), ByteTokenizer(), 64))
         await server.check_health()
         ranks.lost = True                                   # a rank's loop ended
         with pytest.raises(RuntimeError, match="rank stopped"):

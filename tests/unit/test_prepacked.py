@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from deployments.llm.engine import EngineRequest, LLMEngine
-from deployments.prepacked import PackedLinear, _available, prepack_linears
+from deployments.llm.engine import LLMEngine
+
+from deployments.llm.request import EngineRequest
+from deployments.llm.prepacked import PackedLinear, _available, prepack_linears
 from deployments.types import SamplingParams
 from tests.unit.fakes import ByteTokenizer, tiny_llama
 

@@ -75,7 +75,8 @@ def test_the_llm_engine_thread_runs_openmp_with_torchs_thread_count():
     import torch
 
     from deployments.llm.async_engine import AsyncLLMEngine
-    from deployments.llm.engine import EngineRequest, LLMEngine
+    from deployments.llm.engine import LLMEngine
+    from deployments.llm.request import EngineRequest
     from deployments.types import SamplingParams
     from tests.unit.fakes import ByteTokenizer, tiny_llama
     try:

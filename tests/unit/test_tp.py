@@ -13,7 +13,7 @@ WORLD = 2
 
 
 def _requests():
-    from deployments.llm.engine import EngineRequest
+    from deployments.llm.request import EngineRequest
     from deployments.types import SamplingParams
 
     def r(rid, text, **kw):
@@ -52,7 +52,7 @@ def _rank(rank: int, port: int, path: str, results) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
-    from deployments.llm.engine import EngineRequest
+    from deployments.llm.request import EngineRequest
     from deployments.llm.tp import Lockstep, follow, init_rank
     torch.set_num_threads(1)
     control = init_rank(rank, WORLD, "127.0.0.1", port, torch.device("cpu"))

@@ -2,9 +2,8 @@
 
 torch's F.linear on CPU hands the plain weight to oneDNN (bf16) or MKL (fp32) on every call, and the
 weight is reordered each time; IPEX and inductor's freezing pass pack it once instead, and so does
-this. Measured on the dev box (Zen 4, 2 threads, SmolLM2-135M's shapes): bf16 linears take
-0.45-0.55x the time at 1 row and 0.75-0.9x at 32-68 rows; the outputs are bit-identical to F.linear
-in bf16 and do not depend on the batch size. Imported only inside model replicas (needs torch).
+this (timings in bench/README.md, "Engine"); the outputs are bit-identical to F.linear in bf16 and
+do not depend on the batch size. Imported only inside model replicas (needs torch).
 """
 from __future__ import annotations
 
@@ -58,10 +57,9 @@ def batch_invariant_rows(model: nn.Module, samples: int = 512) -> int:
     layers compute a lone row as two.
 
     oneDNN computes a row the same way in any batch of two or more rows, but for a lone row it may
-    take a kernel that sums in another order: on the dev box (Zen 4, bf16) it does for K=1536, with
-    65 of 600 heavy-tailed rows off by an ulp, and not for K=576 (0 of 600). Each shape is checked
-    once, on `samples` such rows; a shape where any row differs computes lone rows as the first of
-    two (about 1.5x that layer's one-row time)."""
+    take a kernel that sums in another order, for some shapes and not others (bench/README.md,
+    "Engine"). Each shape is checked once, on `samples` such rows; a shape where any row differs
+    computes lone rows as the first of two (which costs more than one row alone)."""
     verdicts: dict[tuple, bool] = {}
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     g = torch.Generator().manual_seed(0)

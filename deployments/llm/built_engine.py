@@ -1,0 +1,29 @@
+"""What an engine factory hands the LLMServer: the serving engine, its tokenizer and context window,
+and the interface the server needs from that engine (so a fake can stand in, in unit tests).
+
+Must not import torch: the server and its fakes use it without torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Protocol
+
+from deployments.types import GenerateChunk
+
+
+class ServingEngine(Protocol):
+    """What LLMServer calls on its engine (AsyncLLMEngine is the real one)."""
+
+    num_in_flight_seqs: int
+
+    def generate(self, req: Any) -> AsyncIterator[GenerateChunk]: ...   # req: request.EngineRequest
+    def check_health(self) -> None: ...
+    def stats(self) -> dict[str, int]: ...
+    def grammars(self) -> Any: ...   # a structured.Grammars over the engine's vocabulary
+
+
+@dataclass
+class BuiltEngine:
+    engine: ServingEngine
+    tokenizer: Any
+    max_model_len: int

@@ -1,0 +1,102 @@
+"""Output processing: what a sampled token does to its sequence (stop, length, EOS, grammar end),
+the logprob entries (token text and bytes, top alternatives), and each step's per-request chunk of
+deltas (streamed text held back at stop strings, echo of the prompt, finish reasons).
+
+Runs on the engine thread; no model work here beyond reading the logits it is given.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from deployments.llm.detokenizer import TokenText
+from deployments.llm.request import EngineRequest
+from deployments.llm.sampler import compute_logprobs
+from deployments.llm.sequence import Sequence, Status
+from deployments.types import ChoiceDelta, GenerateChunk, TokenLogprob
+
+
+class OutputProcessor:
+    def __init__(self, model: Any, tokenizer: Any, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.eos_ids = eos_ids(model, tokenizer)
+        self.token_text = TokenText(tokenizer)
+
+    def take(self, seq: Sequence, token: int) -> None:
+        """Appends a sampled token to `seq` and finishes it where the token ends it."""
+        seq.output_ids.append(token)
+        if seq.matcher is not None:
+            seq.matcher.accept_token(token)
+        if token in self.eos_ids or (seq.matcher is not None and seq.matcher.is_terminated()):
+            seq.finish("stop")
+        elif seq.stop.append(seq.detok.push(token)):
+            seq.finish("stop")
+        elif len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish("length")
+
+    # ------------------------------------------------------------------ logprobs
+
+    def token_logprobs(self, logits, tokens, seqs, rows) -> None:
+        """Adds to each of seqs[rows] the logprob entry of its sampled token (from `logits`)."""
+        idx = torch.tensor(rows, device=logits.device)
+        k = max(seqs[r].params.logprobs for r in rows)
+        chosen, top = compute_logprobs(logits.index_select(0, idx), tokens.index_select(0, idx), k)
+        for j, r in enumerate(rows):
+            seq = seqs[r]
+            alts = [] if top is None else list(zip(top.indices[j].tolist(), top.values[j].tolist()))
+            seq.pending_logprobs.append(self.logprob(int(tokens[r]), float(chosen[j]),
+                                                     alts[: seq.params.logprobs]))
+
+    def prompt_logprobs(self, tokens: list[int], logits: torch.Tensor, targets: torch.Tensor,
+                        k: int) -> list[TokenLogprob]:
+        if not tokens:
+            return []
+        chosen, top = compute_logprobs(logits, targets, k)
+        out = []
+        for j, token in enumerate(tokens):
+            alts = [] if top is None else list(zip(top.indices[j].tolist(), top.values[j].tolist()))
+            out.append(self.logprob(token, float(chosen[j]), alts))
+        return out
+
+    def logprob(self, token: int, logprob: Optional[float], alts: list[tuple[int, float]]) -> TokenLogprob:
+        text, raw = self.token_text(token)
+        top = [(*self.token_text(t), lp) for t, lp in alts]
+        return TokenLogprob(text, logprob, raw, [(t, lp, b) for t, b, lp in top])
+
+    # ------------------------------------------------------------------ chunks
+
+    def chunk(self, req: EngineRequest) -> Union[GenerateChunk, Exception]:
+        """What `req` streams after this step: its error, or its choices' deltas (usage once done)."""
+        if req.error is not None:
+            return req.error
+        deltas = []
+        for s in req.seqs:
+            delta = self._delta(req, s)
+            if delta is not None:
+                deltas.append(delta)
+        return GenerateChunk(deltas, req.usage() if req.finished else None)
+
+    def _delta(self, req: EngineRequest, s: Sequence) -> Optional[ChoiceDelta]:
+        text = s.stop.take_ready(final=s.finished)
+        logprobs, s.pending_logprobs = s.pending_logprobs, []
+        if s.params.echo and s.choice_index not in req.echo_sent and s.status is not Status.WAITING:
+            req.echo_sent.add(s.choice_index)
+            text = self.tokenizer.decode(s.prompt_ids, skip_special_tokens=True) + text
+            logprobs = (s.prompt_logprobs or []) + logprobs
+        if not text and not logprobs and (not s.finished or s.finish_reported):
+            return None   # a finished choice reports its finish once, not at every step of its siblings
+        s.finish_reported = s.finished
+        reason = s.finish_reason if s.finished and s.finish_reason != "abort" else None
+        return ChoiceDelta(s.choice_index, text, logprobs if s.params.logprobs is not None else None, reason)
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,83 @@
+"""Shared helpers for the LLM engine's unit tests: an engine over a given model, requests, a run loop."""
+from __future__ import annotations
+
+from deployments.llm.engine import LLMEngine
+from deployments.llm.request import EngineRequest
+from deployments.types import SamplingParams
+from tests.unit.fakes import ByteTokenizer
+
+
+def make_engine(model, **kw) -> LLMEngine:
+    opts = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=8192)
+    opts.update(kw)
+    return LLMEngine(model, ByteTokenizer(), **opts)
+
+
+def prompt(text: str) -> list[int]:
+    return list(text.encode())
+
+
+def run_all(engine: LLMEngine, reqs: list[EngineRequest], on_step=None):
+    """Runs to completion; returns {request_id: {choice: text}}, finish reasons and per-step batch sizes."""
+    for r in reqs:
+        engine.add(r)
+    texts: dict = {}
+    reasons: dict = {}
+    sizes = []
+    while engine.has_work():
+        for req, chunk in engine.step():
+            for d in chunk.choices:
+                mine = texts.setdefault(req.request_id, {})
+                mine[d.index] = mine.get(d.index, "") + d.text
+                if d.finish_reason:
+                    reasons.setdefault(req.request_id, {})[d.index] = d.finish_reason
+        sizes.append(len(engine.batch))
+        if on_step:
+            on_step(engine)
+    return texts, reasons, sizes
+
+
+def req(rid, text, **params) -> EngineRequest:
+    p = SamplingParams(**{"max_tokens": 12, "temperature": 0.0, **params})
+    return EngineRequest(rid, [prompt(text)], p, [p.max_tokens])
+
+
+def out_ids(r: EngineRequest, i: int = 0) -> list[int]:
+    return r.seqs[i].output_ids
+
+
+def staggered(model, mixed: bool, make_reqs, every: int = 2):
+    """Adds one request every `every` steps while earlier ones run; returns the requests and the
+    number of forward passes."""
+    reqs = make_reqs()
+    engine = make_engine(model, mixed_steps=mixed, max_prefill_tokens=16)
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        pending = list(reqs)
+        engine.add(pending.pop(0))
+        k = 0
+        while engine.has_work() or pending:
+            if pending and k % every == 0:
+                engine.add(pending.pop(0))
+            engine.step()
+            assert not any(s.finished for s in engine.batch.seqs)   # finished rows leave at once
+            k += 1
+    finally:
+        handle.remove()
+    return reqs, len(calls)
+
+
+def staggered_outputs(engine: LLMEngine, reqs: list[EngineRequest], every: int = 2) -> dict:
+    """Adds one request every `every` steps while earlier ones run, with late admission on;
+    returns {request_id: [each choice's output ids, finish reason, logprob tokens]}."""
+    pending = list(reqs)
+    engine.arrivals = lambda: None
+    k = 0
+    while engine.has_work() or pending:
+        if pending and k % every == 0:
+            engine.add(pending.pop(0))
+        engine.step()
+        k += 1
+    return {r.request_id: [(s.output_ids, s.finish_reason, [e.token for e in s.prompt_logprobs or []])
+                           for s in r.seqs] for r in reqs}

@@ -1,0 +1,85 @@
+"""Output processing (outputs.py) through the engine: stop strings, lengths, logprobs, echo, finish reports."""
+from __future__ import annotations
+
+import pytest
+
+from deployments.llm.request import EngineRequest
+from deployments.types import SamplingParams
+from tests.unit.fakes import ByteTokenizer, tiny_llama
+from tests.unit.llm_helpers import make_engine, out_ids, prompt, req, run_all
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+def test_stop_string_is_cut_and_never_streamed(model):
+    probe = req("p", "stop test", max_tokens=20)
+    run_all(make_engine(model), [probe])
+    full = ByteTokenizer().decode(out_ids(probe))
+    k = next(i for i in range(3, len(full) - 1)
+             if full.find(full[i:i + 2]) == i and "\ufffd" not in full[i:i + 2])
+    stop = full[k:k + 2]
+    r = req("s", "stop test", max_tokens=20, stop=[stop, "never-seen"])
+    texts, reasons, _ = run_all(make_engine(model), [r])     # texts are the streamed deltas joined
+    assert texts["s"][0] == full[:k] and reasons["s"][0] == "stop"
+
+
+def test_max_tokens_gives_length_and_exact_usage(model):
+    r = req("m", "count", max_tokens=5)
+    engine = make_engine(model)
+    engine.add(r)
+    chunks = []
+    while engine.has_work():
+        chunks += [c for _, c in engine.step()]
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].usage.prompt_tokens == len(prompt("count"))
+    assert [d.finish_reason for d in chunks[-1].choices] == ["length"]
+
+
+def test_logprobs_are_the_models_own_even_when_logit_bias_forces_the_token(model):
+    forced = req("f", "abc", logit_bias={65: 100.0}, logprobs=0, max_tokens=3)
+    engine = make_engine(model)
+    engine.add(forced)
+    entries = []
+    while engine.has_work():
+        for _, chunk in engine.step():
+            entries += [e for d in chunk.choices for e in d.logprobs or []]
+    assert out_ids(forced) == [65, 65, 65] and len(entries) == 3
+    assert all(e.logprob < -1.0 for e in entries)    # the model's own (~log 1/257), not the biased ~0
+
+
+def test_logprobs_shapes_and_echo(model):
+    r = req("l", "abc", max_tokens=4, logprobs=2, echo=True)
+    engine = make_engine(model)
+    engine.add(r)
+    deltas = []
+    while engine.has_work():
+        deltas += [d for _, c in engine.step() for d in c.choices]
+    lps = [lp for d in deltas for lp in (d.logprobs or [])]
+    assert len(lps) == 3 + 4                     # prompt (echo) + output
+    assert lps[0].logprob is None                 # first prompt token has no logprob
+    assert all(len(lp.top) == 2 for lp in lps[1:])
+    assert "".join(d.text for d in deltas).startswith("abc")
+    out_lp = lps[3:]
+    assert all(lp.logprob <= 0 for lp in out_lp)
+
+
+def test_context_window_ends_with_length(model):
+    engine = make_engine(model, max_model_len=20)
+    r = EngineRequest("c", [prompt("x" * 15)], SamplingParams(max_tokens=100, temperature=0), [100])
+    run_all(engine, [r])
+    assert len(out_ids(r)) == 5 and r.seqs[0].finish_reason == "length"
+
+
+def test_a_finished_choice_reports_its_finish_once_while_its_siblings_run(model):
+    r = req("n3", "hello", temperature=1.0, seed=1, n=3, max_tokens=30, stop=["e"])
+    engine = make_engine(model)
+    engine.add(r)
+    finishes: dict = {}
+    while engine.has_work():
+        for _, chunk in engine.step():
+            for d in chunk.choices:
+                if d.finish_reason:
+                    finishes[d.index] = finishes.get(d.index, 0) + 1
+    assert finishes == {0: 1, 1: 1, 2: 1}
