@@ -53,7 +53,8 @@ names = st.sampled_from(["model", "stream", "n", "max_tokens", "temperature", "t
                          "logprobs", "top_logprobs", "messages", "prompt", "input", "size", "tools", "tool_choice",
                          "response_format", "stream_options", "echo", "dimensions", "encoding_format", "user",
                          "presence_penalty", "frequency_penalty", "max_completion_tokens", "num_inference_steps",
-                         "guidance_scale", "negative_prompt", "response_format", "parallel_tool_calls", "unknown_x"])
+                         "guidance_scale", "negative_prompt", "response_format", "parallel_tool_calls", "unknown_x",
+                         "query", "documents", "top_n", "text_1", "text_2", "tokens"])
 
 
 def mutated(valid: st.SearchStrategy) -> st.SearchStrategy:
@@ -121,6 +122,22 @@ image_body = st.fixed_dictionaries(
               "response_format": st.sampled_from(["url", "b64_json"]), "seed": st.integers(0, 100),
               "num_inference_steps": st.integers(1, 3), "guidance_scale": st.floats(0, 10),
               "negative_prompt": st.text(max_size=10)})
+
+RERANK = "tiny-random-cross-encoder"
+texts = st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=4)
+utility_body = st.one_of(   # (path, body): vLLM's utility routes
+    st.tuples(st.just("/tokenize"), st.fixed_dictionaries(
+        {"model": st.just(CHAT)}, optional={"prompt": st.text(max_size=30), "messages": st.lists(message, max_size=2),
+                                            "add_special_tokens": st.booleans(), "return_token_strs": st.booleans()})),
+    st.tuples(st.just("/detokenize"), st.fixed_dictionaries(
+        {"model": st.just(CHAT), "tokens": st.lists(st.integers(0, 49151), max_size=8)})),
+    st.tuples(st.sampled_from(["/v1/rerank", "/rerank", "/v2/rerank"]), st.fixed_dictionaries(
+        {"model": st.sampled_from([RERANK, EMB]), "query": st.text(max_size=20), "documents": texts},
+        optional={"top_n": st.integers(-1, 5), "return_documents": st.booleans()})),
+    st.tuples(st.sampled_from(["/v1/score", "/score"]), st.fixed_dictionaries(
+        {"text_1": st.one_of(st.text(max_size=20), texts), "text_2": st.one_of(st.text(max_size=20), texts)},
+        optional={"model": st.sampled_from([RERANK, EMB])})),
+)
 
 OK_TYPES = {"/v1/chat/completions": ChatCompletion, "/v1/completions": Completion,
             "/v1/embeddings": CreateEmbeddingResponse, "/v1/images/generations": ImagesResponse}
@@ -212,6 +229,19 @@ def test_fuzz_models_and_image_files(http, name, files):
                                              b"[" * 5000, b'{"model": "' + b"\xff" * 10 + b'"}', b"\xef\xbb\xbf{}"])))
 def test_fuzz_raw_bodies(http, path, raw):
     post(http, path, raw)
+
+
+@settings(FUZZ, max_examples=200)
+@given(call=utility_body, mutate=st.booleans(), data=st.data())
+def test_fuzz_utility_routes(http, call, mutate, data):
+    path, body = call
+    if mutate:
+        body = data.draw(mutated(st.just(body)))
+        if "max_tokens" not in call[1]:
+            body.pop("max_tokens", None)   # mutated() adds it for the generation routes
+    post(http, path, body)
+    if path == "/v1/rerank":
+        check(http.get("/version"), "GET version")
 
 
 def test_server_is_healthy_after_the_fuzzing_and_enough_was_sent(http):
