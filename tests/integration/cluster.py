@@ -58,6 +58,7 @@ class LocalCluster:
         self.env.pop("RAY_ADDRESS", None)
         for key in [k for k in self.env if k.startswith("RAY_SERVE_")]:
             del self.env[key]   # e.g. the direct-ingress ports the suite's own Ray session set in os.environ
+        self.env["RAY_worker_niceness"] = "0"   # as in conftest.py: replicas at the driver's priority
 
     @property
     def address(self) -> str:

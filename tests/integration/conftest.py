@@ -71,7 +71,10 @@ def hub():
     port, proxy_port = _free_port(), _free_port()
     env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
            # room for the extra apps some tests deploy beside the default one
-           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 8)}
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 8),
+           # Ray starts workers at nice 15, below the driver: on a busy CI machine any other process
+           # then starves the replicas under test. The suite's replicas compete at the driver's priority.
+           "RAY_worker_niceness": "0"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)   # read by the Ray processes that ray.init starts
     METRICS_PORT[0] = _free_port()
