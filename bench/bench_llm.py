@@ -9,7 +9,7 @@ same size in this process, also greedy (the practical limit of this stack). Prin
 
 --compare 64,64:separate,512 serves the model once per engine variant in one app (max_prefill_tokens,
 ":separate" for mixed_steps off, ":cpsN" for max_chunks_per_s N, ":plain" for prepack_weights off,
-":nolate" for late_admission off, ":nobi" for batch_invariant off)
+":nolate" for late_admission off, ":nobi" for batch_invariant off, ":slots" for kv_cache slots)
 and, at each level, runs them in turns (--rounds, order alternating) with the static reference
 measured before and after: this machine drifts by ±20-40% within minutes, so only same-run ratios
 count.
@@ -189,7 +189,7 @@ def main():
     p.add_argument("--max-prefill-tokens", type=int, default=None)
     p.add_argument("--compare", default=None,
                    help="engine variants served side by side and run in turns: comma-separated "
-                        "max_prefill_tokens values, each optionally with ':separate', ':cpsN', ':plain', ':nolate' or ':nobi'")
+                        "max_prefill_tokens values, each optionally with ':separate', ':cpsN', ':plain', ':nolate', ':nobi' or ':slots'")
     p.add_argument("--rounds", type=int, default=2, help="turns per variant and level with --compare/--peer")
     p.add_argument("--peer", action="store_true", help="also run `transformers serve --continuous-batching`")
     opts = p.parse_args()
@@ -207,8 +207,10 @@ def main():
             overrides["late_admission"] = False
         if "nobi" in modes:
             overrides["batch_invariant"] = False
+        if "slots" in modes:
+            overrides["kv_cache"] = "slots"
         label = f"mpt {mpt} {'mixed' if mixed else 'separate'}" + "".join(
-            f" {m}" for m in modes if m.startswith("cps") or m in ("plain", "nolate", "nobi"))
+            f" {m}" for m in modes if m.startswith("cps") or m in ("plain", "nolate", "nobi", "slots"))
         compare[label] = (f"{CHAT}@{item}", overrides)
     variants = {label: model for label, (model, _) in compare.items()} or {"ours" if opts.peer else "": CHAT}
     rounds = opts.rounds if compare or opts.peer else 1

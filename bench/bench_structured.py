@@ -116,7 +116,8 @@ def main():
     cfg = chat_config()
     if a.threads:
         cfg.engine.num_threads = a.threads
-    engine, tok = build_engine(cfg, cfg.source)
+    loaded = build_engine(cfg, cfg.source)
+    engine, tok = loaded.engine, loaded.tokenizer
     timed = _Timed()
     sampler_module.apply_grammars = timed.apply
     engine_module.new_matcher = timed.new_matcher

@@ -1,8 +1,9 @@
 """The continuous-batching engine: each step runs the scheduler's plan and reports what changed.
 
     step():  plan = scheduler.schedule()          (scheduler.py: admission, budgets, preemption)
-             run the plan's forwards               mixed:   one packed forward decodes the rows and
-                                                            prefills the prompts (model_runner.py)
+             run the plan's forwards               (model_runner.py, every forward)
+                                                   mixed:   one packed forward decodes the rows and
+                                                            prefills the prompts
                                                    prefill: prompts together (forked n ways)
                                                    decode:  every running row, one token
              sample each forward's rows            (sampler.py), tokens -> sequences (outputs.py)
@@ -22,11 +23,9 @@ from transformers import DynamicCache
 
 from deployments.llm.batch import RunningBatch
 from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher
-from deployments.llm.kv_cache import SlotKVCache, prompt_cache, zero_padding
-from deployments.llm.model_runner import install as install_mixed
-from deployments.llm.model_runner import run_mixed, supports_late_admission, supports_mixed_steps
+from deployments.llm.kv_cache import SlotKVCache, prompt_cache
+from deployments.llm.model_runner import ModelRunner, supports_mixed_steps
 from deployments.llm.outputs import OutputProcessor
-from deployments.llm.prepacked import batch_invariant_rows
 from deployments.llm.request import EngineRequest
 from deployments.llm.sampler import Sampler, make_generator
 from deployments.llm.scheduler import PromptGroup, Scheduler, StepPlan
@@ -35,7 +34,6 @@ from deployments.llm.structured import new_matcher
 from deployments.types import GenerateChunk, TokenLogprob
 
 logger = logging.getLogger(__name__)
-PROMPT_LOGPROBS_CHUNK = 256   # prompt positions whose logits (x vocabulary) exist at once, for echo + logprobs
 
 _SLOT_COLUMNS = 256   # a slot cache's first capacity per row (it doubles when a row outgrows it)
 Touched = dict[str, EngineRequest]   # the requests a step changed, by id
@@ -66,10 +64,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(model, tokenizer, max_model_len)
         self.eos_ids = self.outputs.eos_ids
         self.requests: dict[str, EngineRequest] = {}
-        if self.batch_invariant:
-            batch_invariant_rows(model)
-        if self.mixed_steps:
-            install_mixed(model)
+        self.runner = ModelRunner(model, mixed_steps=self.mixed_steps, batch_invariant=self.batch_invariant)
         # Late admission (model_runner.run_mixed): set by the AsyncLLMEngine, it moves requests posted
         # since the step began into the scheduler, so their prompts can join the step's forward midway.
         self.arrivals: Optional[Callable[[], None]] = None
@@ -148,7 +143,7 @@ class LLMEngine:
         touched.update((s.request_id, s.owner) for s in decoded)
         return touched
 
-    # ------------------------------------------------------------------ model work
+    # ------------------------------------------------------------------ running the plan (forwards: model_runner.py)
 
     def _prefill_all(self, groups: list[PromptGroup]) -> None:
         """Prompts of similar length are prefilled together (left-padded): on CPU a batch of short
@@ -166,26 +161,16 @@ class LLMEngine:
             return self._resume(groups[0])
         if len(groups) == 1 and groups[0].want_prompt_logprobs:
             return self._prefill_with_prompt_logprobs(groups[0])
-        width = max(len(g.prompt_ids) for g in groups)
-        ids = torch.zeros(len(groups), width, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(groups), width, dtype=torch.long, device=self.device)
-        for row, g in enumerate(groups):
-            ids[row, width - len(g.prompt_ids):] = torch.tensor(g.prompt_ids, device=self.device)
-            mask[row, width - len(g.prompt_ids):] = 1
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_(min=0),
-                         past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
-        zero_padding(out.past_key_values, mask)
-        self._start_and_join(groups, out.logits[:, -1], out.past_key_values, mask)
+        last_logits, cache, mask = self.runner.prefill([g.prompt_ids for g in groups])
+        self._start_and_join(groups, last_logits, cache, mask)
 
     def _resume(self, group: PromptGroup) -> None:
         """A preempted sequence's tokens so far go through the model again to rebuild its cache;
         then it decodes on from its last token (nothing is sampled here)."""
-        ids = torch.tensor([group.prompt_ids], device=self.device)
-        out = self.model(input_ids=ids, past_key_values=DynamicCache(config=self.model.config), use_cache=True,
-                         logits_to_keep=1)
+        cache, mask = self.runner.resume(group.prompt_ids)
         seq = group.seqs[0]
         seq.status = Status.RUNNING
-        self.batch.add([seq], out.past_key_values, torch.ones(1, ids.shape[1], dtype=torch.long, device=self.device))
+        self.batch.add([seq], cache, mask)
 
     def _start_and_join(self, groups: list[PromptGroup], last_logits: torch.Tensor, cache: DynamicCache,
                         mask: torch.Tensor) -> None:
@@ -197,36 +182,25 @@ class LLMEngine:
         self._join(seqs, rows, cache, mask)
 
     def _prefill_with_prompt_logprobs(self, group: PromptGroup) -> None:
-        """Echo + logprobs needs the logits of every prompt position: the prompt goes through in
-        chunks of PROMPT_LOGPROBS_CHUNK tokens over a growing cache, so no more than a chunk's
-        positions x the vocabulary of logits exist at once, however long the prompt."""
-        ids = torch.tensor([group.prompt_ids], device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        length, k = ids.shape[1], group.seqs[0].params.logprobs or 0
+        """Echo + logprobs needs the logits of every prompt position: the runner hands them over a
+        chunk at a time (model_runner.ModelRunner.prefill_in_chunks), and each becomes logprobs."""
+        k = group.seqs[0].params.logprobs or 0
         entries: list[Optional[TokenLogprob]] = [self.outputs.logprob(group.prompt_ids[0], None, [])]
-        for start in range(0, length, PROMPT_LOGPROBS_CHUNK):
-            end = min(start + PROMPT_LOGPROBS_CHUNK, length)
-            logits = self.model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=0,
-                                position_ids=torch.arange(start, end, device=self.device)[None]).logits[0]
-            targets = ids[0, start + 1:end + 1]   # each position predicts the next prompt token
-            entries += self.outputs.prompt_logprobs(group.prompt_ids[start + 1:end + 1], logits[:len(targets)], targets, k)
-            last = logits[-1:]
+
+        def score(start: int, end: int, logits: torch.Tensor, targets: torch.Tensor) -> None:
+            entries.extend(self.outputs.prompt_logprobs(group.prompt_ids[start + 1:end + 1], logits[:len(targets)],
+                                                        targets, k))
+        last, cache, mask = self.runner.prefill_in_chunks(group.prompt_ids, score)
         for s in group.seqs:
             s.prompt_logprobs = entries
-        self._start_and_join([group], last, cache, torch.ones(1, length, dtype=torch.long, device=self.device))
+        self._start_and_join([group], last, cache, mask)
 
     def _mixed(self, groups: list[PromptGroup], plan: StepPlan) -> list[PromptGroup]:
         """One forward: a token for every running row and the first token of each new prompt.
         Returns the prompt groups it prefilled: `groups`, then those that joined midway."""
-        inputs = self.batch.step_inputs() if len(self.batch) else _no_rows(self.device)
-
-        def poll() -> list[list[int]]:
-            self.arrivals()
-            return [g.prompt_ids for g in self.scheduler.late_prefills(plan)]
-        can_join = self.arrivals is not None and supports_late_admission(self.model)
-        logits, step = run_mixed(self.model, inputs["input_ids"], inputs["position_ids"], self.batch.cache,
-                                 inputs["attention_mask"], [g.prompt_ids for g in groups], poll if can_join else None,
-                                 invariant=self.batch_invariant)
+        inputs = self.batch.step_inputs() if len(self.batch) else None
+        poll = self._late_prompts(plan) if self.arrivals is not None else None
+        logits, step = self.runner.mixed(inputs, self.batch.cache, [g.prompt_ids for g in groups], poll)
         groups = groups + plan.late
         b = len(self.batch)
         rows = _fork_rows(groups, self.device)
@@ -239,6 +213,14 @@ class LLMEngine:
             self._join(seqs, rows, cache, mask)
         return groups
 
+    def _late_prompts(self, plan: StepPlan) -> Callable[[], list[list[int]]]:
+        """Late admission's poll (model_runner.run_mixed): takes the requests posted since the step
+        began, and returns the prompts that may join the step now."""
+        def poll() -> list[list[int]]:
+            self.arrivals()
+            return [g.prompt_ids for g in self.scheduler.late_prefills(plan)]
+        return poll
+
     def _join(self, seqs: list[Sequence], rows: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
         """Merges new sequences that did not finish on their first token into the batch; `rows` maps
         each to its prompt's row of `cache`/`mask`."""
@@ -250,8 +232,7 @@ class LLMEngine:
         self.batch.add([seqs[i] for i in alive], cache, mask.index_select(0, keep))
 
     def _decode(self) -> None:
-        out = self.model(**self.batch.step_inputs(), use_cache=True)
-        self._sample_and_append(out.logits[:, -1], self.batch.seqs)
+        self._sample_and_append(self.runner.decode(self.batch.step_inputs()), self.batch.seqs)
 
     def _sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         tokens = self.sampler(logits, seqs)
@@ -301,11 +282,6 @@ class LLMEngine:
             seqs.append(seq)
         want = params.echo and params.logprobs is not None
         return PromptGroup(req.request_id, prompt, seqs, want_prompt_logprobs=want)
-
-
-def _no_rows(device: torch.device) -> dict:
-    empty = torch.zeros(0, 1, dtype=torch.long, device=device)
-    return {"input_ids": empty, "position_ids": empty, "attention_mask": None}
 
 
 def _fork_rows(groups: list[PromptGroup], device: torch.device) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Builds the real engine for a chat model config: device, dtype, weights, engine thread."""
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -16,6 +17,15 @@ from deployments.threads import on_passing_thread
 from deployments.torch_utils import pick_device, pick_dtype, set_threads
 
 
+@dataclass
+class LoadedEngine:
+    """What build_engine hands back: the synchronous engine over the model (this rank's shard,
+    under TP) and its tokenizer. Its context window is `engine.max_model_len`."""
+
+    engine: LLMEngine
+    tokenizer: Any
+
+
 def build_async_engine(cfg: ChatModelConfig) -> BuiltEngine:
     """The AsyncLLMEngine with its tokenizer and context window. With tensor_parallel_size > 1
     this replica is rank 0 and starts the other ranks (tp.py)."""
@@ -26,20 +36,20 @@ def build_async_engine(cfg: ChatModelConfig) -> BuiltEngine:
         source = prepared_source(cfg.source, e)     # a GGUF is dequantized once, here, before the ranks load
         check_shardable(model_config(source, e), e.tensor_parallel_size)
         ranks = RankGroup(cfg, source, e.tensor_parallel_size)
-        engine, tokenizer = ranks.join(
+        loaded = ranks.join(
             lambda: build_engine(cfg, source, tp=(0, e.tensor_parallel_size, ranks.address, ranks.port)))
     else:   # on a passing thread: only the engine thread keeps OpenMP workers (threads.py)
-        engine, tokenizer = on_passing_thread(lambda: build_engine(cfg, cfg.source))
-    async_engine = AsyncLLMEngine(engine, max_in_flight_seqs=e.max_num_seqs + e.max_waiting,
+        loaded = on_passing_thread(lambda: build_engine(cfg, cfg.source))
+    async_engine = AsyncLLMEngine(loaded.engine, max_in_flight_seqs=e.max_num_seqs + e.max_waiting,
                                   stream_interval_s=e.stream_interval_ms / 1000,
                                   max_chunks_per_s=e.max_chunks_per_s, metrics=_metrics(cfg.id), ranks=ranks,
                                   late_admission=e.late_admission, step_timeout_s=e.step_timeout_s)
-    return BuiltEngine(async_engine, tokenizer, engine.max_model_len)
+    return BuiltEngine(async_engine, loaded.tokenizer, loaded.engine.max_model_len)
 
 
-def build_engine(cfg: ChatModelConfig, source: str, tp: Optional[tuple[int, int, str, int]] = None):
+def build_engine(cfg: ChatModelConfig, source: str, tp: Optional[tuple[int, int, str, int]] = None) -> LoadedEngine:
     """The engine over the whole model, or, with tp=(rank, world, address, port), over this rank's
-    shard (joining the ranks' process group first). Returns (LLMEngine, tokenizer)."""
+    shard (joining the ranks' process group first)."""
     e = cfg.engine
     set_threads(e.num_threads)
     device = pick_device(e.device)
@@ -57,7 +67,7 @@ def build_engine(cfg: ChatModelConfig, source: str, tp: Optional[tuple[int, int,
                        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
                        max_prefill_tokens=prefill_tokens, mixed_steps=mixed, lockstep=lockstep,
                        batch_invariant=invariant, kv_cache=e.kv_cache)
-    return engine, tokenizer
+    return LoadedEngine(engine, tokenizer)
 
 
 def _batch_invariant(e: LLMEngineConfig, model, device: torch.device, mixed: bool, sharded: bool) -> bool:

@@ -1,9 +1,13 @@
-"""Runs the model's packed forward (a mixed step): one forward that decodes every running row and
-prefills new prompts, with prompts that arrive while it runs joining midway (late admission).
+"""Every forward the engine runs: `ModelRunner` holds the model and returns logits (and, for
+prompts, the keys and values their sequences join the running batch with); the engine samples
+and owns the batch. The forwards: prompts prefilled together (left-padded), a preempted
+sequence resumed, a prompt in chunks for echo + logprobs, a plain decode step, and the packed
+forward of a mixed step, which decodes every running row and prefills new prompts, with prompts
+that arrive while it runs joining midway (late admission).
 
-Why: on a CPU a forward's cost is mostly the linear layers, and they are far from full at decode
-sizes, so prompts packed into the decode forward cost much less than a forward of their own
-(bench/README.md, "Engine"). Separate prefill steps make a closed-loop load choose between
+Why mixed steps: on a CPU a forward's cost is mostly the linear layers, and they are far from full
+at decode sizes, so prompts packed into the decode forward cost much less than a forward of their
+own (bench/README.md, "Engine"). Separate prefill steps make a closed-loop load choose between
 admitting prompts one at a time (each arrival pays a whole forward and stalls every stream) and
 admitting them in batches (arrivals wait for each other, come back as cohorts, and TTFT grows
 with the cohort). Packing keeps the batching gain without the wait, like vLLM's chunked-prefill
@@ -23,9 +27,81 @@ from torch import nn
 from transformers import DynamicCache
 
 from deployments.llm.attention import MIXED, MixedStep, register, spans
+from deployments.llm.kv_cache import zero_padding
+from deployments.llm.prepacked import batch_invariant_rows
 
 _MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite"}
 _LATE_TYPES = _MODEL_TYPES - {"granite"}   # embeddings scaled before the first layer: not replayed here
+PROMPT_LOGPROBS_CHUNK = 256   # prompt positions whose logits (x vocabulary) exist at once, for echo + logprobs
+
+Chunk = Callable[[int, int, torch.Tensor, torch.Tensor], None]   # (start, end, logits, targets)
+
+
+class ModelRunner:
+    """The engine's forwards over one model. `install` and the batch-invariant layers are applied
+    to the model once, here; the engine's decode rows and their cache come in as step inputs
+    (batch.RunningBatch.step_inputs), and the decode forwards add the cache's new column."""
+
+    def __init__(self, model: Any, *, mixed_steps: bool, batch_invariant: bool):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            batch_invariant_rows(model)
+        if mixed_steps:
+            install(model)
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """Prompts together, left-padded to the longest: each prompt's last logits [P, V], the
+        prompts' cache (its padding zeroed) and their attention mask [P, T]."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p, device=self.device)
+            mask[row, width - len(p):] = 1
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_(min=0),
+                         past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
+        zero_padding(out.past_key_values, mask)
+        return out.logits[:, -1], out.past_key_values, mask
+
+    def resume(self, tokens: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+        """A preempted sequence's tokens so far, through the model again: its rebuilt cache and mask."""
+        ids = torch.tensor([tokens], device=self.device)
+        out = self.model(input_ids=ids, past_key_values=DynamicCache(config=self.model.config), use_cache=True,
+                         logits_to_keep=1)
+        return out.past_key_values, torch.ones(1, ids.shape[1], dtype=torch.long, device=self.device)
+
+    def prefill_in_chunks(self, prompt: list[int], each: Chunk) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """One prompt whose every position's logits are needed (echo + logprobs), in chunks of
+        PROMPT_LOGPROBS_CHUNK tokens over a growing cache, so no more than a chunk's positions x the
+        vocabulary of logits exist at once, however long the prompt. each(start, end, logits,
+        targets) sees the logits of positions [start, end) and the prompt tokens they predict (one
+        fewer in the last chunk). Returns the last position's logits [1, V], the cache and its mask."""
+        ids = torch.tensor([prompt], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        length = ids.shape[1]
+        for start in range(0, length, PROMPT_LOGPROBS_CHUNK):
+            end = min(start + PROMPT_LOGPROBS_CHUNK, length)
+            logits = self.model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True, logits_to_keep=0,
+                                position_ids=torch.arange(start, end, device=self.device)[None]).logits[0]
+            each(start, end, logits, ids[0, start + 1:end + 1])   # each position predicts the next prompt token
+            last = logits[-1:]
+        return last, cache, torch.ones(1, length, dtype=torch.long, device=self.device)
+
+    def decode(self, inputs: dict) -> torch.Tensor:
+        """Every running row, one token: each row's next-token logits [B, V]."""
+        return self.model(**inputs, use_cache=True).logits[:, -1]
+
+    def mixed(self, inputs: Optional[dict], cache: Any, prompts: list[list[int]],
+              poll: Optional[Callable[[], list[list[int]]]]) -> tuple[torch.Tensor, MixedStep]:
+        """`run_mixed` over the running rows' step inputs (None: no running rows) and `prompts`;
+        `poll` is used where the model allows late admission."""
+        if inputs is None:
+            inputs = _no_rows(self.device)
+        can_join = poll is not None and supports_late_admission(self.model)
+        return run_mixed(self.model, inputs["input_ids"], inputs["position_ids"], cache, inputs["attention_mask"],
+                         prompts, poll if can_join else None, invariant=self.batch_invariant)
 
 
 @dataclass
@@ -99,6 +175,11 @@ def run_mixed(model: Any, tokens: torch.Tensor, positions: torch.Tensor, cache: 
     finally:
         model.lm_head.local.keep = None
     return out.logits[0], step
+
+
+def _no_rows(device: torch.device) -> dict:
+    empty = torch.zeros(0, 1, dtype=torch.long, device=device)
+    return {"input_ids": empty, "position_ids": empty, "attention_mask": None}
 
 
 class KeptRows(nn.Module):

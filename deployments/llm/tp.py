@@ -116,7 +116,7 @@ class TPRank:
 
     def setup(self, cfg: Any, source: str, rank: int, world: int, address: str, port: int) -> None:
         from deployments.llm.factory import build_engine
-        self.engine, self.tokenizer = build_engine(cfg, source, tp=(rank, world, address, port))
+        self.engine = build_engine(cfg, source, tp=(rank, world, address, port)).engine
         self._grammars = None
 
     def follow(self) -> None:

@@ -1,10 +1,17 @@
-"""Shared helpers for the LLM engine's unit tests: an engine over a given model, requests, a run loop."""
+"""Shared helpers for the LLM unit tests: an engine over a given model, requests, a run loop, and an
+LLMServer over the real engine on a tiny model (test_llm_server.py, test_async_engine.py)."""
 from __future__ import annotations
 
+import functools
+
+from deployments.config import ChatModelConfig
+from deployments.llm.async_engine import AsyncLLMEngine
+from deployments.llm.built_engine import BuiltEngine
 from deployments.llm.engine import LLMEngine
 from deployments.llm.request import EngineRequest
-from deployments.types import SamplingParams
-from tests.unit.fakes import ByteTokenizer
+from deployments.llm.server import LLMServer
+from deployments.types import GenerateRequest, SamplingParams
+from tests.unit.fakes import ByteTokenizer, tiny_llama
 
 
 def make_engine(model, **kw) -> LLMEngine:
@@ -81,3 +88,26 @@ def staggered_outputs(engine: LLMEngine, reqs: list[EngineRequest], every: int =
         k += 1
     return {r.request_id: [(s.output_ids, s.finish_reason, [e.token for e in s.prompt_logprobs or []])
                            for s in r.seqs] for r in reqs}
+
+
+@functools.cache
+def server_model():
+    """The tiny Llama that the LLMServer and AsyncLLMEngine tests share, built once."""
+    return tiny_llama()
+
+
+def make_server(max_num_seqs=4, max_waiting=4, max_model_len=64, **engine) -> LLMServer:
+    cfg = ChatModelConfig(id="tiny", kind="chat", source="x",
+                          engine={"max_num_seqs": max_num_seqs, "max_waiting": max_waiting, **engine})
+
+    def factory(_cfg):
+        tok = ByteTokenizer()
+        engine = LLMEngine(server_model(), tok, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=4096)
+        return BuiltEngine(AsyncLLMEngine(engine, max_in_flight_seqs=max_num_seqs + max_waiting), tok, max_model_len)
+    return LLMServer(cfg, engine_factory=factory)
+
+
+def chat(rid="r", content="hi", **params) -> GenerateRequest:
+    return GenerateRequest(rid, SamplingParams(**{"temperature": 0.0, "max_tokens": 8, **params}),
+                           messages=[{"role": "user", "content": content}])

@@ -1,4 +1,4 @@
-"""LLMEngine (engine.py) on a tiny random Llama: batching, forks, aborts, prefill chunks, failures."""
+"""LLMEngine (engine.py) on a tiny random Llama: batching, forks, aborts, similar-length prefills, failures."""
 from __future__ import annotations
 
 import pytest
@@ -115,37 +115,6 @@ def test_a_row_that_finishes_beside_an_echo_prefill_leaves_the_batch(model):
     engine.step()                     # prefills the echo prompt alone, then decodes a's last token
     assert a.finished and len(out_ids(a)) == 3
     assert [s.request_id for s in engine.batch.seqs] == ["e"]
-
-
-def _echo_logprobs(model, text: str, monkeypatch, chunk: int):
-    import deployments.llm.engine as engine_module
-    monkeypatch.setattr(engine_module, "PROMPT_LOGPROBS_CHUNK", chunk)
-    engine = make_engine(model)
-    r = req("e", text, max_tokens=3, logprobs=1, echo=True)
-    texts, _, _ = run_all(engine, [r])
-    lps = r.seqs[0].prompt_logprobs
-    return texts["e"][0], lps
-
-
-def test_echo_logprobs_go_through_the_prompt_in_chunks_and_match_one_pass(model, monkeypatch):
-    import torch
-    text = "a prompt long enough for several chunks of logits"
-    calls = []
-    real_forward = type(model).forward
-
-    def counting(self, *a, **kw):
-        calls.append(kw["input_ids"].shape[1])
-        return real_forward(self, *a, **kw)
-    monkeypatch.setattr(type(model), "forward", counting)
-    whole_text, whole = _echo_logprobs(model, text, monkeypatch, chunk=10_000)
-    calls.clear()
-    chunked_text, chunked = _echo_logprobs(model, text, monkeypatch, chunk=8)
-    assert max(calls[:-2]) <= 8 and len(calls) >= len(text) // 8   # the prompt never went in whole
-    assert whole_text == chunked_text
-    assert [e.token for e in whole] == [e.token for e in chunked] and chunked[0].logprob is None
-    assert torch.allclose(torch.tensor([e.logprob for e in whole[1:]]), torch.tensor([e.logprob for e in chunked[1:]]),
-                          atol=1e-4)
-    assert [e.top[0][0] for e in whole[1:]] == [e.top[0][0] for e in chunked[1:]]
 
 
 def test_a_failure_processing_one_requests_token_fails_that_request_only(model, monkeypatch):

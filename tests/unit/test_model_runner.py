@@ -1,4 +1,5 @@
-"""Mixed steps and late admission (model_runner.py) through the engine, on a tiny random Llama."""
+"""The forwards (model_runner.py) through the engine, on a tiny random Llama: mixed steps, late
+admission, echo + logprobs in chunks."""
 from __future__ import annotations
 
 import pytest
@@ -52,6 +53,37 @@ def test_models_outside_the_llama_family_use_separate_prefill_steps(model):
         assert not make_engine(model).mixed_steps
     finally:
         cfg.sliding_window = saved
+
+
+def _echo_logprobs(model, text: str, monkeypatch, chunk: int):
+    import deployments.llm.model_runner as model_runner_module
+    monkeypatch.setattr(model_runner_module, "PROMPT_LOGPROBS_CHUNK", chunk)
+    engine = make_engine(model)
+    r = req("e", text, max_tokens=3, logprobs=1, echo=True)
+    texts, _, _ = run_all(engine, [r])
+    lps = r.seqs[0].prompt_logprobs
+    return texts["e"][0], lps
+
+
+def test_echo_logprobs_go_through_the_prompt_in_chunks_and_match_one_pass(model, monkeypatch):
+    import torch
+    text = "a prompt long enough for several chunks of logits"
+    calls = []
+    real_forward = type(model).forward
+
+    def counting(self, *a, **kw):
+        calls.append(kw["input_ids"].shape[1])
+        return real_forward(self, *a, **kw)
+    monkeypatch.setattr(type(model), "forward", counting)
+    whole_text, whole = _echo_logprobs(model, text, monkeypatch, chunk=10_000)
+    calls.clear()
+    chunked_text, chunked = _echo_logprobs(model, text, monkeypatch, chunk=8)
+    assert max(calls[:-2]) <= 8 and len(calls) >= len(text) // 8   # the prompt never went in whole
+    assert whole_text == chunked_text
+    assert [e.token for e in whole] == [e.token for e in chunked] and chunked[0].logprob is None
+    assert torch.allclose(torch.tensor([e.logprob for e in whole[1:]]), torch.tensor([e.logprob for e in chunked[1:]]),
+                          atol=1e-4)
+    assert [e.top[0][0] for e in whole[1:]] == [e.top[0][0] for e in chunked[1:]]
 
 
 def test_a_prompt_that_arrives_during_a_step_joins_it_midway_and_answers_as_alone(model):

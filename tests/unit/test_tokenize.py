@@ -9,8 +9,8 @@ import pytest
 from deployments.errors import InvalidRequestError
 from deployments.types import GenerateRequest, SamplingParams, TokenizeRequest
 from tests.unit.fakes import FakeChatClient
+from tests.unit.llm_helpers import make_server
 from tests.unit.test_api import CHAT, EMB, make_app, raw_client, run
-from tests.unit.test_llm_server import make_server
 
 
 def post(app, path, body):
