@@ -79,43 +79,6 @@ def test_512_concurrent_clients_get_answers_or_fast_retry_after(small):
           f"refusals p50 {_p([r[1] for r in refused], 0.5) * 1000:.0f} ms, p99 {_p([r[1] for r in refused], 0.99) * 1000:.0f} ms")
 
 
-def test_a_full_model_refuses_further_requests_at_once(small):
-    """Overload answers fast: while long requests hold every engine slot, waiting place and handle queue
-    place of the model (4 + 2 + 2; the 4 extra holders are refused), each further request is refused with a 503 and Retry-After by the
-    ingress's handle, without waiting for a place. Prints the refusal latency (timings are never asserts)."""
-    long = {**ASK, "max_tokens": 500, "logit_bias": NO_EOS,   # seconds of work each
-            "messages": [{"role": "user", "content": "Tell me a long story."}]}
-
-    async def go():
-        timeout = aiohttp.ClientTimeout(total=300)
-        async with aiohttp.ClientSession(timeout=timeout) as s:
-            holders = []
-            for _ in range(12):   # one at a time: a burst races Serve's router, which then refuses some early
-                holders.append(asyncio.create_task(_chat(s, small, long)))
-                await asyncio.sleep(0.25)
-            probes, deadline = [], time.monotonic() + 60
-            while sum(p[0] == 503 for p in probes) < 20 and time.monotonic() < deadline:
-                probes.append(await _chat(s, small, ASK))
-            for task in holders:
-                task.cancel()          # the connection closes, and the engine drops the work
-            held = await asyncio.gather(*holders, return_exceptions=True)
-        async with aiohttp.ClientSession(timeout=timeout) as s:
-            after, deadline = None, time.monotonic() + 120
-            while (after is None or after[0] != 200) and time.monotonic() < deadline:
-                after = await _chat(s, small, ASK)
-        return held, probes, after
-    held, probes, after = asyncio.run(go())
-    refused = [p for p in probes if p[0] == 503]
-    assert {p[0] for p in probes} <= {200, 503}, sorted({p[0] for p in probes})
-    assert len(refused) >= 20, (f"only {len(refused)} of {len(probes)} probes were refused in 60 s; holders ended "
-                                f"{[h if isinstance(h, BaseException) else (h[0], round(h[1], 2)) for h in held]}; "
-                                f"first probes {[(p[0], round(p[1], 2)) for p in probes[:10]]}")
-    assert all(int(p[2]["Retry-After"]) >= 1 and json.loads(p[3])["error"]["type"] for p in refused)
-    assert after[0] == 200
-    print(f"\nfull model: {len(refused)} refusals, p50 {_p([p[1] for p in refused], 0.5) * 1000:.0f} ms, "
-          f"p99 {_p([p[1] for p in refused], 0.99) * 1000:.0f} ms")
-
-
 def _replica_pid(title: str) -> int:
     """The process whose title Ray set to the replica's (`ray::ServeReplica:<app>:<deployment>`)."""
     for entry in os.listdir("/proc"):
