@@ -99,6 +99,26 @@ async def run_level(url, concurrency, tokens, seconds, eos_id, warmup=0.0, model
             "itl_p50": median(itls), "requests": len(ttfts), "errors": errors}
 
 
+async def run_window(url, concurrency, tokens, eos_id, model=CHAT):
+    """One burst: `concurrency` streams start together; throughput counts only the window in which all
+    of them are mid-stream (from the last first token to the first last token), so it is the decode
+    steady state at that batch, without the ramp-up and tail of a closed loop."""
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        done = await asyncio.gather(*(one_request(session, url, k, tokens, eos_id, model)
+                                      for k in range(concurrency)), return_exceptions=True)
+    ok = [d for d in done if not isinstance(d, BaseException) and d[1] is not None]
+    errors = len(done) - len(ok)
+    lo, hi = max(d[1] for d in ok), min(d[2] for d in ok)
+    window = hi - lo
+    inside = sum(_tokens_inside(first, last, n, lo, hi) for _, first, last, _, n in ok)
+    ttfts = [first - started for started, first, *_ in ok]
+    itls = [d[3] for d in ok if d[3] is not None]
+    return {"tok_s": inside / window if window > 0 else float("nan"), "window_s": window,
+            "ttft_p50": median(ttfts), "ttft_p99": pct(ttfts, 99), "itl_p50": median(itls),
+            "requests": len(ok), "errors": errors}
+
+
 def _tokens_inside(first: float, last: float, n: int, lo: float, hi: float) -> float:
     if n <= 1 or last <= first:
         return float(n) if lo <= last <= hi else 0.0
@@ -192,6 +212,9 @@ def main():
                         "max_prefill_tokens values, each optionally with ':separate', ':cpsN', ':plain', ':nolate', ':nobi' or ':slots'")
     p.add_argument("--rounds", type=int, default=2, help="turns per variant and level with --compare/--peer")
     p.add_argument("--peer", action="store_true", help="also run `transformers serve --continuous-batching`")
+    p.add_argument("--window", action="store_true",
+                   help="each turn is one burst of `level` streams; tok/s counts only the window in which all of "
+                        "them are mid-stream (issue #18's steady state) instead of a closed loop for --seconds")
     opts = p.parse_args()
     levels = [int(x) for x in opts.levels.split(",")]
     reference = None if opts.no_reference else StaticReference(opts.ref_dtypes.split(","))
@@ -213,7 +236,7 @@ def main():
             f" {m}" for m in modes if m.startswith("cps") or m in ("plain", "nolate", "nobi", "slots"))
         compare[label] = (f"{CHAT}@{item}", overrides)
     variants = {label: model for label, (model, _) in compare.items()} or {"ours" if opts.peer else "": CHAT}
-    rounds = opts.rounds if compare or opts.peer else 1
+    rounds = opts.rounds if compare or opts.peer or opts.window else 1
     url, engine = opts.url, {}
     if url is None:
         args = default_args()
@@ -249,7 +272,8 @@ def main():
             for k in range(rounds):
                 order = list(variants.items()) if k % 2 == 0 else list(variants.items())[::-1]
                 for label, model in order:
-                    r = asyncio.run(run_level(urls[label], c, opts.tokens, opts.seconds, 2, warmup, model=model))
+                    r = asyncio.run(run_window(urls[label], c, opts.tokens, 2, model=model) if opts.window else
+                                    run_level(urls[label], c, opts.tokens, opts.seconds, 2, warmup, model=model))
                     runs[label].append(r)
                     print(f"concurrency {c} {label}: {r}", flush=True)
             refs_after = reference.run(c, opts.tokens) if use_ref and rounds > 1 else refs_before
@@ -266,8 +290,9 @@ def main():
         print(f"\nHTTP path: direct ingress {'on' if opts.direct_ingress else 'off'}, stream_interval_ms "
               f"{opts.stream_interval_ms or 0}, max_chunks_per_s {engine.get('max_chunks_per_s', 'default') if opts.url is None else '?'}, "
               f"threads {engine.get('num_threads') if opts.url is None else '?'}; {opts.tokens} output tokens/request, "
-              f"greedy, warm-up excluded" + (f"; median of {rounds} turns per variant, reference = mean of before and after"
-                                              if compare else ""))
+              f"greedy, " + ("tok/s inside the window where every stream of a burst is mid-stream" if opts.window
+                                  else "warm-up excluded") + (f"; median of {rounds} turns per variant, reference = mean of before and after"
+                                              if rounds > 1 else ""))
         ref_cols = [h for n in names for h in (f"static {n} tok/s", f"ratio vs {n}")]
         print_table((["variant"] if len(variants) > 1 else []) + ["concurrency", "tok/s (HTTP)", *ref_cols, "TTFT p50 s",
                                                          "TTFT p99 s", "ITL p50 ms", "requests", "errors"], rows)

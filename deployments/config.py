@@ -188,13 +188,14 @@ class LLMEngineConfig(StrictModel):
                           "differently). Costs throughput under load (bench/README.md). Needs mixed steps and "
                           "prepacked weights. Default: on for CPU; not supported on CUDA (its GEMM kernels "
                           "depend on the batch size).")
-    kv_cache: Literal["padded", "slots"] = Field(
-        "padded", description="How the running rows' KV cache is laid out. padded: one left-padded cache, "
-                              "rows merged in by padding and concatenation and dropped by selection. slots: "
-                              "each row in a slot of fixed buffers (grown by doubling when outgrown), the "
-                              "decode step writing one column per row in place, with no padding or merging; "
-                              "needs mixed steps. Same outputs either way; slots is the layout a CUDA-graph "
-                              "decode path needs (not built yet).")
+    kv_cache: Optional[Literal["padded", "slots"]] = Field(
+        None, description="How the running rows' KV cache is laid out. padded: one left-padded cache, "
+                          "rows merged in by padding and concatenation and dropped by selection. slots: "
+                          "each row in a slot of fixed buffers (grown by doubling when outgrown), the "
+                          "decode step writing one column per row in place, with no padding or merging; "
+                          "needs mixed steps. Same outputs either way (bench/README.md compares their "
+                          "speed); slots is the layout a CUDA-graph decode path needs (not built yet). "
+                          "Default: slots where mixed steps run, else padded.")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
     revision: Optional[str] = Field(None, description="HF revision (branch, tag or commit).")
     chat_template: Optional[str] = Field(None, description="Jinja chat template overriding the model's.")

@@ -66,8 +66,16 @@ def build_engine(cfg: ChatModelConfig, source: str, tp: Optional[tuple[int, int,
     engine = LLMEngine(model, tokenizer, max_model_len=min(e.max_model_len or model_limit, model_limit),
                        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
                        max_prefill_tokens=prefill_tokens, mixed_steps=mixed, lockstep=lockstep,
-                       batch_invariant=invariant, kv_cache=e.kv_cache)
+                       batch_invariant=invariant, kv_cache=kv_cache_layout(e, model, mixed))
     return LoadedEngine(engine, tokenizer)
+
+
+def kv_cache_layout(e: LLMEngineConfig, model, mixed: bool) -> str:
+    """engine.kv_cache, or its default: slots where mixed steps run (in-place decode writes, no padding
+    or merging), else padded (slots needs the mixed-step attention)."""
+    if e.kv_cache is not None:
+        return e.kv_cache
+    return "slots" if mixed and supports_mixed_steps(model) else "padded"
 
 
 def _batch_invariant(e: LLMEngineConfig, model, device: torch.device, mixed: bool, sharded: bool) -> bool:
