@@ -91,8 +91,11 @@ def test_access_log_has_one_line_per_request_without_prompts(caplog):
             await h.post("/v1/embeddings", json={"model": EMB, "input": "SECRET"})
     with caplog.at_level(logging.INFO, logger="ray.serve.modelhub.access"):
         run(go())
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "ray.serve.modelhub.access"]
+    records = [r for r in caplog.records if r.name == "ray.serve.modelhub.access"]
+    lines = [json.loads(r.getMessage()) for r in records]
     assert len(lines) == 3
+    # Serve's stderr handler skips them (its log_to_stderr filter): they go to the replica's log file only
+    assert all(r.log_to_stderr is False for r in records)
     chat_ok, missing, emb = lines
     assert chat_ok["status"] == 200 and chat_ok["route"] == "/v1/chat/completions" and chat_ok["model"] == CHAT
     assert chat_ok["client_request_id"] == "c-1" and chat_ok["id"].startswith("req_")
