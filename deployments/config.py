@@ -344,7 +344,8 @@ class _ModelBase(StrictModel):
         if self.kind == "image":
             raise ValueError("an image model cannot name an `application`: the ingress checks image requests "
                              "against the model's engine config, so the hub deploys image models itself")
-        elsewhere = sorted(self.model_fields_set & _MODEL_APP_ONLY)
+        elsewhere = sorted(k for k in _MODEL_APP_ONLY   # by value: the ingress gets the entry back dumped whole
+                           if getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True))
         if elsewhere:
             raise ValueError(f"with `application` set this entry only routes to the model; move "
                              f"{', '.join(f'`{k}`' for k in elsewhere)} to the args of application "

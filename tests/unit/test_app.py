@@ -92,7 +92,9 @@ def hub(monkeypatch):
             "emb-app": overview({deployment_name("routed-emb", "embedding"): ("HEALTHY", 1)})}
     monkeypatch.setattr(ingress_app, "routed_handle", routed_handle)
     monkeypatch.setattr(ServeReadiness, "_ask_serve", lambda self: self.describe_all(apps, "hub"))
-    server = ingress_app.IngressServer(HUB, {"local-chat": FakeHandle(clients["local-chat"], calls["local-chat"])}, None)
+    config = ingress_app.build_app(HUB)._bound_deployment.init_args[0]   # as the ingress replica gets it
+    server = ingress_app.IngressServer(config, {"local-chat": FakeHandle(clients["local-chat"], calls["local-chat"])},
+                                       None)
     return SimpleNamespace(api=server.__serve_build_asgi_app__(), calls=calls, looked_up=looked_up, apps=apps)
 
 

@@ -38,7 +38,7 @@ def test_default_serve_config_is_valid():
                   "engine": {"batch_invariant": True, "prepack_weights": False}}]},
      "batch_invariant true does not work with prepack_weights false"),
     ({"models": [{"id": "a", "kind": "chat"}]}, "source is required (or `application`"),
-    ({"models": [{"id": "a", "kind": "chat", "application": "chat-a", "source": "x", "engine": {}}]},
+    ({"models": [{"id": "a", "kind": "chat", "application": "chat-a", "source": "x", "engine": {"max_num_seqs": 4}}]},
      "move `engine`, `source` to the args of application 'chat-a' (ingress.app:build_model_app)"),
     ({"models": [{"id": "a", "kind": "embedding", "application": "emb-a", "deployment": {"num_replicas": 2}}]},
      "move `deployment` to the args of application 'emb-a'"),
