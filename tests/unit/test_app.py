@@ -4,6 +4,7 @@ application's deployment, for requests, /v1/models, /ready and the cold-start bo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import pathlib
 import re
 from types import SimpleNamespace
@@ -78,8 +79,12 @@ def overview(deployments: dict[str, tuple[str, int]]):
 
 @pytest.fixture
 def hub(monkeypatch):
-    """The ingress of HUB: the local model's handle bound by build_app's caller, the routed ones looked up
-    by (application, deployment); Serve reports the routed chat model's application as given in `apps`."""
+    return make_hub(monkeypatch, HUB)
+
+
+def make_hub(monkeypatch, args: dict) -> SimpleNamespace:
+    """The ingress of `args`: the local model's handle bound by build_app's caller, the routed ones looked
+    up by (application, deployment); Serve reports the applications as given in `apps`."""
     calls = {key: [] for key in ("local-chat", "routed-chat", "routed-emb")}
     clients = {"local-chat": FakeChatClient(), "routed-chat": FakeChatClient(), "routed-emb": FakeEmbedClient()}
     looked_up = []
@@ -92,7 +97,7 @@ def hub(monkeypatch):
             "emb-app": overview({deployment_name("routed-emb", "embedding"): ("HEALTHY", 1)})}
     monkeypatch.setattr(ingress_app, "routed_handle", routed_handle)
     monkeypatch.setattr(ServeReadiness, "_ask_serve", lambda self: self.describe_all(apps, "hub"))
-    config = ingress_app.build_app(HUB)._bound_deployment.init_args[0]   # as the ingress replica gets it
+    config = ingress_app.build_app(args)._bound_deployment.init_args[0]   # as the ingress replica gets it
     server = ingress_app.IngressServer(config, {"local-chat": FakeHandle(clients["local-chat"], calls["local-chat"])},
                                        None)
     return SimpleNamespace(api=server.__serve_build_asgi_app__(), calls=calls, looked_up=looked_up, apps=apps)
@@ -176,3 +181,21 @@ def test_a_routed_model_whose_application_is_missing_is_not_ready_and_its_reques
         "healthy": False, "status": "NOT_DEPLOYED", "running_replicas": 0,
         "message": "Serve application 'chat-app' is not deployed"}
     assert reply.status_code == 503 and reply.json()["error"]["code"] == "model_starting"   # cold_start_timeout_s
+
+
+def test_a_routed_model_is_in_a_keys_scope_as_a_local_one(monkeypatch):
+    monkeypatch.setenv("TEST_MODELHUB_KEYS", "local-only")
+    args = {**HUB, "ingress": {**HUB["ingress"], "auth": {"api_keys_env": "TEST_MODELHUB_KEYS", "keys": [
+        {"sha256": hashlib.sha256(b"local-only").hexdigest(), "subject": "t", "models": ["local-*"]}]}}}
+    hub = make_hub(monkeypatch, args)
+
+    async def go():
+        async with http(hub.api) as h:
+            key = {"Authorization": "Bearer local-only"}
+            return ((await h.get("/v1/models", headers=key)).json(),
+                    await h.post("/v1/chat/completions", json=chat("routed-chat"), headers=key),
+                    await h.post("/v1/chat/completions", json=chat("local-chat"), headers=key))
+    models, routed, local = asyncio.run(go())
+    assert [m["id"] for m in models["data"]] == ["local-chat"]
+    assert routed.status_code == 404 and routed.json()["error"]["code"] == "model_not_found"
+    assert local.status_code == 200 and hub.calls["routed-chat"] == []
