@@ -311,17 +311,47 @@ def parse_size(size: str) -> Optional[tuple[int, int]]:
 
 class _ModelBase(StrictModel):
     id: str = Field(min_length=1, description="The name clients send as `model`.")
-    source: str = Field(min_length=1, description=(
+    source: Optional[str] = Field(None, min_length=1, description=(
         "Where the weights come from: an HF repo id ('org/name'), a local directory, a .gguf file, "
         "'package:<pkg>/<file-or-dir>' for a file shipped in an installed Python package, or "
-        "'builtin:<name>' for a model built in code."))
+        "'builtin:<name>' for a model built in code. Required, except on a hub entry that names an "
+        "`application`."))
+    application: Optional[str] = Field(
+        None, min_length=1, description=(
+            "On a model of the hub (`ingress.app:build_app`): the Serve application that deploys this model "
+            "(`import_path: ingress.app:build_model_app`, `route_prefix: null`, its args `model:` holding this "
+            "model's id, kind, source, engine and deployment). The hub does not deploy it but routes to it by "
+            "handle, so that application "
+            "can be redeployed alone while the hub and its other models keep running (docs/operations.md). "
+            "Such an entry holds only what the ingress reads: id, kind, application, owned_by and "
+            "cold_start_timeout_s, which bounds the wait whenever the model has no running replica. Not for "
+            "image models (the ingress checks image requests against the model's own engine config)."))
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions,
                                           description="Ray Serve options of this model's deployment.")
     owned_by: str = Field("modelhub", description="`owned_by` in /v1/models.")
     cold_start_timeout_s: float = Field(
-        120.0, gt=0, description="With autoscaling_config.min_replicas 0: how long a request to the model at zero "
-                                 "replicas waits for one to start; then it gets 503 with Retry-After (its cold start "
-                                 "goes on). Set it above the model's cold start (docs/operations.md).")
+        120.0, gt=0, description="With autoscaling_config.min_replicas 0, or on an entry naming an `application`: "
+                                 "how long a request to the model at zero replicas waits for one to start; then it "
+                                 "gets 503 with Retry-After (its cold start goes on). Set it above the model's cold "
+                                 "start (docs/operations.md).")
+
+    @model_validator(mode="after")
+    def _deployed_here_or_routed(self):
+        if self.application is None:
+            if self.source is None:
+                raise ValueError("source is required (or `application`, naming the Serve application that deploys "
+                                 "this model)")
+            return self
+        if self.kind == "image":
+            raise ValueError("an image model cannot name an `application`: the ingress checks image requests "
+                             "against the model's engine config, so the hub deploys image models itself")
+        elsewhere = sorted(k for k in _MODEL_APP_ONLY   # by value: the ingress gets the entry back dumped whole
+                           if getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True))
+        if elsewhere:
+            raise ValueError(f"with `application` set this entry only routes to the model; move "
+                             f"{', '.join(f'`{k}`' for k in elsewhere)} to the args of application "
+                             f"{self.application!r} (ingress.app:build_model_app)")
+        return self
 
     @model_validator(mode="after")
     def _autoscaling_kind_defaults(self):
@@ -404,6 +434,10 @@ class RerankModelConfig(_ModelBase):
         return ModelCard(id=self.id, kind="rerank", created=created, owned_by=self.owned_by,
                          capabilities=["rerank", "score"])
 
+
+# A model in its own application: the hub's entry holds what the ingress reads, the application the rest.
+_MODEL_APP_ONLY = {"source", "engine", "deployment"}
+_HUB_ONLY = {"application", "owned_by", "cold_start_timeout_s"}
 
 ModelConfig = Annotated[Union[ChatModelConfig, EmbeddingModelConfig, ImageModelConfig, RerankModelConfig],
                         Field(discriminator="kind")]
@@ -598,24 +632,50 @@ class AppConfig(StrictModel):
         return self
 
 
+class ModelAppConfig(StrictModel):
+    """The application of one model that the hub routes to (`import_path: ingress.app:build_model_app`,
+    `route_prefix: null`): the model's deployment alone, no ingress, no HTTP route. The hub's entry for the
+    model names this application in `application`; redeploying this application alone changes this model only."""
+
+    model: ModelConfig = Field(description="The model's config, as a model of the hub takes it, without what the "
+                                           "hub's entry holds (application, owned_by, cold_start_timeout_s).")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _hub_fields_stay_in_the_hub(cls, v: Any) -> Any:
+        hub_only = sorted(set(v) & _HUB_ONLY) if isinstance(v, dict) else []   # before the entry's own checks
+        if hub_only:
+            raise ValueError(f"{', '.join(f'`{k}`' for k in hub_only)} belong in the hub's entry for this model "
+                             f"(the one whose `application` names this application): the ingress reads them there")
+        return v
+
+
 class ConfigError(ValueError):
     """Raised at startup for an invalid serve_config.yaml `args`; the message says what to fix."""
 
 
 def parse_app_config(args: dict[str, Any]) -> AppConfig:
+    return _parse(AppConfig, args)
+
+
+def parse_model_app_config(args: dict[str, Any]) -> ModelAppConfig:
+    return _parse(ModelAppConfig, args)
+
+
+def _parse(root: type[StrictModel], args: dict[str, Any]) -> Any:
     try:
-        return AppConfig.model_validate(args)
+        return root.model_validate(args)
     except ValidationError as exc:
         raise ConfigError("invalid application config:\n" + "\n".join(
-            _explain(err) for err in exc.errors())) from None
+            _explain(err, root) for err in exc.errors())) from None
 
 
-def _explain(err: dict[str, Any]) -> str:
+def _explain(err: dict[str, Any], root: type[StrictModel]) -> str:
     raw = list(err["loc"])
     where = ".".join(str(p) for p in raw if p not in _KINDS)
     if err["type"] != "extra_forbidden":
         return f"  {where}: {err['msg']}"
-    allowed = _allowed_keys(raw[:-1])
+    allowed = _allowed_keys(raw[:-1], root)
     hint = difflib.get_close_matches(str(raw[-1]), allowed, n=1)
     suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
     return f"  unknown key {where!r}{suggestion} (allowed here: {', '.join(sorted(allowed))})"
@@ -625,16 +685,16 @@ _KINDS = {"chat": ChatModelConfig, "embedding": EmbeddingModelConfig, "image": I
           "rerank": RerankModelConfig}
 
 
-def _allowed_keys(loc: list) -> list[str]:
-    """Field names of the config model found by walking a validation error's `loc`."""
-    model: Any = AppConfig
+def _allowed_keys(loc: list, root: type[StrictModel]) -> list[str]:
+    """Field names of the config model found by walking a validation error's `loc` from `root`."""
+    model: Any = root
     for part in loc:
         if isinstance(part, int):
             continue
         if part in _KINDS and model is _ModelBase:
             model = _KINDS[part]
             continue
-        if part == "models":
+        if part in ("models", "model") and model in (AppConfig, ModelAppConfig):
             model = _ModelBase
             continue
         field = model.model_fields.get(part)

@@ -1,9 +1,10 @@
-"""The ingress deployment and build_app(args): the typed application builder serve_config.yaml
-points at (`import_path: ingress.app:build_app`).
+"""The ingress deployment and the typed application builders serve_config.yaml points at:
+build_app(args) (`ingress.app:build_app`), the hub, and build_model_app(args) (`ingress.app:build_model_app`),
+one model in an application of its own that the hub routes to (a model entry's `application`).
 
-One Serve deployment per configured model, each scaled on its own, plus a small image store when
-an image model is configured; the ingress routes by `model` through DeploymentHandles. Never
-imports torch.
+The hub deploys one Serve deployment per configured model, each scaled on its own, plus a small image
+store when an image model is configured; the ingress routes by `model` through DeploymentHandles, to
+its own deployments or to those of the models' own applications. Never imports torch.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any, Optional
 from ray import serve
 
 from deployments.builder import deployment_name, image_store_deployment, model_deployment
-from deployments.config import AppConfig, parse_app_config
+from deployments.config import AppConfig, parse_app_config, parse_model_app_config
 from ingress.api import create_api
 from ingress.backends import HandleClient, ModelEntry, ModelRegistry
 from ingress.coalesce import EmbeddingCoalescer
@@ -30,9 +31,11 @@ INGRESS_DEFAULTS: dict[str, Any] = {
 
 class IngressServer:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any], image_store: Any, limit_store: Any = None):
+        """`handles`: model id -> bound handle, for the models this application deploys; a model with an
+        `application` gets a handle to that application's deployment here (routed_handle)."""
         cfg = AppConfig.model_validate(config)
-        readiness = ServeReadiness({m.id: deployment_name(m.id, m.kind) for m in cfg.models})
-        registry = ModelRegistry({m.id: ModelEntry(m, self._client(m, handles[m.id], cfg, readiness))
+        readiness = ServeReadiness({m.id: (m.application, deployment_name(m.id, m.kind)) for m in cfg.models})
+        registry = ModelRegistry({m.id: ModelEntry(m, self._client(m, self._handle(m, handles), cfg, readiness))
                                   for m in cfg.models}, replicas=readiness)
         self._api = create_api(registry, image_store=image_store, auth=cfg.ingress.auth, limit_store=limit_store,
                                log_prompts=cfg.ingress.log_prompts, public_url=cfg.ingress.public_url,
@@ -46,9 +49,13 @@ class IngressServer:
         self._api.router.on_startup.append(announce)
 
     @staticmethod
+    def _handle(model: Any, handles: dict[str, Any]) -> Any:
+        return handles[model.id] if model.application is None else routed_handle(model)
+
+    @staticmethod
     def _client(model: Any, handle: Any, cfg: AppConfig, readiness: ServeReadiness) -> Any:
         client: Any = HandleClient(handle)
-        if model.min_replicas == 0:
+        if model.min_replicas == 0 or model.application is not None:   # another app's replicas may be at zero
             client = ColdStartGuard(client, model.id, readiness.running_replicas(model.id), model.cold_start_timeout_s)
         if model.kind == "embedding" and cfg.ingress.coalesce_embeddings:
             return EmbeddingCoalescer(client, cfg.ingress.coalesce_max_batch,
@@ -59,10 +66,19 @@ class IngressServer:
         return self._api
 
 
+def routed_handle(model: Any) -> Any:
+    """A handle to the deployment of a model that its own application deploys. Not checked against the
+    controller: the applications of one `serve deploy` start together, so it may not exist yet (until it
+    does, requests wait under the ColdStartGuard and /ready names it)."""
+    return serve.get_deployment_handle(deployment_name(model.id, model.kind), app_name=model.application,
+                                       _check_exists=False)
+
+
 def build_app(args: dict[str, Any]) -> Any:
-    """Validates `args` (unknown keys fail here, naming the key) and binds the application."""
+    """Validates `args` (unknown keys fail here, naming the key) and binds the hub: the ingress and
+    every model that names no `application`."""
     cfg = parse_app_config(args)
-    handles = {m.id: model_deployment(m) for m in cfg.models}
+    handles = {m.id: model_deployment(m) for m in cfg.models if m.application is None}
     has_images = any(m.kind == "image" for m in cfg.models)   # no image model, no store replica
     store = image_store_deployment(cfg.ingress) if has_images else None
     limits = None   # the shared rate-limit buckets, only where some subject can have a limit
@@ -71,3 +87,10 @@ def build_app(args: dict[str, Any]) -> Any:
     opts = cfg.ingress.deployment.serve_options(INGRESS_DEFAULTS)
     ingress = serve.deployment(serve.ingress()(IngressServer), name="Ingress", **opts)
     return ingress.bind(cfg.model_dump(mode="json"), handles, store, limits)
+
+
+def build_model_app(args: dict[str, Any]) -> Any:
+    """Validates `args` ({"model": {...}}, one model's whole config) and binds that model's deployment
+    alone: no ingress and no HTTP route (deploy it with `route_prefix: null`). The hub reaches it through
+    the entry whose `application` names this application."""
+    return model_deployment(parse_model_app_config(args).model)

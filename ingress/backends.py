@@ -79,7 +79,9 @@ class HandleClient:
 
 def model_client(model_id: str, kind: str, app_name: str = "modelhub") -> HandleClient:
     """Typed access to one model for any Ray job on the cluster (after `ray.init(address=...)`): the
-    same deployments.types requests and results the ingress sends, no HTTP. docs/operations.md."""
+    same deployments.types requests and results the ingress sends, no HTTP. `app_name`: the application
+    that deploys the model: the hub's, or for a model the hub routes to, its entry's `application`.
+    docs/operations.md."""
     from ray import serve
 
     from deployments.builder import deployment_name

@@ -1,6 +1,7 @@
-"""/ready's source of truth: each model deployment's state as Serve's controller reports it.
+"""/ready's source of truth: each model deployment's state as Serve's controller reports it, in the
+hub's own application or in the application a model is routed to (its config's `application`).
 
-It asks the controller (one call for the whole app, cached for `ttl_s`), never the models
+It asks the controller (one call for every application, cached for `ttl_s`), never the models
 themselves, so probing /ready costs the models nothing. Never imports torch.
 """
 from __future__ import annotations
@@ -13,8 +14,8 @@ _SERVING = {"HEALTHY", "UPSCALING", "DOWNSCALING"}   # Serve's deployment states
 
 
 class ServeReadiness:
-    def __init__(self, deployments: dict[str, str], ttl_s: float = 2.0):
-        """`deployments`: model id -> its Serve deployment name, in this replica's application."""
+    def __init__(self, deployments: dict[str, tuple[Optional[str], str]], ttl_s: float = 2.0):
+        """`deployments`: model id -> (its Serve application, None for this replica's own; its deployment name)."""
         self.deployments = deployments
         self.ttl_s = ttl_s
         self._cached: Optional[tuple[float, dict[str, dict[str, Any]]]] = None
@@ -34,10 +35,17 @@ class ServeReadiness:
 
     def _ask_serve(self) -> dict[str, dict[str, Any]]:
         from ray import serve
-        app_name = serve.get_replica_context().app_name
-        app = serve.status().applications.get(app_name)
-        states = app.deployments if app is not None else {}
-        return {model: describe(states.get(name)) for model, name in self.deployments.items()}
+        return self.describe_all(serve.status().applications, serve.get_replica_context().app_name)
+
+    def describe_all(self, applications: dict[str, Any], own_app: str) -> dict[str, dict[str, Any]]:
+        """Each model's detail from Serve's {application name: ApplicationStatusOverview}."""
+        out = {}
+        for model, (app_name, name) in self.deployments.items():
+            app = applications.get(app_name or own_app)
+            out[model] = describe(app.deployments.get(name) if app is not None else None)
+            if app is None and app_name is not None:
+                out[model]["message"] = f"Serve application {app_name!r} is not deployed"
+        return out
 
 
 def describe(state: Any) -> dict[str, Any]:
@@ -46,7 +54,8 @@ def describe(state: Any) -> dict[str, Any]:
         return {"healthy": False, "status": "NOT_DEPLOYED", "running_replicas": 0}
     status = getattr(state.status, "value", str(state.status))
     running = int(state.replica_states.get("RUNNING", 0))
-    detail = {"healthy": status in _SERVING, "status": status, "running_replicas": running}
+    serving = status in _SERVING or (status == "UPDATING" and running > 0)   # a rolling update: old replicas serve
+    detail = {"healthy": serving, "status": status, "running_replicas": running}
     if state.message:
         detail["message"] = state.message[:500]
     return detail

@@ -1,8 +1,9 @@
 """The hub on a real two-node Ray cluster (tests/integration/cluster.py), deployed with `serve deploy`
 through the dashboard's REST API: placement follows the config, an idle model stays at zero replicas
 while /v1/models and /ready list it, a cold start serves its first request, another Ray job calls the
-models through typed handles, a loaded model scales up and back down alone, and tensor-parallel ranks
-land per their placement strategy. Timings are printed (bench/README.md has them), never asserted."""
+models through typed handles, a loaded model scales up and back down alone, tensor-parallel ranks
+land per their placement strategy, and a model in its own application, served through the hub's /v1,
+is updated alone. Timings are printed (bench/README.md has them), never asserted."""
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,10 @@ from tests.integration.cluster import ROOT, LocalCluster, wait_for
 from tests.integration.conftest import CHAT, EMB, IMG, default_app_args
 
 APP = "modelhub"
+SOLO, SOLO_APP = "smollm2-solo", "chat-solo"   # a chat model in an application of its own, routed by the hub
 UNPLACEABLE = "never-starts"
 CHAT_DEP, EMB_DEP, IMG_DEP = deployment_name(CHAT, "chat"), deployment_name(EMB, "embedding"), deployment_name(IMG, "image")
+SOLO_DEP = deployment_name(SOLO, "chat")
 
 # Quick autoscaling so the test sees it within minutes: Serve's own defaults wait 30 s to scale up
 # and 600 s to scale down.
@@ -31,7 +34,7 @@ FAST = {"metrics_interval_s": 0.5, "look_back_period_s": 2.0, "upscale_delay_s":
 def app_args() -> dict:
     """The default app, each model pinned to a node by its custom resource: the chat model on the
     worker (autoscaled 1..2), embeddings and images on the head and both scaled to zero when idle, the
-    reranker on the head with one replica."""
+    reranker on the head with one replica; SOLO routed to its own application (solo_app)."""
     args = default_app_args()
     chat, emb, img, rerank = (next(m for m in args["models"] if m["kind"] == k)
                               for k in ("chat", "embedding", "image", "rerank"))
@@ -51,14 +54,29 @@ def app_args() -> dict:
                            "cold_start_timeout_s": 3,
                            "deployment": {"ray_actor_options": {"num_cpus": 0.1, "resources": {"nowhere": 1}},
                                           "autoscaling_config": {"min_replicas": 0, "max_replicas": 1, **FAST}}})
+    args["models"].append({"id": SOLO, "kind": "chat", "application": SOLO_APP, "cold_start_timeout_s": 600})
     args["ingress"]["deployment"]["ray_actor_options"]["resources"] = {"head": 1}
     return args
 
 
-def serve_config(cluster: LocalCluster, extra_apps: list[dict] = ()) -> dict:
+def solo_app(default_max_tokens: int = 3) -> dict:
+    """SmolLM2 as SOLO in an application of its own (no ingress, no HTTP route), on the worker, scaled to
+    zero when idle. Its `default_max_tokens` shows which config a reply came from."""
+    chat = default_app_args()["models"][0]
+    chat["id"] = SOLO
+    chat["engine"].update(num_threads=1, max_num_seqs=4, default_max_tokens=default_max_tokens)
+    chat["deployment"] = {"ray_actor_options": {"num_cpus": 0.25, "resources": {"worker": 1}},
+                          "graceful_shutdown_timeout_s": 300,
+                          "autoscaling_config": {"min_replicas": 0, "max_replicas": 1, **FAST,
+                                                 "downscale_to_zero_delay_s": 600}}
+    return {"name": SOLO_APP, "route_prefix": None, "import_path": "ingress.app:build_model_app",
+            "args": {"model": chat}}
+
+
+def serve_config(cluster: LocalCluster, extra_apps: list[dict] = (), solo: dict | None = None) -> dict:
     return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": cluster.serve_port},
             "applications": [{"name": APP, "route_prefix": "/", "import_path": "ingress.app:build_app",
-                              "args": app_args()}, *extra_apps]}
+                              "args": app_args()}, solo or solo_app(), *extra_apps]}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +85,7 @@ def cluster():
     try:
         c.start()
         c.deploy(serve_config(c))
-        c.wait_running(APP)
+        c.wait_running(APP, SOLO_APP)
         yield c
     finally:
         c.stop()
@@ -197,27 +215,12 @@ def tp_app(name: str, strategy: str) -> dict:
         "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.05, "resources": {"head": 1}}}}}}
 
 
-def cold_chat_app(temperature: float = 0.2) -> dict:
-    """SmolLM2 alone, scaled to zero when idle, in its own application (its own ingress at /cold-chat)."""
-    chat = default_app_args()["models"][0]
-    chat["engine"].update(num_threads=1, max_num_seqs=4, default_temperature=temperature)
-    chat["deployment"] = {"ray_actor_options": {"num_cpus": 0.25, "resources": {"worker": 1}},
-                          "graceful_shutdown_timeout_s": 120,
-                          "autoscaling_config": {"min_replicas": 0, "max_replicas": 1, **FAST,
-                                                 "downscale_to_zero_delay_s": 600}}
-    chat["cold_start_timeout_s"] = 600
-    return {"name": "cold-chat", "route_prefix": "/cold-chat", "import_path": "ingress.app:build_app",
-            "args": {"models": [chat], "ingress": {"deployment": {
-                "graceful_shutdown_timeout_s": 120, "ray_actor_options": {"num_cpus": 0.05, "resources": {"head": 1}}}}}}
-
-
 def test_tensor_parallel_ranks_follow_the_strategy_and_an_untouched_app_keeps_serving(cluster):
     from ray.util.state import list_placement_groups
     kept = {r["replica_id"] for dep in (CHAT_DEP, "Ingress") for r in cluster.replicas(APP, dep)}
     with Load(cluster.url, concurrency=2, max_tokens=8) as load:
-        cluster.deploy(serve_config(cluster, [tp_app("tp-pack", "STRICT_PACK"), tp_app("tp-spread", "SPREAD"),
-                                              cold_chat_app()]))
-        cluster.wait_running("tp-pack", "tp-spread", "cold-chat", APP)
+        cluster.deploy(serve_config(cluster, [tp_app("tp-pack", "STRICT_PACK"), tp_app("tp-spread", "SPREAD")]))
+        cluster.wait_running("tp-pack", "tp-spread", APP)
     assert load.statuses and set(load.statuses) == {200}   # the unchanged app served all along...
     assert {r["replica_id"] for dep in (CHAT_DEP, "Ingress") for r in cluster.replicas(APP, dep)} == kept   # ...unrestarted
     pgs = list_placement_groups(address=cluster.dashboard, detail=True, filters=[("state", "=", "CREATED")])
@@ -234,11 +237,12 @@ def test_tensor_parallel_ranks_follow_the_strategy_and_an_untouched_app_keeps_se
         assert reply.status_code == 200 and "Paris" in reply.json()["choices"][0]["message"]["content"], reply.text
 
 
-def stream_chat(url: str, max_tokens: int, first: threading.Event, out: dict) -> None:
-    """One streamed chat request; records the status, time to first byte, finish reason and chunks."""
+def stream_chat(url: str, max_tokens: int, first: threading.Event, out: dict, model: str = CHAT, **extra) -> None:
+    """One streamed chat request; records the status, time to first byte, finish reason, chunks and the
+    time it ended."""
     start = time.monotonic()
-    body = {"model": CHAT, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}]}
+    body = {"model": model, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}], **extra}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as reply:
         out["status"] = reply.status_code
         for line in reply.iter_lines():
@@ -251,29 +255,60 @@ def stream_chat(url: str, max_tokens: int, first: threading.Event, out: dict) ->
                 out["completion_tokens"] = chunk["usage"]["completion_tokens"]
             for choice in chunk["choices"]:
                 out["finish_reason"] = choice.get("finish_reason") or out.get("finish_reason")
+    out["ended"] = time.monotonic()
     first.set()
 
 
-def test_a_chat_model_cold_starts_and_an_update_drains_it_while_the_other_app_keeps_serving(cluster):
-    url = f"{cluster.url}/cold-chat"
-    assert cluster.replicas("cold-chat", CHAT_DEP, state=None) == []   # idle since deployed: still at zero
+def stopping_while_streaming(cluster: LocalCluster, old: set[str], stream: dict) -> object:
+    """The old replicas once Serve reports them STOPPING, or "ended" if the stream ended first (a
+    replica briefly missing from Serve's details while the application is rebuilt is polled again)."""
+    if "ended" in stream:
+        return "ended"
+    return [r for r in cluster.replicas(SOLO_APP, SOLO_DEP, state="STOPPING") if r["replica_id"] in old]
+
+
+NO_EOS = {"0": -100, "2": -100}   # SmolLM2's end tokens banned: a stream runs its whole max_tokens
+
+
+def test_a_model_in_its_own_application_cold_starts_through_the_hub_and_updates_alone(cluster):
+    cluster.deploy(serve_config(cluster))   # the tensor-parallel apps removed; the hub and SOLO_APP unchanged
+    wait_for(lambda: set(cluster.serve_details()["applications"]) == {APP, SOLO_APP}, 300, "the other apps removed")
+    assert cluster.replicas(SOLO_APP, SOLO_DEP, state=None) == []   # idle since deployed: still at zero
+    assert cluster.replicas(APP, SOLO_DEP, state=None) == []        # and the hub has no deployment of it
     cold, first = {}, threading.Event()
-    stream_chat(url, 4, first, cold)
+    stream_chat(cluster.url, 4, first, cold, model=SOLO)
     assert cold["status"] == 200 and cold["completion_tokens"] == 4
-    print(f"\ncold start, SmolLM2 from zero to first byte: {cold['first_byte_s']:.1f} s")
-    old = {r["replica_id"] for r in cluster.replicas("cold-chat", CHAT_DEP)}
-    kept = {r["replica_id"] for dep in (CHAT_DEP, EMB_DEP, IMG_DEP, "Ingress") for r in cluster.replicas(APP, dep)}
-    in_flight, first = {}, threading.Event()
-    stream = threading.Thread(target=stream_chat, args=(url, 96, first, in_flight))
-    with Load(cluster.url, concurrency=2, max_tokens=8) as load:
+    print(f"\ncold start, SmolLM2 in its own application from zero to first byte through the hub: "
+          f"{cold['first_byte_s']:.1f} s")
+    old = {r["replica_id"] for r in cluster.replicas(SOLO_APP, SOLO_DEP)}
+    hub_deps = (CHAT_DEP, EMB_DEP, IMG_DEP, "Ingress")
+    kept = {dep: {r["replica_id"] for r in cluster.replicas(APP, dep)} for dep in hub_deps}
+    assert len(old) == 1 and all(kept.values())
+    in_flight, first, drained_from = {}, threading.Event(), None
+    stream = threading.Thread(target=stream_chat, args=(cluster.url, 192, first, in_flight),
+                              kwargs={"model": SOLO, "logit_bias": NO_EOS})
+    with Load(cluster.url, concurrency=2, max_tokens=8) as load:   # on another model of the hub
         stream.start()
         assert first.wait(300) and in_flight["status"] == 200
-        cluster.deploy(serve_config(cluster, [cold_chat_app(temperature=0.3)]))   # the changed model
+        cluster.deploy(serve_config(cluster, solo=solo_app(default_max_tokens=5)))   # only SOLO_APP's args change
+        stopping = wait_for(lambda: stopping_while_streaming(cluster, old, in_flight), 300,
+                            "the old SOLO replica stopping", poll_s=0.2)
+        drained_from = time.monotonic()
+        assert stopping != "ended", "the stream ended before its replica was seen stopping: nothing showed a drain"
         stream.join(600)
-        wait_for(lambda: not old & {r["replica_id"] for r in cluster.replicas("cold-chat", CHAT_DEP, state=None)},
-                 300, "the old chat replica stopped")
-    assert in_flight["finish_reason"] == "length" and in_flight["completion_tokens"] == 96   # drained, not cut
+        assert not stream.is_alive()
+        wait_for(lambda: not old & {r["replica_id"] for r in cluster.replicas(SOLO_APP, SOLO_DEP, state=None)},
+                 300, "the old SOLO replica stopped")
+    assert {r["replica_id"] for r in stopping} == old
+    assert in_flight["ended"] > drained_from   # the stream was still running when its replica began to stop...
+    assert in_flight["finish_reason"] == "length" and in_flight["completion_tokens"] == 192   # ...and finished whole
     assert load.statuses and set(load.statuses) == {200}
-    assert {r["replica_id"] for dep in (CHAT_DEP, EMB_DEP, IMG_DEP, "Ingress") for r in cluster.replicas(APP, dep)} == kept
-    cluster.deploy(serve_config(cluster))   # back to the one app: serve deploy removes the others
-    wait_for(lambda: set(cluster.serve_details()["applications"]) == {APP}, 300, "the other apps removed")
+    assert {dep: {r["replica_id"] for r in cluster.replicas(APP, dep)} for dep in hub_deps} == kept   # unrestarted
+    after = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=600, json={
+        "model": SOLO, "logit_bias": NO_EOS, "messages": [{"role": "user", "content": "Hello"}]})
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 5   # the new config answered
+    new = {r["replica_id"] for r in cluster.replicas(SOLO_APP, SOLO_DEP)}
+    assert new and not new & old
+    print(f"update of SOLO alone: drained a {in_flight['completion_tokens']}-token stream for "
+          f"{in_flight['ended'] - drained_from:.1f} s after its replica began stopping; {len(load.statuses)} "
+          f"requests to the hub's own chat model meanwhile, all 200")

@@ -6,7 +6,7 @@ import pathlib
 import pytest
 import yaml
 
-from deployments.config import ConfigError, DeploymentOptions, parse_app_config, parse_size
+from deployments.config import ConfigError, DeploymentOptions, parse_app_config, parse_model_app_config, parse_size
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -37,10 +37,42 @@ def test_default_serve_config_is_valid():
     ({"models": [{"id": "a", "kind": "chat", "source": "x",
                   "engine": {"batch_invariant": True, "prepack_weights": False}}]},
      "batch_invariant true does not work with prepack_weights false"),
+    ({"models": [{"id": "a", "kind": "chat"}]}, "source is required (or `application`"),
+    ({"models": [{"id": "a", "kind": "chat", "application": "chat-a", "source": "x", "engine": {"max_num_seqs": 4}}]},
+     "move `engine`, `source` to the args of application 'chat-a' (ingress.app:build_model_app)"),
+    ({"models": [{"id": "a", "kind": "embedding", "application": "emb-a", "deployment": {"num_replicas": 2}}]},
+     "move `deployment` to the args of application 'emb-a'"),
+    ({"models": [{"id": "a", "kind": "image", "application": "img-a"}]}, "an image model cannot name an `application`"),
+    ({"models": [{"id": "a", "kind": "chat", "source": "x", "aplication": "b"}]}, "did you mean 'application'?"),
 ])
 def test_bad_config_names_the_problem(args, fragment):
     with pytest.raises(ConfigError) as info:
         parse_app_config(args)
+    assert fragment in str(info.value)
+
+
+def test_a_routed_entry_holds_only_what_the_ingress_reads():
+    cfg = parse_app_config({"models": [{"id": "a", "kind": "chat", "application": "chat-a", "owned_by": "me",
+                                        "cold_start_timeout_s": 30}]})
+    routed = cfg.models[0]
+    assert routed.application == "chat-a" and routed.source is None and routed.cold_start_timeout_s == 30
+    assert routed.card(1).owned_by == "me" and routed.card(1).context_length is None   # asked of the model
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ({"model": {"id": "a", "kind": "chat", "source": "x", "application": "me"}},
+     "`application` belong in the hub's entry for this model"),
+    ({"model": {"id": "a", "kind": "chat", "source": "x", "cold_start_timeout_s": 9, "owned_by": "me"}},
+     "`cold_start_timeout_s`, `owned_by` belong in the hub's entry"),
+    ({"model": {"id": "a", "kind": "chat", "source": "x", "engine": {"max_num_seq": 3}}},
+     "unknown key 'model.engine.max_num_seq'; did you mean 'max_num_seqs'?"),
+    ({"model": {"id": "a", "kind": "chat", "source": "x"}, "route_prefix": "/a"}, "unknown key 'route_prefix'"),
+    ({"model": {"id": "a", "kind": "chat"}}, "source is required"),
+    ({"models": [{"id": "a", "kind": "chat", "source": "x"}]}, "did you mean 'model'?"),
+])
+def test_a_model_apps_config_is_one_model_checked_as_the_hub_checks_it(args, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse_model_app_config(args)
     assert fragment in str(info.value)
 
 

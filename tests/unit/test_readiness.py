@@ -15,6 +15,7 @@ def state(status, running=1, message=""):
 def test_describe_marks_serving_states_healthy():
     assert describe(state("HEALTHY"))["healthy"] and describe(state("UPSCALING"))["healthy"]
     assert not describe(state("UNHEALTHY", 0, "replica died"))["healthy"]
+    assert describe(state("UPDATING", 1))["healthy"] and not describe(state("UPDATING", 0))["healthy"]   # roll vs. first start
     assert describe(state("DEPLOY_FAILED", 0, "x" * 900))["message"] == "x" * 500
     assert describe(None) == {"healthy": False, "status": "NOT_DEPLOYED", "running_replicas": 0}
 
@@ -39,7 +40,7 @@ def test_ready_is_503_with_per_model_detail_until_every_model_is_healthy():
 
 def test_readiness_asks_serve_once_per_ttl_however_many_probes():
     calls = []
-    r = ServeReadiness({"m": "chat:m"}, ttl_s=60)
+    r = ServeReadiness({"m": (None, "chat:m")}, ttl_s=60)
     r._ask_serve = lambda: calls.append(1) or {"m": describe(state("HEALTHY"))}
 
     async def go():
@@ -47,3 +48,13 @@ def test_readiness_asks_serve_once_per_ttl_however_many_probes():
         return await asyncio.gather(*(r() for _ in range(20)))
     out = run(go())
     assert len(calls) == 1 and all(o["m"]["healthy"] for o in out)
+
+
+def test_each_model_is_looked_up_in_its_own_application_or_the_hubs():
+    apps = {"hub": SimpleNamespace(deployments={"chat:a": state("HEALTHY"), "chat:b": state("HEALTHY")}),
+            "b-app": SimpleNamespace(deployments={"chat:b": state("UPDATING", 0)})}
+    r = ServeReadiness({"a": (None, "chat:a"), "b": ("b-app", "chat:b"), "c": ("c-app", "chat:c")})
+    out = r.describe_all(apps, own_app="hub")
+    assert out["a"]["healthy"] and out["b"]["status"] == "UPDATING"   # b's deployment in the hub is not b
+    assert out["c"] == {"healthy": False, "status": "NOT_DEPLOYED", "running_replicas": 0,
+                        "message": "Serve application 'c-app' is not deployed"}
