@@ -77,10 +77,15 @@ async def streams(base: str, clients: int, seconds: float) -> tuple[float, list[
     return tokens / (time.monotonic() - began), latencies
 
 
-def attack(base: str, stop, chunked: bool, times) -> None:
-    """The attacker's loop, in its own process so that it does not share the stream clients' GIL."""
+def attack(base: str, stop, chunked: bool, times, per_s: float) -> None:
+    """The attacker's loop, in its own process so that it does not share the stream clients' GIL:
+    `per_s` bodies a second, or back to back when 0 (a flood, which on this 2-core machine mostly
+    measures the attacker's own sending, kernel copies included, beside the server)."""
     while not stop.is_set():
+        began = time.monotonic()
         times.append(send_big_body(base, chunked))
+        if per_s:
+            stop.wait(max(0.0, 1 / per_s - (time.monotonic() - began)))
 
 
 def main() -> None:
@@ -89,6 +94,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--direct-ingress", action="store_true")
+    p.add_argument("--bodies-per-s", type=float, default=2.0, help="the attacker's pace; 0: back to back")
     a = p.parse_args()
     base = start_app(default_args(), direct_ingress=a.direct_ingress)
     try:
@@ -102,7 +108,8 @@ def main() -> None:
                 stop, refused = manager.Event(), manager.list()
                 attacker = None
                 if mode != "alone":
-                    attacker = ctx.Process(target=attack, args=(base, stop, "chunked" in mode, refused))
+                    attacker = ctx.Process(target=attack, args=(base, stop, "chunked" in mode, refused,
+                                                                a.bodies_per_s))
                     attacker.start()
                 tps, lat = asyncio.run(streams(base, a.clients, a.seconds))
                 stop.set()
@@ -114,6 +121,7 @@ def main() -> None:
         rows.sort(key=lambda row: row[0])
         print_table(["chat streams", "tok/s", "latency p50 s", "p99 s", f"{BODY_MB} MB bodies refused",
                      "413 p50 s", "413 max s"], rows)
+        print(f"attacker pace: {a.bodies_per_s:g} bodies/s" if a.bodies_per_s else "attacker: back to back")
         alone = median([row[1] for row in rows if row[0] == "alone"])
         for mode in ("with Content-Length bodies", "with chunked bodies"):
             tps = median([row[1] for row in rows if row[0] == mode])
