@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deployments.autoscaling import QueueDepthPolicy
 from deployments.types import ModelCard
 
 
@@ -31,9 +32,20 @@ class AutoscalingOptions(StrictModel):
     max_replicas: int = Field(4, ge=1, description="Most replicas.")
     initial_replicas: Optional[int] = Field(
         None, ge=0, description="Replicas at deploy time (default: min_replicas).")
-    target_ongoing_requests: float = Field(
-        2.0, gt=0, description="Requests in flight per replica that Serve aims for (running plus queued "
-                               "at the replica); more per replica scales up, fewer scales down.")
+    policy: Literal["requests", "queue_depth"] = Field(
+        "requests", description="What the replica count follows. 'requests': Serve's own policy, requests in "
+                                "flight per replica against target_ongoing_requests. 'queue_depth' (chat models "
+                                "only): sequences in the engines, running plus waiting for a batch slot (a "
+                                "request with n=8, or a completions prompt list, counts each sequence), against "
+                                "target_sequences_per_replica. Both keep the delays and bounds below "
+                                "(docs/operations.md says when to pick which).")
+    target_ongoing_requests: Optional[float] = Field(
+        None, gt=0, description="Policy 'requests': requests in flight per replica that Serve aims for (running "
+                                "plus queued at the replica); more per replica scales up, fewer scales down. "
+                                "Default: the model kind's (2 for the ingress).")
+    target_sequences_per_replica: Optional[float] = Field(
+        None, gt=0, description="Policy 'queue_depth': engine sequences per replica to aim for; replicas = "
+                                "ceil(sequences in all engines / this). Default: max_num_seqs / 2.")
     upscale_delay_s: float = Field(30.0, ge=0, description="How long the load must call for more replicas "
                                                            "before Serve adds them.")
     downscale_delay_s: float = Field(600.0, ge=0, description="How long the load must call for fewer "
@@ -50,6 +62,12 @@ class AutoscalingOptions(StrictModel):
 
     @model_validator(mode="after")
     def _bounds(self):
+        if self.policy == "queue_depth" and self.target_ongoing_requests is not None:
+            raise ValueError("autoscaling_config.target_ongoing_requests is the 'requests' policy's target; with "
+                             "policy 'queue_depth' set target_sequences_per_replica")
+        if self.policy == "requests" and self.target_sequences_per_replica is not None:
+            raise ValueError("autoscaling_config.target_sequences_per_replica needs policy 'queue_depth' "
+                             "(policy 'requests' aims at target_ongoing_requests)")
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
@@ -61,6 +79,16 @@ class AutoscalingOptions(StrictModel):
         """This config with every field the user did not write taken from `defaults`."""
         unset = {k: v for k, v in defaults.items() if k not in self.model_fields_set}
         return AutoscalingOptions.model_validate({**self.model_dump(include=self.model_fields_set), **unset})
+
+    def serve_config(self) -> dict[str, Any]:
+        """Serve's autoscaling_config: these fields, with 'queue_depth' as Serve's custom policy hook."""
+        out = self.model_dump(exclude_none=True, exclude={"policy", "target_sequences_per_replica"})
+        if self.policy == "queue_depth":
+            if self.target_sequences_per_replica is None:
+                raise ValueError("policy 'queue_depth' needs target_sequences_per_replica")
+            out["policy"] = {"policy_function": f"{QueueDepthPolicy.__module__}:{QueueDepthPolicy.__qualname__}",
+                             "policy_kwargs": {"target_sequences_per_replica": self.target_sequences_per_replica}}
+        return out
 
 
 class DeploymentOptions(StrictModel):
@@ -96,10 +124,11 @@ class DeploymentOptions(StrictModel):
         """Keyword arguments for serve.deployment(), explicit fields over per-kind defaults."""
         opts = dict(defaults)
         actor = {**defaults.get("ray_actor_options", {}), **self.ray_actor_options}
-        opts.update(self.model_dump(exclude_none=True, exclude={"ray_actor_options"}))
+        opts.update(self.model_dump(exclude_none=True, exclude={"ray_actor_options", "autoscaling_config"}))
         opts["ray_actor_options"] = actor
         if self.autoscaling_config is not None:
             opts.pop("num_replicas", None)
+            opts["autoscaling_config"] = self.autoscaling_config.serve_config()
         return opts
 
 
@@ -357,10 +386,17 @@ class _ModelBase(StrictModel):
     def _autoscaling_kind_defaults(self):
         scaling = self.deployment.autoscaling_config
         if scaling is not None:
-            self.deployment.autoscaling_config = scaling.with_defaults(self.autoscaling_defaults())
+            if scaling.policy not in self.autoscaling_policies():
+                raise ValueError(f"deployment.autoscaling_config.policy {scaling.policy!r} does not apply to "
+                                 f"{self.kind} models (allowed: {', '.join(map(repr, self.autoscaling_policies()))})")
+            self.deployment.autoscaling_config = scaling.with_defaults(self.autoscaling_defaults(scaling.policy))
         return self
 
-    def autoscaling_defaults(self) -> dict[str, Any]:
+    def autoscaling_policies(self) -> tuple[str, ...]:
+        """The autoscaling_config.policy values this kind can follow."""
+        return ("requests",)
+
+    def autoscaling_defaults(self, policy: str = "requests") -> dict[str, Any]:
         """What this kind's autoscaling fields default to when the config leaves them unset."""
         return {}
 
@@ -379,11 +415,16 @@ class ChatModelConfig(_ModelBase):
     kind: Literal["chat"] = Field(description="Serves /v1/chat/completions, /v1/completions, /tokenize and /detokenize.")
     engine: LLMEngineConfig = Field(default_factory=LLMEngineConfig)
 
-    def autoscaling_defaults(self) -> dict[str, Any]:
+    def autoscaling_policies(self) -> tuple[str, ...]:
+        return ("requests", "queue_depth")
+
+    def autoscaling_defaults(self, policy: str = "requests") -> dict[str, Any]:
         # A replica is busy, not overloaded, while its batch fills: aim for half a batch in flight per
-        # replica. Loading takes long, so add replicas soon and remove them late.
-        return {"target_ongoing_requests": max(1, self.engine.max_num_seqs // 2),
-                "upscale_delay_s": 15.0, "downscale_delay_s": 300.0}
+        # replica, counted in requests or in sequences (so both policies agree on n=1 traffic).
+        # Loading takes long, so add replicas soon and remove them late.
+        half = max(1, self.engine.max_num_seqs // 2)
+        target = {"target_sequences_per_replica": half} if policy == "queue_depth" else {"target_ongoing_requests": half}
+        return {**target, "upscale_delay_s": 15.0, "downscale_delay_s": 300.0}
 
     def card(self, created: int) -> ModelCard:
         return ModelCard(id=self.id, kind="chat", created=created, owned_by=self.owned_by,
@@ -396,7 +437,7 @@ class EmbeddingModelConfig(_ModelBase):
     kind: Literal["embedding"] = Field(description="Serves /v1/embeddings, and /v1/rerank and /v1/score by cosine similarity.")
     engine: EmbeddingEngineConfig = Field(default_factory=EmbeddingEngineConfig)
 
-    def autoscaling_defaults(self) -> dict[str, Any]:
+    def autoscaling_defaults(self, policy: str = "requests") -> dict[str, Any]:
         # Requests are short and batched: a replica is full at about one batch in flight; it loads fast.
         return {"target_ongoing_requests": max(1, self.engine.max_batch_size // 2),
                 "upscale_delay_s": 10.0, "downscale_delay_s": 120.0}
@@ -410,7 +451,7 @@ class ImageModelConfig(_ModelBase):
     kind: Literal["image"] = Field(description="Serves /v1/images/generations.")
     engine: ImageEngineConfig = Field(default_factory=ImageEngineConfig)
 
-    def autoscaling_defaults(self) -> dict[str, Any]:
+    def autoscaling_defaults(self, policy: str = "requests") -> dict[str, Any]:
         # One batch runs while the next gathers: more in flight than that waits seconds per request.
         return {"target_ongoing_requests": self.engine.max_batch_size,
                 "upscale_delay_s": 10.0, "downscale_delay_s": 300.0}
@@ -425,7 +466,7 @@ class RerankModelConfig(_ModelBase):
     kind: Literal["rerank"] = Field(description="Serves /v1/rerank and /v1/score with a sentence-transformers CrossEncoder.")
     engine: RerankEngineConfig = Field(default_factory=RerankEngineConfig)
 
-    def autoscaling_defaults(self) -> dict[str, Any]:
+    def autoscaling_defaults(self, policy: str = "requests") -> dict[str, Any]:
         # Batched like embeddings: a replica is full at about one batch in flight; it loads fast.
         return {"target_ongoing_requests": max(1, self.engine.max_batch_size // 2),
                 "upscale_delay_s": 10.0, "downscale_delay_s": 120.0}
@@ -613,6 +654,14 @@ class IngressConfig(StrictModel):
     coalesce_max_pending: int = Field(
         4096, ge=1, description="Embedding requests one ingress replica holds waiting for a handle call, per "
                                 "model; beyond it the answer is 503 with Retry-After.")
+
+    @model_validator(mode="after")
+    def _scales_on_requests(self):
+        scaling = self.deployment.autoscaling_config
+        if scaling is not None and scaling.policy != "requests":
+            raise ValueError(f"ingress.deployment.autoscaling_config.policy {scaling.policy!r} applies to chat "
+                             "models only; the ingress scales on requests")
+        return self
 
 
 class AppConfig(StrictModel):

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Optional
 import torch
 
 from deployments.errors import EngineUnavailableError, InvalidRequestError, OverloadedError
+from deployments.llm.built_engine import EngineLoad
 from deployments.llm.engine import LLMEngine
 from deployments.llm.request import EngineRequest
 from deployments.types import ChoiceDelta, GenerateChunk
@@ -49,6 +50,7 @@ class AsyncLLMEngine:
         self.step_timeout_s = step_timeout_s
         self._step_started: Optional[float] = None   # monotonic start of the step running now
         self._in_flight_seqs = 0
+        self._load = EngineLoad()   # replaced whole by the engine thread, read by any
         self._keys = itertools.count()
         self._inbox: deque = deque()
         self._wakeup = threading.Event()
@@ -60,10 +62,15 @@ class AsyncLLMEngine:
     def num_in_flight_seqs(self) -> int:
         return self._in_flight_seqs
 
+    def load(self) -> EngineLoad:
+        """The engine's load as of its last step or inbox drain (published by the engine thread, so
+        reading it never races the scheduler; requests posted during a step show up after it)."""
+        return self._load
+
     def stats(self) -> dict[str, int]:
         """Occupancy: sequences running and waiting in the engine, and in flight here."""
-        return {"running": self.engine.num_running_seqs(), "waiting": self.engine.num_waiting_seqs(),
-                "in_flight_seqs": self._in_flight_seqs}
+        load = self._load
+        return {"running": load.running_seqs, "waiting": load.waiting_seqs, "in_flight_seqs": self._in_flight_seqs}
 
     def grammars(self) -> Any:
         """A structured.Grammars over the engine's tokenizer, vocabulary and stop tokens."""
@@ -154,6 +161,7 @@ class AsyncLLMEngine:
         torch.set_num_threads(torch.get_num_threads())
         while True:
             self._drain_inbox()
+            self._load = self.engine.load()   # after each step, add and abort
             if not self.engine.has_work():
                 self._wakeup.wait()
                 self._wakeup.clear()

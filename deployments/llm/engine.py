@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from deployments.llm.batch import RunningBatch
+from deployments.llm.built_engine import EngineLoad
 from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher
 from deployments.llm.kv_cache import SlotKVCache, prompt_cache
 from deployments.llm.model_runner import ModelRunner, supports_mixed_steps
@@ -104,6 +105,11 @@ class LLMEngine:
 
     def num_waiting_seqs(self) -> int:
         return self.scheduler.num_waiting_seqs()
+
+    def load(self) -> EngineLoad:
+        """Sequences running and waiting, and the prompt tokens still to prefill. Call it from the
+        thread that steps the engine (AsyncLLMEngine publishes it from there)."""
+        return EngineLoad(self.num_running_seqs(), self.num_waiting_seqs(), self.scheduler.waiting_prompt_tokens())
 
     @torch.inference_mode()
     def step(self) -> list[tuple[EngineRequest, GenerateChunk]]:

@@ -77,6 +77,10 @@ class Scheduler:
     def num_waiting_seqs(self) -> int:
         return sum(len(g.seqs) for g in self.waiting)
 
+    def waiting_prompt_tokens(self) -> int:
+        """Prompt tokens the waiting groups still need prefilled (a group's prompt once, whatever its n)."""
+        return _tokens(self.waiting)
+
     def has_work(self) -> bool:
         return bool(self.waiting) or len(self.batch) > 0
 

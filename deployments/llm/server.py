@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Optional
 
+from deployments.autoscaling import RUNNING_SEQUENCES, SEQUENCES, WAITING_PROMPT_TOKENS, WAITING_SEQUENCES
 from deployments.config import ChatModelConfig
 from deployments.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
 from deployments.llm.built_engine import BuiltEngine
@@ -51,6 +52,13 @@ class LLMServer:
     def stats(self) -> dict[str, int]:
         """Engine occupancy (for tests, dashboards and autoscaling decisions)."""
         return self.engine.stats()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's per-replica custom metrics hook (called every few tenths of a second while the
+        deployment autoscales): the engine's load, which autoscaling.QueueDepthPolicy scales on."""
+        load = self.engine.load()
+        return {SEQUENCES: load.seqs, RUNNING_SEQUENCES: load.running_seqs, WAITING_SEQUENCES: load.waiting_seqs,
+                WAITING_PROMPT_TOKENS: load.waiting_prompt_tokens}
 
     async def check_health(self) -> None:
         self.engine.check_health()

@@ -196,5 +196,9 @@ class FakeServingEngine:
     def stats(self) -> dict[str, int]:
         return {"running": 0, "waiting": 0, "in_flight_seqs": self.num_in_flight_seqs}
 
+    def load(self):
+        from deployments.llm.built_engine import EngineLoad
+        return EngineLoad()
+
     def grammars(self):
         raise NotImplementedError("FakeServingEngine serves no structured outputs")
