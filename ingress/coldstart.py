@@ -37,6 +37,15 @@ class ColdStartGuard:
     async def images(self, req: Any) -> Any:
         return await self._bounded(self.client.images(req))
 
+    async def score(self, req: Any) -> Any:
+        return await self._bounded(self.client.score(req))
+
+    async def tokenize(self, req: Any) -> Any:
+        return await self._bounded(self.client.tokenize(req))
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        return await self._bounded(self.client.detokenize(tokens))
+
     async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         stream = self.client.generate_stream(req)
         try:

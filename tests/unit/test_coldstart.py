@@ -80,3 +80,26 @@ def test_a_running_model_is_called_directly():
         model.started.set()
         return await _guard(model, [2], timeout_s=0.000001).embed("req")
     assert asyncio.run(go()) == "vectors"
+
+
+def test_the_guard_serves_every_call_a_model_client_has():
+    # a rerank model at zero answered 500 once: the guard had no `score`
+    import inspect
+
+    from ingress.backends import ModelClient
+    calls = [name for name, _ in inspect.getmembers(ModelClient, inspect.isfunction) if not name.startswith("_")]
+    assert {"score", "tokenize", "detokenize", "generate_stream", "embed"} <= set(calls)
+    missing = [name for name in calls if not callable(getattr(ColdStartGuard, name, None))]
+    assert not missing, missing
+
+    class Scorer:
+        async def score(self, req):
+            return "scores"
+
+        async def detokenize(self, tokens):
+            return "text"
+
+    async def go():
+        guard = _guard(Scorer(), [1], timeout_s=1)
+        return await guard.score("req"), await guard.detokenize([1, 2])
+    assert asyncio.run(go()) == ("scores", "text")
