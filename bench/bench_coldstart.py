@@ -98,10 +98,11 @@ def wait_at_zero(deployments: list[str], timeout_s: float = 300) -> None:
 def replica_pids(deployments: list[str]) -> dict[int, float]:
     """pid -> process start time (epoch s) of the live replica processes of `deployments`."""
     import psutil
-    titles = {f"ray::ServeReplica:{APP}:{d}" for d in deployments}
+    titles = [f"ray::ServeReplica:{APP}:{d}" for d in deployments]
     out = {}
     for p in psutil.process_iter(["cmdline", "create_time"]):
-        if " ".join(p.info["cmdline"] or []).strip() in titles:
+        title = " ".join(p.info["cmdline"] or []).strip()   # "ray::<actor class>", ".<method>" while it runs one
+        if any(title == t or title.startswith((t + ".", t + " ")) for t in titles):
             out[p.pid] = p.info["create_time"]
     return out
 
