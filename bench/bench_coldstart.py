@@ -190,7 +190,11 @@ def main() -> None:
                                  and (i.endswith(f"@{label}") if label != "new" else "@" not in i))
                     wait_at_zero(deps)
                     time.sleep(1.0)
-                    r = one_cold_start(url, logs, kind, model, deployment_name(model, kind))
+                    try:
+                        r = one_cold_start(url, logs, kind, model, deployment_name(model, kind))
+                    except RuntimeError as exc:   # a model that fails is reported; the others still run
+                        print(f"try {t + 1} {kind} {label}: FAILED {exc}", flush=True)
+                        continue
                     results[(kind, label)].append(r)
                     print(f"try {t + 1} {kind} {label}: {r['total']:.2f} s  "
                           f"({', '.join(f'{k} {v:.2f}' for k, v in r.items() if k not in ('total', 'phases'))}; "
