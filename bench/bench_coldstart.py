@@ -100,11 +100,26 @@ def replica_pids(deployments: list[str]) -> dict[int, float]:
     import psutil
     titles = [f"ray::ServeReplica:{APP}:{d}" for d in deployments]
     out = {}
-    for p in psutil.process_iter(["cmdline", "create_time"]):
-        title = " ".join(p.info["cmdline"] or []).strip()   # "ray::<actor class>", ".<method>" while it runs one
-        if any(title == t or title.startswith((t + ".", t + " ")) for t in titles):
-            out[p.pid] = p.info["create_time"]
+    for p in _raylet().children():   # this session's workers only: other Ray sessions may run the same app
+        try:
+            title = " ".join(p.cmdline()).strip()   # "ray::<actor class>", ".<method>" while it runs one
+            if any(title == t or title.startswith((t + ".", t + " ")) for t in titles):
+                out[p.pid] = p.create_time()
+        except psutil.NoSuchProcess:
+            pass
     return out
+
+
+def _raylet():
+    """This driver's raylet process (found by its session dir on its command line)."""
+    import psutil
+    import ray
+    session = ray._private.worker._global_node.get_session_dir_path()
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].endswith("/raylet") and session in " ".join(cmd):
+            return p
+    raise RuntimeError(f"no raylet for session {session}")
 
 
 def send(url: str, kind: str, model: str) -> float:
