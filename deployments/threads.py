@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import threading
 from typing import Any, Callable
 
 
 def on_passing_thread(fn: Callable[[], Any]) -> Any:
-    """fn() on a new thread that ends when fn returns (freeing its OpenMP pool); its result or
-    exception comes back here. For a model whose calls then run on a thread of their own."""
+    """fn() on a new thread that ends when fn returns (freeing its OpenMP pool), in a copy of this
+    thread's context (the load's clock: loading.py); its result or exception comes back here. For a
+    model whose calls then run on a thread of their own."""
     box: dict[str, Any] = {}
+    context = contextvars.copy_context()
 
     def run() -> None:
         try:
@@ -26,7 +29,7 @@ def on_passing_thread(fn: Callable[[], Any]) -> Any:
         except BaseException as exc:  # re-raised on the caller's thread
             box["error"] = exc
 
-    thread = threading.Thread(target=run, name="model-load")
+    thread = threading.Thread(target=context.run, args=(run,), name="model-load")
     thread.start()
     thread.join()
     if "error" in box:
@@ -41,8 +44,9 @@ class ModelThread:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(*args) on the model thread, waiting for it (for loading, in a replica's __init__)."""
-        return self._pool.submit(fn, *args).result()
+        """fn(*args) on the model thread, in a copy of this thread's context (the load's clock:
+        loading.py), waiting for it (for loading, in a replica's __init__)."""
+        return self._pool.submit(contextvars.copy_context().run, fn, *args).result()
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) on the model thread, awaited."""

@@ -13,6 +13,7 @@ from deployments.llm.engine import LLMEngine
 from deployments.llm.loader import load_causal_lm, model_config, prepared_source
 from deployments.llm.model_runner import supports_mixed_steps
 from deployments.llm.prepacked import PackedLinear
+from deployments.loading import phase
 from deployments.threads import on_passing_thread
 from deployments.torch_utils import pick_device, pick_dtype, set_threads
 
@@ -67,6 +68,7 @@ def build_engine(cfg: ChatModelConfig, source: str, tp: Optional[tuple[int, int,
                        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
                        max_prefill_tokens=prefill_tokens, mixed_steps=mixed, lockstep=lockstep,
                        batch_invariant=invariant, kv_cache=kv_cache_layout(e, model, mixed))
+    phase("engine")
     return LoadedEngine(engine, tokenizer)
 
 

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from deployments.config import LLMEngineConfig
+from deployments.loading import phase
 from deployments.sources import ResolvedSource, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -43,15 +44,19 @@ def load_causal_lm(source: str, cfg: LLMEngineConfig, device: torch.device, dtyp
     initialised process group: tp.py) only this rank's shard, by transformers' tp_plan "auto"."""
     path, kw = _located(source, cfg)
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    phase("tokenizer")
     if tp_size > 1:
         from transformers.distributed import DistributedConfig
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, distributed_config=DistributedConfig(tp_size=tp_size, tp_plan="auto"), **kw).eval()
+        phase("weights")
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).to(device).eval()
+        phase("weights")
         if device.type == "cpu" and cfg.prepack_weights:
             from deployments.llm.prepacked import prepack_linears
             logger.info("%d linear layers run on prepacked weights", prepack_linears(model))
+            phase("prepack")
     if cfg.chat_template:
         tokenizer.chat_template = cfg.chat_template
     return model, tokenizer
@@ -92,6 +97,7 @@ def dequantized_copy(resolved: ResolvedSource, root: str) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    phase("GGUF dequantized")
     return dest
 
 

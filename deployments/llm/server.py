@@ -18,7 +18,7 @@ from deployments.config import ChatModelConfig
 from deployments.errors import ContextLengthExceededError, InvalidRequestError, OverloadedError
 from deployments.llm.built_engine import BuiltEngine
 from deployments.llm.tool_calls import FORMATS, ToolCallStream, ToolFormat, default_parser
-from deployments.loading import loading
+from deployments.loading import loading, phase
 from deployments.types import (Choice, ChoiceDelta, GenerateChunk, GenerateRequest, GenerateResult,
                                ModelCard, TokenizeRequest, TokenizeResult)
 
@@ -28,10 +28,11 @@ LEGACY_COMPLETIONS_MAX_TOKENS = 16   # OpenAI's default max_tokens for /v1/compl
 class LLMServer:
     def __init__(self, model_cfg: ChatModelConfig, *,
                  engine_factory: Optional[Callable[[ChatModelConfig], BuiltEngine]] = None):
-        if engine_factory is None:   # torch and transformers load here, not at import
-            from deployments.llm.factory import build_async_engine as engine_factory
         self.cfg = model_cfg
         with loading(model_cfg):
+            if engine_factory is None:   # torch and transformers load here, not at import
+                from deployments.llm.factory import build_async_engine as engine_factory
+                phase("imports")
             built: BuiltEngine = engine_factory(model_cfg)
         self.engine, self.tokenizer, self.max_model_len = built.engine, built.tokenizer, built.max_model_len
         self.created = int(time.time())

@@ -149,14 +149,15 @@ def test_the_server_reports_its_engines_load_to_serve():
 def test_a_request_counts_each_of_its_sequences_while_it_runs_and_nothing_after():
     """n=3 over two prompts (a completions prompt list) holds six sequences, in the real engine."""
     from deployments.types import GenerateRequest, SamplingParams
-    server = make_server(max_num_seqs=4, max_waiting=8)
+    # long generations, so the six-sequence state lasts while the probe polls on a busy machine
+    server = make_server(max_num_seqs=4, max_waiting=8, max_model_len=256)
 
     async def go():
-        req = GenerateRequest("r", SamplingParams(max_tokens=40, temperature=1.0, n=3, logit_bias={256: -100.0}),
+        req = GenerateRequest("r", SamplingParams(max_tokens=240, temperature=1.0, n=3, logit_bias={256: -100.0}),
                               prompts=["hello", "abc"])
         stream = server.generate_stream(req)
         await stream.__anext__()   # the request is in the engine
-        seen = await _until(server, lambda stats: stats["engine_sequences"] == 6)
+        seen = await _until(server, lambda stats: stats["engine_running_sequences"] == 3)
         await stream.aclose()      # the client goes: its sequences are aborted
         after = await _until(server, lambda stats: stats["engine_sequences"] == 0)
         return seen, after

