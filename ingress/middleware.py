@@ -102,8 +102,8 @@ def _log_access(scope, state: dict[str, Any], status: int, seconds: float, clien
             "status": status, "latency_ms": round(seconds * 1000, 1),
             "prompt_tokens": getattr(usage, "prompt_tokens", None),
             "completion_tokens": getattr(usage, "completion_tokens", None)}
-    # like Serve's own access lines: into the replica's log file, not onto stderr, which Ray copies to
-    # the driver's console line by line (a tenth of the ingress's CPU at ~1,000 req/s: bench/README.md)
+    # into the replica's log file only, not onto stderr, which Ray copies to the driver's console line
+    # by line (Serve's stderr handler was a tenth of the ingress's CPU at ~550 req/s: bench/README.md)
     access_logger.info(json.dumps(line), extra={"log_to_stderr": False})
 
 
