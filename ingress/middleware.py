@@ -103,7 +103,7 @@ def _log_access(scope, state: dict[str, Any], status: int, seconds: float, clien
             "prompt_tokens": getattr(usage, "prompt_tokens", None),
             "completion_tokens": getattr(usage, "completion_tokens", None)}
     # into the replica's log file only, not onto stderr, which Ray copies to the driver's console line
-    # by line (Serve's stderr handler was a tenth of the ingress's CPU at ~550 req/s: bench/README.md)
+    # by line at a cost per request (profiled in bench/README.md, "Auth and rate limiting")
     access_logger.info(json.dumps(line), extra={"log_to_stderr": False})
 
 
