@@ -630,12 +630,48 @@ class RequestLimits(StrictModel):
                                  "and its model work stops. 0: no limit.")
 
 
+class ClientLimits(StrictModel):
+    """Per-client limits checked first, before the body is read and before authentication, so a flood
+    from one address (refused bodies, bad credentials) cannot take the ingress's CPU from everyone
+    else. A client is its network address: the peer's, or with `trusted_proxies` the last address in
+    `X-Forwarded-For` that is not a trusted proxy; IPv6 addresses count per /64 (what one host gets).
+    Each ingress replica keeps its own counts, so the hub admits up to replicas x the rate: a flood
+    guard, not a quota (per-key quotas are `auth.limits`). /health and /ready are never limited."""
+
+    requests_per_s: Optional[float] = Field(
+        None, gt=0, description="Requests one client may start per second, sustained; beyond it 429 with "
+                                "Retry-After. None: no per-client rate.")
+    burst: int = Field(100, ge=1, description="Requests one client may start at once before the rate applies.")
+    max_concurrent: Optional[int] = Field(
+        None, ge=1, description="Requests one client may have in flight (bodies being read included); "
+                                "beyond it 429. None: no cap.")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="Networks (CIDR) of load balancers whose `X-Forwarded-For` is "
+                                          "believed; from any other peer the header is ignored.")
+    max_clients: int = Field(100_000, ge=1, description="Clients tracked at once per replica; the least "
+                                                        "recently seen is forgotten first.")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+        for net in value:
+            ipaddress.ip_network(net, strict=False)   # ValueError names the bad entry
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.requests_per_s is not None or self.max_concurrent is not None
+
+
 class IngressConfig(StrictModel):
     """The HTTP side."""
 
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Request size caps and timeouts.")
+    client_limits: ClientLimits = Field(default_factory=ClientLimits,
+                                        description="Per-client (network address) limits before authentication.")
     image_url_ttl_s: int = Field(3600, ge=1, description="Lifetime of images served by URL.")
     image_store_bytes: int = Field(1 << 30, ge=1, description="Most bytes of images the image store keeps.")
     image_quota_bytes: int = Field(

@@ -13,9 +13,10 @@ from typing import Any, Awaitable, Callable, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from deployments.config import AuthConfig, RequestLimits
+from deployments.config import AuthConfig, ClientLimits, RequestLimits
 from ingress.auth import Authenticator, Guard, read_secret
 from ingress.backends import ModelRegistry
+from ingress.client_limit import ClientThrottle
 from ingress.errors import install_error_handlers
 from ingress.image_urls import ImageUrlSigner
 from ingress.middleware import RequestContextMiddleware
@@ -31,7 +32,8 @@ logger = logging.getLogger("ray.serve.modelhub.ingress")   # under ray.serve: Se
 def create_api(registry: ModelRegistry, *, image_store: Any = None, auth: Optional[AuthConfig] = None,
                limit_store: Any = None, meter: Optional[UsageMeter] = None, log_prompts: bool = False,
                public_url: Optional[str] = None, limits: Optional[RequestLimits] = None,
-               readiness: Optional[Readiness] = None, echo_request_id: bool = True) -> FastAPI:
+               readiness: Optional[Readiness] = None, echo_request_id: bool = True,
+               client_limits: Optional[ClientLimits] = None) -> FastAPI:
     """`readiness()` returns {model id: {"healthy": bool, ...detail}} for /ready (app.py asks Serve);
     `limit_store`: a LimitStore handle (None: no rate limits); `meter`: usage counters (default Ray's)."""
     auth = auth or AuthConfig()
@@ -63,9 +65,11 @@ def create_api(registry: ModelRegistry, *, image_store: Any = None, auth: Option
 
     install_error_handlers(app)
     app.add_middleware(Guard, **_guard_parts(auth, limit_store, meter))
-    # outermost: request ids, the body limit, the access log; it renders the Guard's 401s and 429s too
+    # outermost: request ids, per-client limits, the body limit, the access log; it renders the
+    # Guard's 401s and 429s too
+    throttle = ClientThrottle(client_limits) if client_limits is not None and client_limits.enabled else None
     app.add_middleware(RequestContextMiddleware, max_body_bytes=limits.max_body_bytes,
-                       echo_request_id=echo_request_id)
+                       echo_request_id=echo_request_id, throttle=throttle)
     return app
 
 

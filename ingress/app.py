@@ -40,6 +40,7 @@ class IngressServer:
         self._api = create_api(registry, image_store=image_store, auth=cfg.ingress.auth, limit_store=limit_store,
                                log_prompts=cfg.ingress.log_prompts, public_url=cfg.ingress.public_url,
                                limits=cfg.ingress.limits, readiness=readiness,
+                               client_limits=cfg.ingress.client_limits,
                                echo_request_id=False)   # Serve's own middleware echoes x-request-id
         self._announce: Optional[asyncio.Task] = None
 

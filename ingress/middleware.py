@@ -1,5 +1,5 @@
-"""The ASGI middleware every HTTP request passes first: its identity, the body-size limit, the 500 of
-last resort, and one access-log line when it ends.
+"""The ASGI middleware every HTTP request passes first: its identity, the per-client limits
+(client_limit.py), the body-size limit, the 500 of last resort, and one access-log line when it ends.
 
 The server makes every request's id (`request.state.request_id`); a client's `x-request-id` is only
 echoed back and logged, never a key to server state. Never imports torch.
@@ -14,6 +14,7 @@ import uuid
 from typing import Any, Optional
 
 from deployments.errors import PayloadTooLargeError
+from ingress.client_limit import ClientThrottle
 from ingress.errors import error_response, to_modelhub_error
 
 logger = logging.getLogger("ray.serve.modelhub.ingress")   # under ray.serve: Serve configures its handlers in replicas
@@ -23,12 +24,15 @@ _MAX_LOGGED = 128   # characters of a client-supplied string in the access log
 
 
 class RequestContextMiddleware:
-    def __init__(self, app, max_body_bytes: int, echo_request_id: bool = True):
+    def __init__(self, app, max_body_bytes: int, echo_request_id: bool = True,
+                 throttle: Optional[ClientThrottle] = None):
         """echo_request_id: set `x-request-id` on responses (the client's, else ours). Off under Ray
-        Serve, whose own middleware already echoes the client's header or one it made."""
+        Serve, whose own middleware already echoes the client's header or one it made.
+        throttle: per-client limits, checked before anything else (None: none)."""
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.echo_request_id = echo_request_id
+        self.throttle = throttle
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -52,8 +56,14 @@ class RequestContextMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        client = refused = None
+        if self.throttle is not None and self.throttle.limits(scope):
+            client = self.throttle.client_of(scope)
+            refused = self.throttle.admit(client)
         try:
-            if self._declares_too_much(scope):
+            if refused is not None:
+                await error_response(refused)(scope, receive, tracking_send)
+            elif self._declares_too_much(scope):
                 await error_response(self._too_large())(scope, receive, tracking_send)
             else:
                 await self.app(scope, self._counting(receive), tracking_send)
@@ -63,6 +73,8 @@ class RequestContextMiddleware:
             else:
                 await error_response(to_modelhub_error(exc, rid))(scope, receive, tracking_send)
         finally:
+            if client is not None and refused is None:
+                self.throttle.release(client)
             _log_access(scope, state, status or 500, time.perf_counter() - began, given)
 
     def _too_large(self) -> PayloadTooLargeError:

@@ -108,6 +108,11 @@ class LocalCluster:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(mine, timeout=30)
+        keep = os.environ.get("MODELHUB_KEEP_CLUSTER_LOGS")   # a folder to copy the nodes' logs to, for post-mortems
+        if keep:
+            for name in self.names:
+                subprocess.run(["cp", "-r", str(self.root / name / "session_latest" / "logs"),
+                                f"{keep}/{self.root.name}-{name}"], check=False)
         subprocess.run(["rm", "-rf", str(self.root)], check=False)
 
     # ------------------------------------------------------------------ what the cluster reports

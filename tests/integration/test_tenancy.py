@@ -126,3 +126,38 @@ def test_usage_counters_reach_prometheus(tenancy_url):
             break
         time.sleep(1)
     assert got == want
+
+
+@pytest.fixture(scope="module")
+def flood_url(tenancy_url, hub):
+    """An ingress alone (its embedding model is the tenancy app's, routed by `application`) with
+    per-client limits, trusting X-Forwarded-For from loopback, where Serve's proxy and this test are."""
+    from ray import serve
+
+    from ingress.app import build_app
+    args = {"models": [{"id": EMB, "kind": "embedding", "application": "tenancy"}],
+            "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.01}},
+                        "auth": {"keys": [{"sha256": _sha(KEY_C), "subject": "tenant-c"}]},
+                        "client_limits": {"requests_per_s": 0.2, "burst": 3, "trusted_proxies": ["127.0.0.0/8"]}}}
+    deploy(build_app(args), "flood", "/flood")
+    yield hub.proxy_url.replace("/v1", "/flood/v1")
+    serve.delete("flood")
+
+
+def test_a_client_flooding_bad_credentials_gets_429_before_auth_and_others_do_not(flood_url):
+    def get(client: str) -> tuple[int, dict]:   # header names lowercased
+        req = urllib.request.Request(f"{flood_url}/models", headers={"Authorization": "Bearer wrong",
+                                                                      "X-Forwarded-For": client})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, {}
+        except urllib.error.HTTPError as err:
+            return err.code, {**{k.lower(): v for k, v in err.headers.items()}, "body": err.read()}
+    flood = [get("203.0.113.7") for _ in range(5)]
+    assert [s for s, _ in flood] == [401, 401, 401, 429, 429]
+    assert b"rate_limit_exceeded" in flood[3][1]["body"] and int(flood[3][1]["retry-after"]) >= 1
+    # Another client behind the same (trusted) proxy has its own bucket: the address Serve's proxy
+    # hands the ingress is the real peer, and X-Forwarded-For is read through it.
+    assert get("198.51.100.1")[0] == 401
+    with urllib.request.urlopen(flood_url.replace("/v1", "/health"), timeout=60) as r:   # probes: never limited
+        assert r.status == 200
