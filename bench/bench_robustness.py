@@ -3,6 +3,11 @@ running alongside slow down. Side by side in one run: the streams alone, then wi
 sending 50 MB bodies (with Content-Length, and chunked) in a loop.
 
     python bench/bench_robustness.py --direct-ingress
+    python bench/bench_robustness.py --direct-ingress --bodies-per-s 0 --client-limit 2
+
+--client-limit turns on ingress.client_limits (that many requests a second per client), trusting
+X-Forwarded-For from loopback, and the attacker names itself in that header as a load balancer would:
+its bodies are then refused with 429 before they are read, and the streams' clients are not limited.
 """
 from __future__ import annotations
 
@@ -25,20 +30,25 @@ CHAT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BODY_MB = 50
 
 
+ATTACKER = "203.0.113.7"
+
+
 def send_big_body(base: str, chunked: bool) -> float:
-    """Sends a 50 MB embeddings body over a raw socket while reading; returns seconds to the 413."""
+    """Sends a 50 MB embeddings body over a raw socket while reading; returns seconds to the refusal
+    (413, or 429 under --client-limit)."""
     url = urllib.parse.urlparse(base)
     payload = _payload()
     framing = b"Transfer-Encoding: chunked\r\n" if chunked else b"Content-Length: %d\r\n" % len(payload)
     began = time.perf_counter()
     with socket.create_connection((url.hostname, url.port), timeout=120) as sock:
-        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + framing + b"\r\n")
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"X-Forwarded-For: " + ATTACKER.encode() + b"\r\n" + framing + b"\r\n")
         writer = threading.Thread(target=_write_body, args=(sock, payload, chunked), daemon=True)
         writer.start()
         reply = sock.recv(65536)
     took = time.perf_counter() - began
-    if not reply.startswith(b"HTTP/1.1 413"):
-        raise RuntimeError(f"expected a 413, got {reply[:100]!r}")
+    if not reply.startswith((b"HTTP/1.1 413", b"HTTP/1.1 429")):
+        raise RuntimeError(f"expected a 413 or 429, got {reply[:100]!r}")
     return took
 
 
@@ -57,23 +67,28 @@ def _write_body(sock: socket.socket, payload: bytes, chunked: bool) -> None:
 
 
 async def streams(base: str, clients: int, seconds: float) -> tuple[float, list[float]]:
-    """Closed-loop chat streams for `seconds`; returns (tokens/s, per-request latencies)."""
+    """Closed-loop chat streams for `seconds`, each client named by its own X-Forwarded-For (believed
+    only under --client-limit); returns (tokens/s, per-request latencies). Any answer but a full
+    stream fails the run."""
     body = {"model": CHAT, "messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 48,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     tokens, latencies = 0, []
     deadline = time.monotonic() + seconds
 
-    async def client(session):
+    async def client(session, i):
         nonlocal tokens
         while time.monotonic() < deadline:
             began = time.perf_counter()
-            async with session.post(base + "/chat/completions", json=body) as r:
+            async with session.post(base + "/chat/completions", json=body,
+                                    headers={"X-Forwarded-For": f"198.51.100.{i + 1}"}) as r:
                 text = await r.text()
+                if r.status != 200:
+                    raise RuntimeError(f"a chat stream got {r.status}: {text[:200]}")
             latencies.append(time.perf_counter() - began)
             tokens += 48 if '"completion_tokens":48' in text else 0
     began = time.monotonic()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
-        await asyncio.gather(*(client(s) for _ in range(clients)))
+        await asyncio.gather(*(client(s, i) for i in range(clients)))
     return tokens / (time.monotonic() - began), latencies
 
 
@@ -95,8 +110,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--direct-ingress", action="store_true")
     p.add_argument("--bodies-per-s", type=float, default=2.0, help="the attacker's pace; 0: back to back")
+    p.add_argument("--client-limit", type=float, default=None,
+                   help="ingress.client_limits.requests_per_s (burst the same); default: no per-client limit")
     a = p.parse_args()
-    base = start_app(default_args(), direct_ingress=a.direct_ingress)
+    args = default_args()
+    if a.client_limit:
+        args["ingress"]["client_limits"] = {"requests_per_s": a.client_limit, "burst": max(1, int(a.client_limit)),
+                                            "trusted_proxies": ["127.0.0.0/8"]}
+    base = start_app(args, direct_ingress=a.direct_ingress)
     try:
         asyncio.run(streams(base, a.clients, 5))   # warm up
         rows = []
@@ -120,8 +141,9 @@ def main() -> None:
                              median(refused) if refused else "-", max(refused) if refused else "-"])
         rows.sort(key=lambda row: row[0])
         print_table(["chat streams", "tok/s", "latency p50 s", "p99 s", f"{BODY_MB} MB bodies refused",
-                     "413 p50 s", "413 max s"], rows)
+                     "refusal p50 s", "refusal max s"], rows)
         print(f"attacker pace: {a.bodies_per_s:g} bodies/s" if a.bodies_per_s else "attacker: back to back")
+        print(f"per-client limit: {a.client_limit:g} requests/s" if a.client_limit else "no per-client limit")
         alone = median([row[1] for row in rows if row[0] == "alone"])
         for mode in ("with Content-Length bodies", "with chunked bodies"):
             tps = median([row[1] for row in rows if row[0] == mode])

