@@ -8,6 +8,8 @@ sending 50 MB bodies (with Content-Length, and chunked) in a loop.
 --client-limit turns on ingress.client_limits (that many requests a second per client), trusting
 X-Forwarded-For from loopback, and the attacker names itself in that header as a load balancer would:
 its bodies are then refused with 429 before they are read, and the streams' clients are not limited.
+The table also gives the ingress replica's CPU time in each mode: what the server spends, whichever
+host the attacker runs on.
 """
 from __future__ import annotations
 
@@ -103,6 +105,20 @@ def attack(base: str, stop, chunked: bool, times, per_s: float) -> None:
             stop.wait(max(0.0, 1 / per_s - (time.monotonic() - began)))
 
 
+def ingress_process():
+    """The ingress replica's process (Ray titles it `ray::ServeReplica:modelhub:Ingress`), to read its CPU time."""
+    import psutil
+    for proc in psutil.process_iter(["cmdline"]):
+        if (proc.info["cmdline"] or [""])[0].startswith("ray::ServeReplica:modelhub:Ingress"):
+            return proc
+    raise RuntimeError("no ingress replica process found")
+
+
+def cpu_s(proc) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=8)
@@ -121,6 +137,7 @@ def main() -> None:
     try:
         asyncio.run(streams(base, a.clients, 5))   # warm up
         rows = []
+        ingress = ingress_process()
         ctx = multiprocessing.get_context("spawn")   # not fork: this process runs a Ray driver
         manager = ctx.Manager()
         for r in range(a.rounds):   # the order alternates, so drift on the machine hits every mode alike
@@ -132,22 +149,30 @@ def main() -> None:
                     attacker = ctx.Process(target=attack, args=(base, stop, "chunked" in mode, refused,
                                                                 a.bodies_per_s))
                     attacker.start()
+                cpu_before = cpu_s(ingress)
                 tps, lat = asyncio.run(streams(base, a.clients, a.seconds))
                 stop.set()
                 if attacker:
                     attacker.join()
+                cpu = cpu_s(ingress) - cpu_before
                 refused = list(refused)
                 rows.append([mode, tps, median(lat), pct(lat, 99), len(refused),
-                             median(refused) if refused else "-", max(refused) if refused else "-"])
+                             median(refused) if refused else "-", max(refused) if refused else "-", cpu])
         rows.sort(key=lambda row: row[0])
         print_table(["chat streams", "tok/s", "latency p50 s", "p99 s", f"{BODY_MB} MB bodies refused",
-                     "refusal p50 s", "refusal max s"], rows)
+                     "refusal p50 s", "refusal max s", "ingress CPU s"], rows)
         print(f"attacker pace: {a.bodies_per_s:g} bodies/s" if a.bodies_per_s else "attacker: back to back")
         print(f"per-client limit: {a.client_limit:g} requests/s" if a.client_limit else "no per-client limit")
         alone = median([row[1] for row in rows if row[0] == "alone"])
+        alone_cpu = median([row[7] for row in rows if row[0] == "alone"])
         for mode in ("with Content-Length bodies", "with chunked bodies"):
-            tps = median([row[1] for row in rows if row[0] == mode])
-            print(f"median tok/s {mode} / alone: {tps / alone:.3f}")
+            mine = [row for row in rows if row[0] == mode]
+            tps = median([row[1] for row in mine])
+            # the ingress's CPU beyond what serving the streams cost it (scaled to the tokens they got),
+            # per body refused
+            extra_ms = median([(row[7] - alone_cpu * row[1] / alone) / row[4] * 1000 for row in mine if row[4]])
+            print(f"median tok/s {mode} / alone: {tps / alone:.3f}; "
+                  f"ingress CPU per refused body, beyond the streams': {extra_ms:.2f} ms")
     finally:
         stop_app()
 
