@@ -131,14 +131,16 @@ def test_usage_counters_reach_prometheus(tenancy_url):
 @pytest.fixture(scope="module")
 def flood_url(tenancy_url, hub):
     """An ingress alone (its embedding model is the tenancy app's, routed by `application`) with
-    per-client limits, trusting X-Forwarded-For from loopback, where Serve's proxy and this test are."""
+    per-client limits, trusting X-Forwarded-For from loopback, where Serve's proxy and this test are.
+    The rate refills one request per 100 s, so however slow a busy machine makes the five requests,
+    no token comes back between them."""
     from ray import serve
 
     from ingress.app import build_app
     args = {"models": [{"id": EMB, "kind": "embedding", "application": "tenancy"}],
             "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.01}},
                         "auth": {"keys": [{"sha256": _sha(KEY_C), "subject": "tenant-c"}]},
-                        "client_limits": {"requests_per_s": 0.2, "burst": 3, "trusted_proxies": ["127.0.0.0/8"]}}}
+                        "client_limits": {"requests_per_s": 0.01, "burst": 3, "trusted_proxies": ["127.0.0.0/8"]}}}
     deploy(build_app(args), "flood", "/flood")
     yield hub.proxy_url.replace("/v1", "/flood/v1")
     serve.delete("flood")
