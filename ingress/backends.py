@@ -56,7 +56,7 @@ class HandleClient:
             raise transport_error(exc) or exc
         finally:
             if not done:
-                gen.cancel()
+                _cancel(gen)
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         return await _call(self.handle.embed.remote(req))
@@ -94,10 +94,20 @@ async def _call(response: Any) -> Any:
     try:
         return await response
     except asyncio.CancelledError:
-        response.cancel()
+        _cancel(response)
         raise
     except Exception as exc:
         raise transport_error(exc) or exc
+
+
+def _cancel(response: Any) -> None:
+    """Cancels a handle call, best effort. Ray's `cancel()` re-raises what the call's replica assignment
+    raised (BackPressureError when the queue was full): raised from a `finally`, that would replace the
+    typed error already on its way to the client and reach Serve's plain-text handler."""
+    try:
+        response.cancel()
+    except Exception:
+        pass
 
 
 @dataclass

@@ -146,10 +146,11 @@ def test_a_replica_lost_under_a_request_is_503_with_retry_after_or_a_final_sse_e
     assert r2.status_code == 200 and events[-1]["error"]["code"] == "engine_unavailable"
 
 
-def test_handle_client_turns_serves_back_pressure_into_a_typed_503():
-    """Serve installs its own handler for BackPressureError on the app (plain text, no JSON), so the
-    handle client must convert it before it reaches FastAPI."""
-    from deployments.errors import OverloadedError
+def test_handle_client_turns_serves_back_pressure_into_a_typed_503_for_calls_and_streams():
+    """Serve installs its own handler for BackPressureError on the app (plain text, no JSON, no
+    Retry-After), so the handle client must convert it before it reaches FastAPI. Ray's `cancel()`
+    re-raises what the replica assignment raised, as this fake does: the stream's cleanup must not let
+    that replace the typed error."""
     from ingress.backends import HandleClient
 
     class BackPressureError(Exception):
@@ -160,18 +161,31 @@ def test_handle_client_turns_serves_back_pressure_into_a_typed_503():
             raise BackPressureError("dropped")
             yield
 
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            raise BackPressureError("dropped")
+
         def cancel(self):
-            pass
+            raise BackPressureError("dropped")
 
     class Method:
         def remote(self, *a):
             return Response()
 
     class Handle:
-        generate = Method()
+        generate = generate_stream = card = Method()
 
         def options(self, **kw):
             return self
-    with pytest.raises(OverloadedError) as info:
-        run(HandleClient(Handle()).generate(None))
-    assert info.value.headers["Retry-After"]
+    from starlette.responses import PlainTextResponse
+    app = make_app(HandleClient(Handle()))
+    # what Serve's replica installs (ray/serve/_private/replica.py), which outranks the app's own handlers
+    app.add_exception_handler(BackPressureError, lambda request, exc: PlainTextResponse("dropped", 503))
+    body = {"model": CHAT, "messages": MSG}
+    plain, streamed = post_all(app, [("/v1/chat/completions", body),
+                                                                  ("/v1/chat/completions", {**body, "stream": True})])
+    for r in (plain, streamed):
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, (r.status_code, r.text)
+        assert r.json()["error"]["type"] and "dropped" not in r.text
