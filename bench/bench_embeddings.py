@@ -115,6 +115,8 @@ def main():
     p.add_argument("--no-coalesce", action="store_true", help="disable ingress-side coalescing")
     p.add_argument("--direct-ingress", action="store_true", help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
     p.add_argument("--peer", action="store_true", help="also measure infinity-emb in this run")
+    p.add_argument("--separate-loops", action="store_true",
+                   help="ingress.single_event_loop: false (Serve's user-code thread and router loop)")
     opts = p.parse_args()
     sizes = [int(x) for x in opts.sizes.split(",")]
     clients = [int(x) for x in opts.clients.split(",")]
@@ -123,6 +125,7 @@ def main():
     args = default_args()
     args["models"] = [m for m in args["models"] if m["kind"] == "embedding"]
     args.setdefault("ingress", {})["coalesce_embeddings"] = not opts.no_coalesce
+    args["ingress"]["single_event_loop"] = not opts.separate_loops
     url = start_app(args, direct_ingress=opts.direct_ingress)
     try:
         ours = run_levels(url, sizes, clients, opts.seconds)
@@ -136,7 +139,8 @@ def main():
                      p["req_s"] if p else float("nan"), r["req_s"] / p["req_s"] if p else float("nan"),
                      p["errors"] if p else "–", r["req_s"] / issue_peer if issue_peer else float("nan")])
     print(f"\nin-process limit: {limit:.0f} sentences/s (batch 64), {single:.0f}/s one at a time; "
-          f"coalescing {'off' if opts.no_coalesce else 'on'}, direct ingress {'on' if opts.direct_ingress else 'off'}")
+          f"coalescing {'off' if opts.no_coalesce else 'on'}, direct ingress {'on' if opts.direct_ingress else 'off'}, "
+          f"ingress loops {'separate' if opts.separate_loops else 'one'}")
     print_table(["sentences/req", "clients", "req/s", "emb/s", "emb/s ÷ in-process", "p50 ms", "p99 ms", "errors",
                  "infinity req/s (this run)", "ours ÷ infinity", "infinity errors", "ours ÷ issue's infinity"], rows)
 

@@ -1,7 +1,10 @@
 """Issue #13's overload test as a benchmark: 512 clients at once against a deliberately small chat
 deployment (max_num_seqs 4, max_waiting 2, max_queued_requests 2, as tests/integration/test_faults.py),
 through the ingress replica's own port (direct ingress) and through Serve's proxy, alternating in one
-run. Prints admitted and refused counts, refusal latency and admitted p99 against unloaded.
+run, beside a bare uvicorn server that refuses everything (the machine's floor). Two copies of the
+app run side by side: one whose ingress runs on one event loop (the default,
+`ingress.single_event_loop`) and one with Serve's separate user-code thread and router loop. Prints
+admitted and refused counts, refusal latency and admitted p99 against unloaded.
 
     python bench/bench_overload.py --rounds 3
 """
@@ -9,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import statistics
+import subprocess
 import sys
 import time
 
@@ -24,11 +29,56 @@ MODEL = "small-chat"
 ASK = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0}
 
 
-def small_app() -> dict:
+def small_app(single_event_loop: bool = True) -> dict:
     return {"models": [{"id": MODEL, "kind": "chat", "source": SOURCE,
                         "engine": {"max_num_seqs": 4, "max_waiting": 2, "num_threads": 1},
                         "deployment": {"max_queued_requests": 2, "ray_actor_options": {"num_cpus": 0.5}}}],
-            "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.1}}}}
+            "ingress": {"single_event_loop": single_event_loop,
+                        "deployment": {"ray_actor_options": {"num_cpus": 0.1}}}}
+
+
+# The floor on this machine: a bare uvicorn + Starlette server that refuses every request at once with
+# the same 503 JSON (no Serve, no model). Run in its own process, like an ingress replica.
+FLOOR_APP = """
+import sys, uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+async def chat(request):
+    await request.body()
+    return JSONResponse({"error": {"message": "busy", "type": "server_error", "param": None, "code": None}},
+                        status_code=503, headers={"Retry-After": "1"})
+uvicorn.run(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]), host="127.0.0.1",
+            port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
+
+
+def _start_floor() -> tuple[subprocess.Popen, str]:
+    port = common.free_port()
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR_APP, str(port)])
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"http://127.0.0.1:{port}/v1"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the floor server did not start")
+
+
+def _direct_url(first_port_url: str, prefix: str) -> str:
+    """The direct-ingress URL of the app under `prefix`: each app's ingress replica takes its own port."""
+    import urllib.request
+    port = int(first_port_url.rsplit(":", 1)[1].split("/")[0])
+    for candidate in (port, port + 1):
+        url = f"http://127.0.0.1:{candidate}{prefix}/v1"
+        try:
+            with urllib.request.urlopen(url + "/models", timeout=10) as r:
+                if r.status == 200:
+                    return url
+        except OSError:
+            continue
+    raise RuntimeError(f"no direct-ingress port answers under {prefix}")
 
 
 async def _chat(session: aiohttp.ClientSession, url: str) -> tuple[int, float, bool]:
@@ -58,9 +108,17 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
-    direct = start_app(small_app(), direct_ingress=True)
-    urls = {"direct ingress": direct, "Serve's proxy": common.PROXY_URL[0]}
+    from ray import serve
+
+    from ingress.app import build_app
+    first = start_app(small_app(), direct_ingress=True, direct_ports=2)
+    floor = None
     try:
+        serve.run(build_app(small_app(single_event_loop=False)), name="separate", route_prefix="/separate")
+        proxy = common.PROXY_URL[0].removesuffix("/v1")
+        urls = {"direct, one loop": _direct_url(first, ""), "direct, separate loops": _direct_url(first, "/separate"),
+                "proxy, one loop": proxy + "/v1", "proxy, separate loops": proxy + "/separate/v1"}
+        floor, urls["floor: bare uvicorn, 503 at once"] = _start_floor()
         rows, got = [], {k: [] for k in urls}
         for r in range(a.rounds):   # alternating order: drift on the machine hits both ways alike
             for way in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
@@ -75,6 +133,8 @@ def main() -> None:
             print(f"{way}: median refusal p50 {median([m['refusal_p50'] for m in ms]) * 1000:.0f} ms, "
                   f"median admitted p99 / unloaded {median([m['ratio'] for m in ms]):.2f}x")
     finally:
+        if floor is not None:
+            floor.kill()
         stop_app()
 
 

@@ -25,12 +25,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(args: dict[str, Any], direct_ingress: bool = False, env: dict[str, str] | None = None) -> str:
+def start_app(args: dict[str, Any], direct_ingress: bool = False, env: dict[str, str] | None = None,
+              direct_ports: int = 1) -> str:
     """Starts Ray + Serve with `args`; returns the /v1 base URL.
 
     direct_ingress: RAY_SERVE_ENABLE_DIRECT_INGRESS=1, where the ingress replica serves HTTP itself
     (on a port from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT) and requests skip the proxy hop.
-    env: environment variables for every Ray worker (e.g. OMP_NUM_THREADS)."""
+    env: environment variables for every Ray worker (e.g. OMP_NUM_THREADS).
+    direct_ports: ports kept for ingress replicas under direct ingress (one per app a bench adds)."""
     import os
 
     import ray
@@ -42,7 +44,7 @@ def start_app(args: dict[str, Any], direct_ingress: bool = False, env: dict[str,
     if direct_ingress:
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
         os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
-        os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)   # exclusive
+        os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + direct_ports)   # exclusive
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": env} if env else None)
     serve.start(http_options={"host": "127.0.0.1", "port": proxy_port if direct_ingress else port})

@@ -28,6 +28,17 @@ INGRESS_DEFAULTS: dict[str, Any] = {
     "ray_actor_options": {"num_cpus": 0.1},
 }
 
+# Serve's per-process switches (ray/serve/_private/constants.py) for ingress.single_event_loop. The
+# ingress awaits everything and runs blocking calls in threads, so nothing stalls the replica's loop.
+SINGLE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+def with_env(actor_options: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """`actor_options` with `env` added to its runtime_env's env_vars; what the operator set wins."""
+    runtime_env = dict(actor_options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**env, **(runtime_env.get("env_vars") or {})}
+    return {**actor_options, "runtime_env": runtime_env}
+
 
 class IngressServer:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any], image_store: Any, limit_store: Any = None):
@@ -86,6 +97,8 @@ def build_app(args: dict[str, Any]) -> Any:
     if cfg.ingress.auth.enabled and cfg.ingress.auth.limited():
         limits = serve.deployment(LimitStore, name="LimitStore", **LimitStore.default_options()).bind()
     opts = cfg.ingress.deployment.serve_options(INGRESS_DEFAULTS)
+    if cfg.ingress.single_event_loop:
+        opts["ray_actor_options"] = with_env(opts["ray_actor_options"], SINGLE_LOOP_ENV)
     ingress = serve.deployment(serve.ingress()(IngressServer), name="Ingress", **opts)
     return ingress.bind(cfg.model_dump(mode="json"), handles, store, limits)
 

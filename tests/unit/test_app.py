@@ -118,6 +118,17 @@ def test_build_app_deploys_only_the_models_that_name_no_application():
     assert [m["application"] for m in config["models"]] == [None, "chat-app", "emb-app"]
 
 
+def test_the_ingress_runs_on_one_event_loop_unless_told_otherwise_and_the_operators_env_wins():
+    def env(ingress: dict) -> dict:
+        hub = ingress_app.build_app({**HUB, "ingress": ingress})._bound_deployment
+        return hub.ray_actor_options.get("runtime_env", {}).get("env_vars", {})
+    assert env({}) == ingress_app.SINGLE_LOOP_ENV
+    assert env({"single_event_loop": False}) == {}
+    mine = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "OTHER": "x"}
+    assert env({"deployment": {"ray_actor_options": {"runtime_env": {"env_vars": mine}}}}) == {
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **mine}
+
+
 def test_build_model_app_binds_the_one_model_under_the_name_the_hub_looks_up():
     model = {"id": "routed-chat", "kind": "chat", "source": "x", "engine": {"max_num_seqs": 4},
              "deployment": {"graceful_shutdown_timeout_s": 120}}
