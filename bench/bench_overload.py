@@ -29,12 +29,19 @@ MODEL = "small-chat"
 ASK = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0}
 
 
-def small_app(single_event_loop: bool = True) -> dict:
+def small_app(single_event_loop: bool = True, env: dict | None = None) -> dict:
+    """`env`: Serve's switches for the ingress replica, for the --split variants."""
+    ingress_actor = {"num_cpus": 0.1, **({"runtime_env": {"env_vars": env}} if env else {})}
     return {"models": [{"id": MODEL, "kind": "chat", "source": SOURCE,
                         "engine": {"max_num_seqs": 4, "max_waiting": 2, "num_threads": 1},
-                        "deployment": {"max_queued_requests": 2, "ray_actor_options": {"num_cpus": 0.5}}}],
+                        "deployment": {"max_queued_requests": 2, "ray_actor_options": {"num_cpus": 0.4}}}],
             "ingress": {"single_event_loop": single_event_loop,
-                        "deployment": {"ray_actor_options": {"num_cpus": 0.1}}}}
+                        "deployment": {"ray_actor_options": ingress_actor}}}
+
+
+# --split: one of the two switches at a time (the names are Serve's, ray/serve/_private/constants.py)
+SPLIT = {"usercode-on-loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+         "router-on-loop": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}}
 
 
 # The floor on this machine: a bare uvicorn + Starlette server that refuses every request at once with
@@ -70,7 +77,7 @@ def _direct_url(first_port_url: str, prefix: str) -> str:
     """The direct-ingress URL of the app under `prefix`: each app's ingress replica takes its own port."""
     import urllib.request
     port = int(first_port_url.rsplit(":", 1)[1].split("/")[0])
-    for candidate in (port, port + 1):
+    for candidate in range(port, port + 1 + len(SPLIT) + 1):
         url = f"http://127.0.0.1:{candidate}{prefix}/v1"
         try:
             with urllib.request.urlopen(url + "/models", timeout=10) as r:
@@ -107,17 +114,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--split", action="store_true",
+                   help="also each of the two switches alone, through direct ingress")
     a = p.parse_args()
     from ray import serve
 
     from ingress.app import build_app
-    first = start_app(small_app(), direct_ingress=True, direct_ports=2)
+    first = start_app(small_app(), direct_ingress=True, direct_ports=2 + len(SPLIT))
     floor = None
     try:
         serve.run(build_app(small_app(single_event_loop=False)), name="separate", route_prefix="/separate")
         proxy = common.PROXY_URL[0].removesuffix("/v1")
         urls = {"direct, one loop": _direct_url(first, ""), "direct, separate loops": _direct_url(first, "/separate"),
                 "proxy, one loop": proxy + "/v1", "proxy, separate loops": proxy + "/separate/v1"}
+        for name, env in SPLIT.items() if a.split else ():
+            serve.run(build_app(small_app(single_event_loop=False, env=env)), name=name, route_prefix=f"/{name}")
+            urls[f"direct, {name.replace('-', ' ')} only"] = _direct_url(first, f"/{name}")
         floor, urls["floor: bare uvicorn, 503 at once"] = _start_floor()
         rows, got = [], {k: [] for k in urls}
         for r in range(a.rounds):   # alternating order: drift on the machine hits both ways alike
