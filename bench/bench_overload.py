@@ -6,7 +6,9 @@ app run side by side: one whose ingress runs on one event loop (the default,
 `ingress.single_event_loop`) and one with Serve's separate user-code thread and router loop. Prints
 admitted and refused counts, refusal latency and admitted p99 against unloaded.
 
-    python bench/bench_overload.py --rounds 3
+    python bench/bench_overload.py --rounds 3 [--split]
+
+--split adds, through direct ingress, a copy with each of the two switches alone.
 """
 from __future__ import annotations
 
