@@ -44,6 +44,8 @@ def small_app(single_event_loop: bool = True, env: dict | None = None) -> dict:
 # --split: one of the two switches at a time (the names are Serve's, ray/serve/_private/constants.py)
 SPLIT = {"usercode-on-loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
          "router-on-loop": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}}
+# direct-ingress ports: one per app copy (one loop, separate loops, and the --split ones)
+DIRECT_PORTS = 2 + len(SPLIT)
 
 
 # The floor on this machine: a bare uvicorn + Starlette server that refuses every request at once with
@@ -79,7 +81,7 @@ def _direct_url(first_port_url: str, prefix: str) -> str:
     """The direct-ingress URL of the app under `prefix`: each app's ingress replica takes its own port."""
     import urllib.request
     port = int(first_port_url.rsplit(":", 1)[1].split("/")[0])
-    for candidate in range(port, port + 1 + len(SPLIT) + 1):
+    for candidate in range(port, port + DIRECT_PORTS):
         url = f"http://127.0.0.1:{candidate}{prefix}/v1"
         try:
             with urllib.request.urlopen(url + "/models", timeout=10) as r:
@@ -122,7 +124,7 @@ def main() -> None:
     from ray import serve
 
     from ingress.app import build_app
-    first = start_app(small_app(), direct_ingress=True, direct_ports=2 + len(SPLIT))
+    first = start_app(small_app(), direct_ingress=True, direct_ports=DIRECT_PORTS)
     floor = None
     try:
         serve.run(build_app(small_app(single_event_loop=False)), name="separate", route_prefix="/separate")

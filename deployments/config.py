@@ -684,8 +684,8 @@ class IngressConfig(StrictModel):
         True, description="Run the ingress replica's request handling and its handles' router on the replica's "
                           "own event loop, not a thread and a loop each (Serve's "
                           "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 and RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0, "
-                          "two of the settings RAY_SERVE_THROUGHPUT_OPTIMIZED makes): about half the CPU per "
-                          "request under a burst (bench/README.md). Set in the ingress replica's "
+                          "two of the settings RAY_SERVE_THROUGHPUT_OPTIMIZED makes): a burst is refused sooner "
+                          "(bench/README.md, session 11). Set in the ingress replica's "
                           "runtime_env env_vars, where ray_actor_options does not set them already.")
     coalesce_embeddings: bool = Field(
         True, description="Merge concurrent embedding requests for one model into one handle call at the "

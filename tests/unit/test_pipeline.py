@@ -185,7 +185,7 @@ def test_handle_client_turns_serves_back_pressure_into_a_typed_503_for_calls_and
     app.add_exception_handler(BackPressureError, lambda request, exc: PlainTextResponse("dropped", 503))
     body = {"model": CHAT, "messages": MSG}
     plain, streamed = post_all(app, [("/v1/chat/completions", body),
-                                                                  ("/v1/chat/completions", {**body, "stream": True})])
+                                     ("/v1/chat/completions", {**body, "stream": True})])
     for r in (plain, streamed):
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, (r.status_code, r.text)
         assert r.json()["error"]["type"] and "dropped" not in r.text
