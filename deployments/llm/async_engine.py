@@ -50,6 +50,7 @@ class AsyncLLMEngine:
         self.step_timeout_s = step_timeout_s
         self._step_started: Optional[float] = None   # monotonic start of the step running now
         self._in_flight_seqs = 0
+        self._stopped = False   # set by the engine thread as it ends, before it fails every request
         self._load = EngineLoad()   # replaced whole by the engine thread, read by any
         self._keys = itertools.count()
         self._inbox: deque = deque()
@@ -78,7 +79,7 @@ class AsyncLLMEngine:
         return Grammars.for_engine(self.engine)
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self._stopped
 
     def check_health(self) -> None:
         """Raises (failing the replica's health check, so Serve replaces it) when the engine thread
@@ -100,13 +101,14 @@ class AsyncLLMEngine:
                 param="n" if req.params.n > 1 else "prompt", code="limit_exceeded")
         if self._in_flight_seqs + nseqs > self.max_in_flight_seqs:
             raise OverloadedError("Too many requests are queued for this model; retry shortly.")
-        if not self.is_alive():
-            raise _engine_stopped()
         # The engine's own key for this request: ids that callers send (an x-request-id a client
         # chose) may repeat across concurrent requests, and two requests must never share state.
         req.request_id = f"e{next(self._keys)}"
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[req.request_id] = (asyncio.get_running_loop(), queue)
+        if not self.is_alive():   # after registering: a thread that stops from here on fails this queue too
+            self._queues.pop(req.request_id, None)
+            raise _engine_stopped()
         self._in_flight_seqs += nseqs
         self._post(("add", req))
         done, first = False, True
@@ -156,6 +158,20 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
+        """The engine thread. A failed step fails its requests and the loop goes on. Anything else that
+        ends the loop (a bug in the bookkeeping between steps, or a lost tensor-parallel rank) stops
+        the engine: every request waiting on it gets a 503 at once, and the health check then fails
+        so Serve replaces the replica. No request waits on a thread that is gone."""
+        try:
+            with torch.inference_mode():
+                self._loop()
+        except BaseException:
+            logger.exception("the engine thread stopped on an unexpected error; failing every request in flight")
+        finally:
+            self._stopped = True
+            self._deliver([(rid, _engine_stopped()) for rid in list(self._queues)])
+
+    def _loop(self) -> None:
         # torch applies its thread count to a new thread at the thread's first ATen parallel op, but
         # oneDNN (the linear layers) reads OpenMP's own, which Ray sets to the replica's num_cpus
         torch.set_num_threads(torch.get_num_threads())

@@ -81,6 +81,7 @@ class LLMEngine:
             self.scheduler.add(group)
         self.requests[req.request_id] = req
 
+    @torch.inference_mode()   # dropping a row moves the KV rows after it: in place, on inference tensors
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
         if req is None:

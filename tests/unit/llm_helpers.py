@@ -96,14 +96,14 @@ def server_model():
     return tiny_llama()
 
 
-def make_server(max_num_seqs=4, max_waiting=4, max_model_len=64, **engine) -> LLMServer:
+def make_server(max_num_seqs=4, max_waiting=4, max_model_len=64, kv_cache="padded", **engine) -> LLMServer:
     cfg = ChatModelConfig(id="tiny", kind="chat", source="x",
                           engine={"max_num_seqs": max_num_seqs, "max_waiting": max_waiting, **engine})
 
     def factory(_cfg):
         tok = ByteTokenizer()
         engine = LLMEngine(server_model(), tok, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                           max_num_batched_tokens=4096)
+                           max_num_batched_tokens=4096, kv_cache=kv_cache)
         return BuiltEngine(AsyncLLMEngine(engine, max_in_flight_seqs=max_num_seqs + max_waiting), tok, max_model_len)
     return LLMServer(cfg, engine_factory=factory)
 

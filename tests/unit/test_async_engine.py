@@ -245,3 +245,56 @@ def test_a_wedged_step_fails_the_health_check():
         await task
         await server.check_health()   # it moved again: healthy
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("kv_cache", ["slots", "padded"])
+def test_closing_one_of_several_running_streams_leaves_the_others_running(kv_cache):
+    """The client of the first row goes away: its KV row is dropped and the rows after it move down,
+    on the engine thread between steps (outside the step). With slots (the CPU default) that move is
+    in place, on the step's inference tensors. The others go on, with the output they get alone, and
+    the engine stays up."""
+    async def go():
+        server = make_server(max_num_seqs=4, kv_cache=kv_cache)
+        alone = {c: (await server.generate(chat(content=c, max_tokens=20))).choices[0].text for c in "bc"}
+        streams = {c: server.generate_stream(chat(rid=c, content=c, max_tokens=20)) for c in "abc"}
+        texts = {c: "" for c in streams}
+        for _ in range(3):                       # all three are in the running batch now
+            for c, s in streams.items():
+                texts[c] += "".join(d.text for d in (await s.__anext__()).choices)
+        await streams.pop("a").aclose()          # the first row's client went away
+        for c, s in streams.items():
+            async for chunk in s:
+                texts[c] += "".join(d.text for d in chunk.choices)
+        return server, alone, texts
+    server, alone, texts = asyncio.run(asyncio.wait_for(go(), 120))
+    assert {c: texts[c] for c in "bc"} == alone
+    assert server.engine.is_alive() and not server.engine.engine.requests
+
+
+def test_an_error_outside_a_step_stops_the_engine_and_fails_every_request_at_once():
+    """A bug in the bookkeeping between steps ends the engine thread: nothing may wait on it. Every
+    request in flight gets a 503 at once, new ones too, and the health check fails."""
+    from deployments.errors import EngineUnavailableError
+
+    async def go():
+        server = make_server(max_num_seqs=4)
+        engine = server.engine.engine
+        real_abort = engine.abort
+
+        def abort(rid):
+            real_abort(rid)
+            raise RuntimeError("a bug while dropping a request")
+        engine.abort = abort
+        other = asyncio.create_task(server.generate(chat(content="b", max_tokens=40)))
+        gone = server.generate_stream(chat(content="a", max_tokens=40))
+        await gone.__anext__()
+        await gone.aclose()                      # its abort raises on the engine thread
+        with pytest.raises(EngineUnavailableError) as info:
+            await asyncio.wait_for(other, 30)     # not a hang
+        with pytest.raises(RuntimeError, match="engine thread died"):
+            await server.check_health()
+        with pytest.raises(EngineUnavailableError):
+            await server.generate(chat(max_tokens=2))
+        return info.value
+    err = asyncio.run(go())
+    assert err.status_code == 503 and "bug" not in str(err)

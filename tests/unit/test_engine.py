@@ -137,3 +137,21 @@ def test_a_failure_processing_one_requests_token_fails_that_request_only(model, 
     assert errors and all(rid == "bad" for rid, _ in errors) and isinstance(errors[0][1], KeyError)
     assert len(good.seqs[0].output_ids) == 6 and good.seqs[0].finish_reason == "length"
     assert "bad" not in engine.requests and not engine.has_work()
+
+
+def test_aborting_a_row_between_steps_moves_the_rows_after_it_and_they_go_on(model):
+    """abort() is called between steps (and on a tensor-parallel follower, from its own loop): with
+    the slot cache, dropping row 0 moves the rows after it in place, in the step's inference tensors."""
+    alone = [req(f"alone{i}", text, max_tokens=10) for i, text in enumerate(["bb", "ccc"])]
+    run_all(make_engine(model, kv_cache="slots"), alone)
+    engine = make_engine(model, kv_cache="slots")
+    rows = [req(f"r{i}", text, max_tokens=10) for i, text in enumerate(["a", "bb", "ccc"])]
+    for r in rows:
+        engine.add(r)
+    for _ in range(3):
+        engine.step()
+    assert len(engine.batch) == 3
+    engine.abort("r0")
+    assert len(engine.batch) == 2
+    run_all(engine, [])
+    assert [out_ids(r) for r in rows[1:]] == [out_ids(r) for r in alone]
