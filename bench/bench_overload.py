@@ -77,21 +77,6 @@ def _start_floor() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the floor server did not start")
 
 
-def _direct_url(first_port_url: str, prefix: str) -> str:
-    """The direct-ingress URL of the app under `prefix`: each app's ingress replica takes its own port."""
-    import urllib.request
-    port = int(first_port_url.rsplit(":", 1)[1].split("/")[0])
-    for candidate in range(port, port + DIRECT_PORTS):
-        url = f"http://127.0.0.1:{candidate}{prefix}/v1"
-        try:
-            with urllib.request.urlopen(url + "/models", timeout=10) as r:
-                if r.status == 200:
-                    return url
-        except OSError:
-            continue
-    raise RuntimeError(f"no direct-ingress port answers under {prefix}")
-
-
 async def _chat(session: aiohttp.ClientSession, url: str) -> tuple[int, float, bool]:
     began = time.perf_counter()
     async with session.post(url + "/chat/completions", json=ASK) as r:
@@ -129,11 +114,12 @@ def main() -> None:
     try:
         serve.run(build_app(small_app(single_event_loop=False)), name="separate", route_prefix="/separate")
         proxy = common.PROXY_URL[0].removesuffix("/v1")
-        urls = {"direct, one loop": _direct_url(first, ""), "direct, separate loops": _direct_url(first, "/separate"),
+        urls = {"direct, one loop": common.direct_url(first, DIRECT_PORTS, ""),
+                "direct, separate loops": common.direct_url(first, DIRECT_PORTS, "/separate"),
                 "proxy, one loop": proxy + "/v1", "proxy, separate loops": proxy + "/separate/v1"}
         for name, env in SPLIT.items() if a.split else ():
             serve.run(build_app(small_app(single_event_loop=False, env=env)), name=name, route_prefix=f"/{name}")
-            urls[f"direct, {name.replace('-', ' ')} only"] = _direct_url(first, f"/{name}")
+            urls[f"direct, {name.replace('-', ' ')} only"] = common.direct_url(first, DIRECT_PORTS, f"/{name}")
         floor, urls["floor: bare uvicorn, 503 at once"] = _start_floor()
         rows, got = [], {k: [] for k in urls}
         for r in range(a.rounds):   # alternating order: drift on the machine hits both ways alike

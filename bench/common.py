@@ -53,6 +53,22 @@ def start_app(args: dict[str, Any], direct_ingress: bool = False, env: dict[str,
     return f"http://127.0.0.1:{port}/v1"
 
 
+def direct_url(first_port_url: str, ports: int, prefix: str) -> str:
+    """The direct-ingress URL of the app under `prefix`, among the `ports` ports start_app kept: each
+    app's ingress replica takes its own, in no fixed order."""
+    import urllib.request
+    port = int(first_port_url.rsplit(":", 1)[1].split("/")[0])
+    for candidate in range(port, port + ports):
+        url = f"http://127.0.0.1:{candidate}{prefix}/v1"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{candidate}{prefix}/health", timeout=10) as r:
+                if r.status == 200:
+                    return url
+        except OSError:
+            continue
+    raise RuntimeError(f"no direct-ingress port answers under {prefix}")
+
+
 def stop_app() -> None:
     import ray
     from ray import serve

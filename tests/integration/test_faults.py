@@ -6,10 +6,15 @@ the default one in the same Ray session, reached through Serve's proxy at /small
 - kill -9 of the model replica's process under load: requests in flight get a 503 with Retry-After
   (a stream that started ends with an SSE error event), and requests succeed again once Serve has
   replaced the replica.
+- Fair share (app "shared" at /shared, the same small model): a tenant over its `concurrent_requests`,
+  or a network address over `client_limits.max_concurrent`, gets 429 at once for what is over, and
+  another client is still served (bench/bench_fairness.py measures the other client with and
+  without the limits, under a sustained flood).
 Latencies are printed (the closing note and bench/README.md quote them), never asserted."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -28,13 +33,18 @@ NO_EOS = {"0": -100, "2": -100}
 ASK = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0}
 
 
+SMALL_ENGINE = {"max_num_seqs": 4, "max_waiting": 2, "num_threads": 1}
+GREEDY, POLITE = "greedy-tenant-key", "polite-tenant-key"   # test-only API keys of the "shared" app
+HELD = 2   # the greedy tenant's concurrent_requests, and every address's client_limits.max_concurrent
+
+
 @pytest.fixture(scope="module")
 def small(hub):
     from ray import serve
 
     from ingress.app import build_app
     args = {"models": [{"id": MODEL, "kind": "chat", "source": SOURCE,
-                        "engine": {"max_num_seqs": 4, "max_waiting": 2, "num_threads": 1},
+                        "engine": SMALL_ENGINE,
                         "deployment": {"max_queued_requests": 2, "health_check_period_s": 2,
                                        "ray_actor_options": {"num_cpus": 0.05}}}],
             "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.05}}}}
@@ -134,3 +144,83 @@ def test_kill_9_of_the_model_replica_under_load_ends_requests_cleanly_and_recove
     assert cut, "no request was in flight when the replica died"
     assert recovered is not None, "no request succeeded within 180 s of the kill"
     print(f"\nreplica kill: in flight {[d[0] for d in done]}, recovered after {recovered:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def shared(hub):
+    """The small model behind an ingress with both per-client limits: the greedy tenant may hold HELD
+    requests at once (auth.limits, per subject), and so may each network address (client_limits,
+    read through X-Forwarded-For from loopback)."""
+    from ray import serve
+
+    from ingress.app import build_app
+
+    def sha(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+    args = {"models": [{"id": MODEL, "kind": "chat", "source": SOURCE, "engine": SMALL_ENGINE,
+                        "deployment": {"max_queued_requests": 2, "ray_actor_options": {"num_cpus": 0.05}}}],
+            "ingress": {"deployment": {"ray_actor_options": {"num_cpus": 0.05}},
+                        "auth": {"keys": [{"sha256": sha(GREEDY), "subject": "greedy",
+                                           "limits": {"concurrent_requests": HELD}},
+                                          {"sha256": sha(POLITE), "subject": "polite"}]},
+                        "client_limits": {"max_concurrent": HELD, "trusted_proxies": ["127.0.0.0/8"]}}}
+    deploy(build_app(args), "shared", "/shared")
+    yield hub.proxy_url.removesuffix("/v1") + "/shared/v1"
+    serve.delete("shared")
+
+
+async def _hold_then_ask(url: str, flood: list[tuple[str, str]]) -> tuple[list, int, tuple]:
+    """Sends one long stream per (key, address) in `flood` at once and waits until each is refused or
+    has its first chunk; then, with those streams still running, the polite tenant asks from its own
+    address. Returns the refused ones' (status, headers, body), how many were admitted and still
+    running when the polite request ended, and the polite request's (status, body)."""
+    long = {**ASK, "max_tokens": 400, "logit_bias": NO_EOS, "stream": True,
+            "messages": [{"role": "user", "content": "Tell me a long story."}]}
+    started: list[asyncio.Event] = [asyncio.Event() for _ in flood]
+
+    async def hold(s, i, key, address):
+        headers = {"Authorization": f"Bearer {key}", "X-Forwarded-For": address}
+        async with s.post(url + "/chat/completions", json=long, headers=headers) as r:
+            if r.status != 200:
+                started[i].set()
+                return r.status, dict(r.headers), await r.text()
+            await r.content.readline()
+            started[i].set()
+            await r.read()      # held until cancelled below
+            return r.status, dict(r.headers), ""
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        tasks = [asyncio.create_task(hold(s, i, key, addr)) for i, (key, addr) in enumerate(flood)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+        refused = [t.result() for t in tasks if t.done()]
+        headers = {"Authorization": f"Bearer {POLITE}", "X-Forwarded-For": "198.51.100.200"}
+        async with s.post(url + "/chat/completions", json=ASK, headers=headers) as r:
+            polite = r.status, await r.text()
+        held = sum(not t.done() for t in tasks)
+        for t in tasks:
+            t.cancel()      # closing the streams frees the model for the next test
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return refused, held, polite
+
+
+def _assert_limited(refused, held, polite, message: str):
+    assert held == HELD, (held, [r[0] for r in refused])
+    assert [r[0] for r in refused] == [429] * len(refused), [(r[0], r[2][:200]) for r in refused]
+    for _, headers, body in refused:
+        assert int(headers["Retry-After"]) >= 1 and message in json.loads(body)["error"]["message"], body[:300]
+    assert polite[0] == 200, polite
+
+
+def test_a_tenant_over_its_concurrent_requests_gets_429_and_cannot_crowd_out_another(shared):
+    # 10 long streams would take all 6 of the model's places (4 running, 2 waiting) and fill Serve's
+    # queue; each comes from its own address, so only the tenant's limit applies.
+    flood = [(GREEDY, f"203.0.113.{i}") for i in range(10)]
+    refused, held, polite = asyncio.run(_hold_then_ask(shared, flood))
+    _assert_limited(refused, held, polite, "Too many concurrent requests: Limit")
+
+
+def test_an_address_over_client_limits_max_concurrent_gets_429_and_cannot_crowd_out_another(shared):
+    # the polite tenant's key (no limits of its own) flooding from one address: the address's limit applies
+    flood = [(POLITE, "203.0.113.77")] * 10
+    refused, held, polite = asyncio.run(_hold_then_ask(shared, flood))
+    _assert_limited(refused, held, polite, "concurrent requests from this client")
