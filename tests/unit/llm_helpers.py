@@ -15,9 +15,17 @@ from tests.unit.fakes import ByteTokenizer, tiny_llama
 
 
 def make_engine(model, **kw) -> LLMEngine:
+    """The engine as the factory builds it by default: the slot KV cache where mixed steps run."""
     opts = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=8192)
     opts.update(kw)
+    opts.setdefault("kv_cache", default_kv_cache(model, opts.get("mixed_steps", True)))
     return LLMEngine(model, ByteTokenizer(), **opts)
+
+
+def default_kv_cache(model, mixed_steps: bool = True) -> str:
+    from deployments.config import LLMEngineConfig
+    from deployments.llm.factory import kv_cache_layout
+    return kv_cache_layout(LLMEngineConfig(), model, mixed_steps)
 
 
 def prompt(text: str) -> list[int]:
@@ -96,14 +104,14 @@ def server_model():
     return tiny_llama()
 
 
-def make_server(max_num_seqs=4, max_waiting=4, max_model_len=64, kv_cache="padded", **engine) -> LLMServer:
+def make_server(max_num_seqs=4, max_waiting=4, max_model_len=64, kv_cache=None, **engine) -> LLMServer:
     cfg = ChatModelConfig(id="tiny", kind="chat", source="x",
                           engine={"max_num_seqs": max_num_seqs, "max_waiting": max_waiting, **engine})
 
     def factory(_cfg):
         tok = ByteTokenizer()
         engine = LLMEngine(server_model(), tok, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                           max_num_batched_tokens=4096, kv_cache=kv_cache)
+                           max_num_batched_tokens=4096, kv_cache=kv_cache or default_kv_cache(server_model()))
         return BuiltEngine(AsyncLLMEngine(engine, max_in_flight_seqs=max_num_seqs + max_waiting), tok, max_model_len)
     return LLMServer(cfg, engine_factory=factory)
 
