@@ -106,19 +106,28 @@ def test_kill_9_of_the_model_replica_under_load_ends_requests_cleanly_and_recove
     long = {**ASK, "max_tokens": 1000, "logit_bias": NO_EOS,
             "messages": [{"role": "user", "content": "Tell me a long story."}]}
 
-    async def stream(session):
+    streaming = [asyncio.Event(), asyncio.Event()]
+
+    async def stream(session, started: asyncio.Event):
+        text = ""
         try:
             async with session.post(small + "/chat/completions", json={**long, "stream": True}) as r:
-                return r.status, dict(r.headers), await r.text()
+                async for line in r.content:
+                    text += line.decode()
+                    started.set()        # the first chunk: the request is running on the replica
+                return r.status, dict(r.headers), text
         except aiohttp.ClientPayloadError as exc:   # the connection cut: counts as a failure below
             return -1, {}, str(exc)
+        finally:
+            started.set()
 
     async def go():
         timeout = aiohttp.ClientTimeout(total=90)
         async with aiohttp.ClientSession(timeout=timeout) as s:
             tasks = [asyncio.create_task(_chat(s, small, long)) for _ in range(2)]
-            tasks += [asyncio.create_task(stream(s)) for _ in range(2)]
-            await asyncio.sleep(3)     # under way (the replica answers 8 tokens in well under a second)
+            tasks += [asyncio.create_task(stream(s, started)) for started in streaming]
+            # both streams are running (the plain requests went first); each runs 1,000 tokens
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in streaming)), 60)
             os.kill(_replica_pid("ray::ServeReplica:small:chat:small-chat"), signal.SIGKILL)
             killed_at = time.monotonic()
             done = await asyncio.wait_for(asyncio.gather(*tasks), 90)
