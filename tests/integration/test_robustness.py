@@ -1,5 +1,6 @@
 """One client cannot hurt another, on the real application: shared x-request-id values, bodies over
-the size limit, never-servable requests, and /ready's per-model detail."""
+the size limit, never-servable requests, clients that go away mid-request, and /ready's per-model
+detail."""
 from __future__ import annotations
 
 import asyncio
@@ -90,3 +91,66 @@ def test_each_request_leaves_one_access_log_line_in_the_ingress_replica_log_with
     entry = json.loads(access[0][access[0].index('{"id"'):access[0].rindex("}") + 1])
     assert entry["status"] == 200 and entry["route"] == "/v1/chat/completions" and entry["completion_tokens"] <= 2
     assert not any("SECRET-" in ln for ln in lines)
+
+
+def test_clients_that_go_away_mid_request_do_not_harm_the_others(server_url):
+    """Long chats (streams and plain) and an image start first, so they hold the first rows of the
+    running batch; then chats, completions, embeddings and an image that stay. The first ones' clients
+    close their connections at random moments (seeded) while the others run. Every other request is
+    answered in full, as it is when sent alone, and the models keep serving."""
+    import random
+
+    import aiohttp
+    rng = random.Random(13)
+    stay, leave = [], []
+    for i in range(6):
+        chat = {"model": CHAT, "messages": [{"role": "user", "content": f"Write about the number {i}."}],
+                "max_tokens": 32, "temperature": 0}
+        stay += [[("/chat/completions", {**chat, "stream": True}), ("/chat/completions", chat),
+                  ("/completions", {"model": CHAT, "prompt": f"{i} plus {i} is", "max_tokens": 24, "temperature": 0}),
+                  ("/embeddings", {"model": EMB, "input": [f"sentence {i}.{j}" for j in range(4)]})][i % 4]]
+        leave += [("/chat/completions", {**chat, "max_tokens": 300, "stream": i % 2 == 0,
+                                         "messages": [{"role": "user", "content": f"A long story, {i}."}]})]
+    leave += [("/images/generations", {"model": IMG, "prompt": "a fox", "size": "64x64", "response_format": "b64_json"})]
+    stay += [("/images/generations", {"model": IMG, "prompt": "a boat", "size": "64x64", "response_format": "b64_json"})]
+
+    def answer(path: str, status: int, text: str):
+        """What must be the same alone and among the others: the text, or the vectors (rounded)."""
+        if status != 200:
+            return status, text[:300]
+        if path == "/embeddings":
+            return [[round(x, 4) for x in d["embedding"]] for d in json.loads(text)["data"]]
+        if path == "/images/generations":
+            return len(json.loads(text)["data"])
+        if text.startswith("data: "):   # a stream: its content deltas joined
+            chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+            return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        choice = json.loads(text)["choices"][0]
+        return choice.get("text", None) or choice["message"]["content"]
+
+    async def send(s, path, body, started: asyncio.Event | None = None):
+        async with s.post(server_url + path, json=body) as r:
+            text = ""
+            async for line in r.content:
+                text += line.decode()
+                if started is not None and text.startswith("data: "):
+                    started.set()
+            return answer(path, r.status, text)
+
+    async def go():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as s:
+            alone = [await send(s, p, b) for p, b in stay]
+            streaming = {i: asyncio.Event() for i, (_, b) in enumerate(leave) if b.get("stream")}
+            leavers = [asyncio.create_task(send(s, p, b, streaming.get(i))) for i, (p, b) in enumerate(leave)]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in streaming.values())), 60)
+            stayers = [asyncio.create_task(send(s, p, b)) for p, b in stay]
+            for task in rng.sample(leavers, len(leavers)):
+                await asyncio.sleep(rng.uniform(0.1, 0.4))
+                task.cancel()                       # the client goes away: its connection closes
+            together = await asyncio.wait_for(asyncio.gather(*stayers), 150)
+            await asyncio.gather(*leavers, return_exceptions=True)
+            after = [await send(s, p, b) for p, b in stay[:4]]
+        return alone, together, after
+    alone, together, after = asyncio.run(go())
+    assert together == alone
+    assert after == alone[:4]
