@@ -6,9 +6,12 @@ app run side by side: one whose ingress runs on one event loop (the default,
 `ingress.single_event_loop`) and one with Serve's separate user-code thread and router loop. Prints
 admitted and refused counts, refusal latency and admitted p99 against unloaded.
 
-    python bench/bench_overload.py --rounds 3 [--split]
+    python bench/bench_overload.py --rounds 3 [--split] [--haproxy]
 
 --split adds, through direct ingress, a copy with each of the two switches alone.
+--haproxy adds a second Ray cluster on this machine (one node, tests/integration/cluster.py) whose
+Serve port is Ray's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1), with the one-loop app deployed by
+`serve deploy`: bursts through HAProxy and through that cluster's own direct ingress join the same run.
 """
 from __future__ import annotations
 
@@ -77,6 +80,24 @@ def _start_floor() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the floor server did not start")
 
 
+def _start_haproxy_cluster():
+    """A one-node Ray cluster beside this process's own, serving the one-loop small app behind Ray's
+    HAProxy ingress (what deploy/ would run with RAY_SERVE_ENABLE_HA_PROXY=1)."""
+    from tests.integration.cluster import LocalCluster
+    cluster = LocalCluster(("hap",), haproxy=True)
+    try:
+        cluster.start()
+        cluster.deploy({"proxy_location": "HeadOnly",
+                        "http_options": {"host": "127.0.0.1", "port": cluster.serve_port},
+                        "applications": [{"name": "modelhub", "route_prefix": "/",
+                                          "import_path": "ingress.app:build_app", "args": small_app()}]})
+        cluster.wait_running("modelhub")
+        return cluster
+    except BaseException:
+        cluster.stop()
+        raise
+
+
 async def _chat(session: aiohttp.ClientSession, url: str) -> tuple[int, float, bool]:
     began = time.perf_counter()
     async with session.post(url + "/chat/completions", json=ASK) as r:
@@ -105,12 +126,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--split", action="store_true",
                    help="also each of the two switches alone, through direct ingress")
+    p.add_argument("--haproxy", action="store_true",
+                   help="also a one-node cluster behind Ray's HAProxy ingress, in the same run")
     a = p.parse_args()
     from ray import serve
 
     from ingress.app import build_app
     first = start_app(small_app(), direct_ingress=True, direct_ports=DIRECT_PORTS)
-    floor = None
+    floor = hap = None
     try:
         serve.run(build_app(small_app(single_event_loop=False)), name="separate", route_prefix="/separate")
         proxy = common.PROXY_URL[0].removesuffix("/v1")
@@ -120,6 +143,11 @@ def main() -> None:
         for name, env in SPLIT.items() if a.split else ():
             serve.run(build_app(small_app(single_event_loop=False, env=env)), name=name, route_prefix=f"/{name}")
             urls[f"direct, {name.replace('-', ' ')} only"] = common.direct_url(first, DIRECT_PORTS, f"/{name}")
+        if a.haproxy:
+            hap = _start_haproxy_cluster()
+            urls["Ray's HAProxy, one loop"] = hap.url + "/v1"
+            urls["direct, one loop (HAProxy's cluster)"] = common.direct_url(
+                f"http://127.0.0.1:{hap.env['RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT']}/v1", 8, "")
         floor, urls["floor: bare uvicorn, 503 at once"] = _start_floor()
         rows, got = [], {k: [] for k in urls}
         for r in range(a.rounds):   # alternating order: drift on the machine hits both ways alike
@@ -137,6 +165,8 @@ def main() -> None:
     finally:
         if floor is not None:
             floor.kill()
+        if hap is not None:
+            hap.stop()
         stop_app()
 
 

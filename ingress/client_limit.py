@@ -11,6 +11,7 @@ is enough for a flood guard). Never imports torch.
 from __future__ import annotations
 
 import ipaddress
+import os
 import time
 from collections import OrderedDict
 from typing import Optional
@@ -30,6 +31,7 @@ class _Client:
 
 class ClientThrottle:
     def __init__(self, cfg: ClientLimits):
+        check_behind_haproxy(cfg)
         self.rate, self.burst, self.max_concurrent = cfg.requests_per_s, float(cfg.burst), cfg.max_concurrent
         self.max_clients = cfg.max_clients
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.trusted_proxies]
@@ -81,6 +83,18 @@ class ClientThrottle:
         except ValueError:
             return False
         return any(ip in net for net in self.trusted)
+
+
+def check_behind_haproxy(cfg: ClientLimits) -> None:
+    """Refuses per-address limits that would not be per address. Behind Ray's HAProxy ingress
+    (RAY_SERVE_ENABLE_HA_PROXY=1) every request reaches the ingress from HAProxy's own address, and
+    HAProxy adds no `X-Forwarded-For`: without trusted proxies, all clients would share one count."""
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" and cfg.enabled and not cfg.trusted_proxies:
+        raise ValueError(
+            "ingress.client_limits: behind Ray's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1) every request "
+            "comes from HAProxy's address, so a per-address limit would be one limit for all clients. Put a "
+            "load balancer that sets X-Forwarded-For in front and list it and the HAProxy nodes in "
+            "trusted_proxies, or limit per tenant (auth.limits) instead.")
 
 
 def _key(address: str) -> str:

@@ -48,7 +48,9 @@ class LocalCluster:
     """Two Ray nodes on this machine. `nodes` maps a node name to its custom resource; each node
     offers `cpus` CPUs (declared, so several nodes can share the machine's cores)."""
 
-    def __init__(self, nodes: tuple[str, ...] = ("head", "worker"), cpus: int = 2):
+    def __init__(self, nodes: tuple[str, ...] = ("head", "worker"), cpus: int = 2, haproxy: bool = False):
+        """haproxy: Ray's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1) serves the Serve port instead of
+        Serve's Python proxy, forwarding to the ingress replicas' own HTTP ports (direct ingress)."""
         self.root = pathlib.Path(tempfile.mkdtemp(prefix="mh-", dir="/tmp"))   # short: unix socket paths
         self.names, self.cpus = nodes, cpus
         self.gcs_port, self.dashboard_port, self.serve_port = free_port(), free_port(), free_port()
@@ -59,6 +61,17 @@ class LocalCluster:
         for key in [k for k in self.env if k.startswith("RAY_SERVE_")]:
             del self.env[key]   # e.g. the direct-ingress ports the suite's own Ray session set in os.environ
         self.env["RAY_worker_niceness"] = "0"   # as in conftest.py: replicas at the driver's priority
+        if haproxy:
+            first = free_port()
+            self.env.update({
+                "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                # HAProxy's own ports default to fixed numbers (9101, 8404): free ones, so two clusters
+                # (or two CI runs) on one machine do not collide. Its files are per node already
+                # (/tmp/haproxy-serve/<node id>/).
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                # the ingress replicas' own ports, which HAProxy forwards to
+                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + 8)})
 
     @property
     def address(self) -> str:

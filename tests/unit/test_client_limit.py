@@ -63,6 +63,20 @@ def test_forwarded_for_is_believed_only_from_a_trusted_proxy():
     assert lb.client_of(scope("8.8.8.8", "1.2.3.4")) == "8.8.8.8"       # not from the balancer
 
 
+def test_per_address_limits_behind_ray_haproxy_need_trusted_proxies(monkeypatch):
+    """Behind Ray's HAProxy every peer is HAProxy: a limit with no trusted proxies would be one shared
+    count, so the ingress refuses to start with it (and says what to do)."""
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    with pytest.raises(ValueError, match="trusted_proxies"):
+        ClientThrottle(ClientLimits(max_concurrent=2))
+    with pytest.raises(ValueError, match="HAProxy"):
+        ClientThrottle(ClientLimits(requests_per_s=1))
+    behind = ClientThrottle(ClientLimits(max_concurrent=2, trusted_proxies=["127.0.0.1/32"]))
+    assert behind.client_of(scope("127.0.0.1", "1.2.3.4")) == "1.2.3.4"
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")   # Serve's own proxy passes the client's address on
+    ClientThrottle(ClientLimits(max_concurrent=2))
+
+
 def test_ipv6_counts_per_64_and_mapped_ipv4_as_ipv4():
     t = ClientThrottle(ClientLimits(requests_per_s=1))
     assert t.client_of(scope("2001:db8:1:2::1")) == t.client_of(scope("2001:db8:1:2:ffff::9")) == "2001:db8:1:2::/64"
