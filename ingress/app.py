@@ -17,6 +17,7 @@ from deployments.builder import deployment_name, image_store_deployment, model_d
 from deployments.config import AppConfig, parse_app_config, parse_model_app_config
 from ingress.api import create_api
 from ingress.backends import HandleClient, ModelEntry, ModelRegistry
+from ingress.client_limit import check_behind_haproxy
 from ingress.coalesce import EmbeddingCoalescer
 from ingress.coldstart import ColdStartGuard
 from ingress.limit_store import LimitStore
@@ -90,6 +91,7 @@ def build_app(args: dict[str, Any]) -> Any:
     """Validates `args` (unknown keys fail here, naming the key) and binds the hub: the ingress and
     every model that names no `application`."""
     cfg = parse_app_config(args)
+    check_behind_haproxy(cfg.ingress.client_limits)   # again in the replica, whose environment decides
     handles = {m.id: model_deployment(m) for m in cfg.models if m.application is None}
     has_images = any(m.kind == "image" for m in cfg.models)   # no image model, no store replica
     store = image_store_deployment(cfg.ingress) if has_images else None

@@ -93,7 +93,7 @@ def check_behind_haproxy(cfg: ClientLimits) -> None:
         raise ValueError(
             "ingress.client_limits: behind Ray's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1) every request "
             "comes from HAProxy's address, so a per-address limit would be one limit for all clients. Put a "
-            "load balancer that sets X-Forwarded-For in front and list it and the HAProxy nodes in "
+            "load balancer that sets X-Forwarded-For in front and list the HAProxy nodes' network in "
             "trusted_proxies, or limit per tenant (auth.limits) instead.")
 
 
