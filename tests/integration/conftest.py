@@ -1,7 +1,8 @@
 """Starts the real application (default models from serve_config.yaml) on Ray Serve once per pytest
 process: one Ray session, never restarted (a second ray.init in one process can time out on a busy
 machine). It serves the app both ways at once: through Ray's direct ingress (the ingress replica's own
-HTTP port, as `make serve` runs it) and through Serve's proxy (as `serve run serve_config.yaml` does)."""
+HTTP port, as `make serve` runs it) and through Serve's proxy (as `serve run serve_config.yaml` does).
+MODELHUB_TEST_FRONT=haproxy puts Ray's HAProxy ingress where Serve's proxy was."""
 from __future__ import annotations
 
 import os
@@ -75,6 +76,11 @@ def hub():
            # Ray starts workers at nice 15, below the driver: on a busy CI machine any other process
            # then starves the replicas under test. The suite's replicas compete at the driver's priority.
            "RAY_worker_niceness": "0"}
+    if os.environ.get("MODELHUB_TEST_FRONT") == "haproxy":
+        # Every "proxy" test through Ray's HAProxy ingress instead of Serve's proxy (docs/operations.md);
+        # HAProxy's own ports moved off their fixed defaults.
+        env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+                    "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port())})
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)   # read by the Ray processes that ray.init starts
     METRICS_PORT[0] = _free_port()
