@@ -118,6 +118,19 @@ def test_build_app_deploys_only_the_models_that_name_no_application():
     assert [m["application"] for m in config["models"]] == [None, "chat-app", "emb-app"]
 
 
+def test_behind_ray_haproxy_per_address_limits_without_trusted_proxies_fail_the_deploy(monkeypatch):
+    """`serve deploy` builds the app where RAY_SERVE_ENABLE_HA_PROXY is set: it fails there, naming the
+    setting, before any replica starts (the replica checks again, client_limit.ClientThrottle)."""
+    limited = {**HUB, "ingress": {"client_limits": {"max_concurrent": 4}}}
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    with pytest.raises(ValueError, match="trusted_proxies"):
+        ingress_app.build_app(limited)
+    ingress_app.build_app({**HUB, "ingress": {"client_limits": {"max_concurrent": 4, "trusted_proxies": ["10.0.0.0/8"]}}})
+    ingress_app.build_app(HUB)   # no per-address limit: nothing to refuse
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY")
+    ingress_app.build_app(limited)
+
+
 def test_the_ingress_runs_on_one_event_loop_unless_told_otherwise_and_the_operators_env_wins():
     def env(ingress: dict) -> dict:
         hub = ingress_app.build_app({**HUB, "ingress": ingress})._bound_deployment
