@@ -4,7 +4,9 @@ through the ingress replica's own port (direct ingress) and through Serve's prox
 run, beside a bare uvicorn server that refuses everything (the machine's floor). Two copies of the
 app run side by side: one whose ingress runs on one event loop (the default,
 `ingress.single_event_loop`) and one with Serve's separate user-code thread and router loop. Prints
-admitted and refused counts, refusal latency and admitted p99 against unloaded.
+admitted and refused counts, refusal latency and admitted p99 against unloaded, and the refusals' time
+inside the ingress replica (its access log's latency_ms: from the request reaching the ingress's ASGI
+app to its answer), which leaves out the wait for a CPU to accept and read the connection.
 
     python bench/bench_overload.py --rounds 3 [--split] [--haproxy]
 
@@ -17,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
+import json
+import os
 import socket
 import statistics
 import subprocess
@@ -98,18 +103,19 @@ def _start_haproxy_cluster():
         raise
 
 
-async def _chat(session: aiohttp.ClientSession, url: str) -> tuple[int, float, bool]:
+async def _chat(session: aiohttp.ClientSession, url: str, rid: str | None = None) -> tuple[int, float, bool]:
     began = time.perf_counter()
-    async with session.post(url + "/chat/completions", json=ASK) as r:
+    async with session.post(url + "/chat/completions", json=ASK, headers={"x-request-id": rid} if rid else None) as r:
         await r.read()
         return r.status, time.perf_counter() - began, "Retry-After" in r.headers
 
 
-async def burst(url: str, clients: int) -> dict:
+async def burst(url: str, clients: int, tag: str = "") -> dict:
+    """tag: the burst's requests carry x-request-id `{tag}-{i}`, for `ingress_refusal_ms`."""
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300), connector=conn) as s:
         unloaded = [(await _chat(s, url))[1] for _ in range(5)]
-        results = await asyncio.gather(*(_chat(s, url) for _ in range(clients)))
+        results = await asyncio.gather(*(_chat(s, url, f"{tag}-{i}" if tag else None) for i in range(clients)))
         after = await _chat(s, url)
     admitted = [t for status, t, _ in results if status == 200]
     refused = [t for status, t, _ in results if status in (429, 503)]
@@ -118,6 +124,25 @@ async def burst(url: str, clients: int) -> dict:
     return {"admitted": len(admitted), "refused": len(refused), "other": len(other), "after": after[0],
             "unloaded": base, "admitted_p99": pct(admitted, 99), "ratio": pct(admitted, 99) / base,
             "refusal_p50": pct(refused, 50), "refusal_p99": pct(refused, 99)}
+
+
+def ingress_refusal_ms(log_dirs: list[str], tag: str) -> list[float]:
+    """The latency_ms of the burst `tag`'s refusals (429/503) in the ingress replicas' access logs."""
+    mark = f'"client_request_id": "{tag}-'
+    for _ in range(20):   # the replica's log handler may not have flushed the last lines yet
+        got = []
+        for d in log_dirs:
+            for path in glob.glob(os.path.join(d, "replica_*Ingress*.log")):
+                with open(path, errors="replace") as f:
+                    for line in f:
+                        if mark in line:
+                            entry = json.loads(line[line.index('{"id"'):line.rindex("}") + 1])
+                            if entry["status"] in (429, 503):
+                                got.append(entry["latency_ms"])
+        if got:
+            return got
+        time.sleep(0.5)
+    return []
 
 
 def main() -> None:
@@ -129,6 +154,7 @@ def main() -> None:
     p.add_argument("--haproxy", action="store_true",
                    help="also a one-node cluster behind Ray's HAProxy ingress, in the same run")
     a = p.parse_args()
+    import ray
     from ray import serve
 
     from ingress.app import build_app
@@ -149,18 +175,27 @@ def main() -> None:
             urls["direct, one loop (HAProxy's cluster)"] = common.direct_url(
                 f"http://127.0.0.1:{hap.env['RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT']}/v1", 8, "")
         floor, urls["floor: bare uvicorn, 503 at once"] = _start_floor()
+        log_dirs = [os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs", "serve")]
+        if hap is not None:
+            log_dirs.append(str(hap.root / "hap" / "session_latest" / "logs" / "serve"))
         rows, got = [], {k: [] for k in urls}
         for r in range(a.rounds):   # alternating order: drift on the machine hits both ways alike
-            for way in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
-                m = asyncio.run(burst(urls[way], a.clients))
+            for n, way in enumerate(list(urls) if r % 2 == 0 else list(urls)[::-1]):
+                tag = f"overload-{os.getpid()}-{r}-{n}"
+                m = asyncio.run(burst(urls[way], a.clients, tag))
+                inside = ingress_refusal_ms(log_dirs, tag) if not way.startswith("floor") else []
+                m["inside_p50"], m["inside_p99"] = pct(inside, 50), pct(inside, 99)
                 got[way].append(m)
                 rows.append([way, m["admitted"], m["refused"], m["other"], m["after"], m["unloaded"],
-                             m["admitted_p99"], m["ratio"], m["refusal_p50"] * 1000, m["refusal_p99"] * 1000])
+                             m["admitted_p99"], m["ratio"], m["refusal_p50"] * 1000, m["refusal_p99"] * 1000,
+                             m["inside_p50"], m["inside_p99"]])
         rows.sort(key=lambda row: row[0])
         print_table(["way in", "200", "429/503", "other", "after", "unloaded p50 s", "admitted p99 s",
-                     "p99 / unloaded", "refusal p50 ms", "refusal p99 ms"], rows)
+                     "p99 / unloaded", "refusal p50 ms", "refusal p99 ms", "in ingress p50 ms",
+                     "in ingress p99 ms"], rows)
         for way, ms in got.items():
-            print(f"{way}: median refusal p50 {median([m['refusal_p50'] for m in ms]) * 1000:.0f} ms, "
+            print(f"{way}: median refusal p50 {median([m['refusal_p50'] for m in ms]) * 1000:.0f} ms "
+                  f"(inside the ingress {median([m['inside_p50'] for m in ms]):.0f} ms), "
                   f"median admitted p99 / unloaded {median([m['ratio'] for m in ms]):.2f}x")
     finally:
         if floor is not None:
