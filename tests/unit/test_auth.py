@@ -139,17 +139,19 @@ def test_jwks_over_http_is_cached_and_refetched_on_an_unknown_kid(rsa_key, ec_ke
         server.shutdown()
 
 
+# The claims are made when the test runs, from its `now`: times taken at collection would have
+# passed by the time a long suite reaches this test.
 @pytest.mark.parametrize("over", [
-    {"exp": int(time.time()) - 3600},                 # expired
-    {"nbf": int(time.time()) + 3600},                 # not yet valid
-    {"aud": "someone-else"},                          # wrong audience
-    {"iss": "https://evil.test"},                     # wrong issuer
-    {"exp": None},                                    # no exp at all (required)
-    {"models": {"not": "a list"}},                    # a models claim we cannot read
-])
+    lambda now: {"exp": now - 3600},                  # expired
+    lambda now: {"nbf": now + 3600},                  # not yet valid
+    lambda now: {"aud": "someone-else"},              # wrong audience
+    lambda now: {"iss": "https://evil.test"},         # wrong issuer
+    lambda now: {"exp": None},                        # no exp at all (required)
+    lambda now: {"models": {"not": "a list"}},        # a models claim we cannot read
+], ids=["expired", "not-yet-valid", "wrong-audience", "wrong-issuer", "no-exp", "unreadable-models"])
 def test_refused_claims(monkeypatch, over):
     cfg = hs_config(monkeypatch)
-    body = {k: v for k, v in claims(**over).items() if v is not None}
+    body = {k: v for k, v in claims(**over(int(time.time()))).items() if v is not None}
     assert refused(cfg, jwt.encode(body, SECRET, algorithm="HS256")) == INCORRECT
 
 

@@ -113,8 +113,10 @@ def test_rowwise_attention_gives_each_row_its_lone_result():
 
 def test_lone_rows_of_a_linear_layer_match_their_rows_in_a_batch():
     torch.manual_seed(0)
-    layer = PackedLinear(torch.nn.Linear(1536, 576, bias=False).to(torch.bfloat16))
-    holder = torch.nn.Sequential(layer)
+    holder = torch.nn.Sequential(torch.nn.Linear(1536, 576, bias=False).to(torch.bfloat16))
+    if not prepack_linears(holder):
+        pytest.skip("oneDNN prepacking is not available for bf16 on this machine")
+    layer = holder[0]
     batch_invariant_rows(holder)
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(300, 1536, generator=g) * torch.randn(300, 1536, generator=g).exp()).bfloat16()
