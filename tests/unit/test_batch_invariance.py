@@ -117,6 +117,7 @@ def test_lone_rows_of_a_linear_layer_match_their_rows_in_a_batch():
     if not prepack_linears(holder):
         pytest.skip("oneDNN prepacking is not available for bf16 on this machine")
     layer = holder[0]
+    assert isinstance(layer, PackedLinear)
     batch_invariant_rows(holder)
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(300, 1536, generator=g) * torch.randn(300, 1536, generator=g).exp()).bfloat16()
