@@ -5,11 +5,12 @@ Load is generated with aiohttp (httpx itself collapses past ~32 connections on t
 from __future__ import annotations
 
 import pathlib
-import socket
 import statistics
 from typing import Any
 
 import yaml
+
+from tests.integration.cluster import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROXY_URL: list[str] = []   # under direct_ingress, start_app() leaves Serve's proxy URL (/v1) here
@@ -17,12 +18,6 @@ PROXY_URL: list[str] = []   # under direct_ingress, start_app() leaves Serve's p
 
 def default_args() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_app(args: dict[str, Any], direct_ingress: bool = False, env: dict[str, str] | None = None,

@@ -28,6 +28,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def haproxy_env() -> dict[str, str]:
+    """Environment that puts Ray's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1) on the Serve port instead
+    of Serve's Python proxy. HAProxy's own ports default to fixed numbers (9101, 8404): free ones, so two
+    clusters (or two CI runs) on one machine do not collide. Its files are per node already
+    (/tmp/haproxy-serve/<node id>/)."""
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+
+
 def wait_for(check: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 1.0) -> Any:
     """Polls `check` until it returns something truthy; fails naming `what` after `timeout_s`."""
     deadline, last = time.monotonic() + timeout_s, None
@@ -64,11 +73,7 @@ class LocalCluster:
         if haproxy:
             first = free_port()
             self.env.update({
-                "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                # HAProxy's own ports default to fixed numbers (9101, 8404): free ones, so two clusters
-                # (or two CI runs) on one machine do not collide. Its files are per node already
-                # (/tmp/haproxy-serve/<node id>/).
-                "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                **haproxy_env(),
                 # the ingress replicas' own ports, which HAProxy forwards to
                 "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
                 "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + 8)})

@@ -6,23 +6,16 @@ MODELHUB_TEST_FRONT=haproxy puts Ray's HAProxy ingress where Serve's proxy was."
 from __future__ import annotations
 
 import os
-import pathlib
-import socket
 from dataclasses import dataclass
 
 import pytest
 import yaml
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.integration.cluster import ROOT, free_port, haproxy_env
+
 CHAT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMB = "sentence-transformers/all-MiniLM-L6-v2"
 IMG = "tiny-random-sd"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 METRICS_PORT = [0]   # Ray's Prometheus endpoint of the running session
@@ -69,7 +62,7 @@ def hub():
     from ray import serve
 
     from ingress.app import build_app
-    port, proxy_port = _free_port(), _free_port()
+    port, proxy_port = free_port(), free_port()
     env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
            # room for the extra apps some tests deploy beside the default one
            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 8),
@@ -77,13 +70,10 @@ def hub():
            # then starves the replicas under test. The suite's replicas compete at the driver's priority.
            "RAY_worker_niceness": "0"}
     if os.environ.get("MODELHUB_TEST_FRONT") == "haproxy":
-        # Every "proxy" test through Ray's HAProxy ingress instead of Serve's proxy (docs/operations.md);
-        # HAProxy's own ports moved off their fixed defaults.
-        env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-                    "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port())})
+        env.update(haproxy_env())   # every "proxy" test through Ray's HAProxy ingress (docs/operations.md)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)   # read by the Ray processes that ray.init starts
-    METRICS_PORT[0] = _free_port()
+    METRICS_PORT[0] = free_port()
     # The default app reserves exactly 2 CPUs (serve_config.yaml); the third is for the apps some tests
     # deploy beside it (tensor parallel, a broken model, the overload and tenancy apps).
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT[0])

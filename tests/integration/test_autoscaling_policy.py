@@ -107,7 +107,7 @@ def wait_for(cond, timeout_s: float, what: str, on_poll=None) -> None:
         time.sleep(0.25)
 
 
-def test_queue_depth_scales_on_sequences_where_the_request_count_stays_under_target(apps):
+def test_queue_depth_scales_on_sequences_where_the_request_count_stays_under_target(apps, measured):
     assert replicas("queue_depth") == replicas("requests") == 1
     seen_by_requests_policy: set[int] = set()
     decided: list[float] = []   # when the queue-depth app first had a second replica, starting or running
@@ -135,7 +135,7 @@ def test_queue_depth_scales_on_sequences_where_the_request_count_stays_under_tar
     stopped = time.monotonic()
     wait_for(lambda: replicas("queue_depth") == 1, 300, "the queue-depth app back at one replica")
     down_s = time.monotonic() - stopped
-    print(f"\nqueue_depth policy: second replica added {decided_s:.1f} s and running {up_s:.1f} s after the load "
+    measured(f"queue_depth policy: second replica added {decided_s:.1f} s and running {up_s:.1f} s after the load "
           f"started (first tokens at {loaded - started:.1f} s), 2 -> 1 {down_s:.1f} s after it stopped; requests policy: "
           f"{sorted(seen_by_requests_policy)} replica(s) throughout, watched {observed_s:.1f} s under the same load "
           f"({REQUESTS} requests x n={N}, target {TARGET}, upscale_delay_s {FAST['upscale_delay_s']}, "

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import httpx
 import pytest
@@ -106,8 +107,8 @@ def ready_within(cluster: LocalCluster, timeout_s: float) -> httpx.Response:
     reply = wait_for(ready, timeout_s, "/ready answering 200")
     if first is not None:
         deployments = cluster.serve_details()["applications"][APP]["deployments"]
-        print(f"\n/ready was not ready at first: {first}\nServe now: "
-              f"{ {name: (d['status'], d['message']) for name, d in deployments.items()} }")
+        warnings.warn(f"/ready was not ready at first: {first}; Serve now: "
+                      f"{ {name: (d['status'], d['message']) for name, d in deployments.items()} }")
     return reply
 
 
@@ -125,7 +126,7 @@ def test_each_model_runs_on_the_node_its_resource_pins_it_to(cluster):
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
 
 
-def test_an_idle_model_stays_at_zero_while_listed_and_its_first_request_waits_for_the_cold_start(cluster):
+def test_an_idle_model_stays_at_zero_while_listed_and_its_first_request_waits_for_the_cold_start(cluster, measured):
     assert cluster.replicas(APP, IMG_DEP, state=None) == [] and cluster.replicas(APP, EMB_DEP, state=None) == []
     models = httpx.get(f"{cluster.url}/v1/models", timeout=60).json()["data"]
     listed = {m["id"]: m for m in models}
@@ -143,12 +144,12 @@ def test_an_idle_model_stays_at_zero_while_listed_and_its_first_request_waits_fo
         reply = httpx.post(f"{cluster.url}/v1/{path}", json={"model": model, **body}, timeout=300)
         cold[model] = time.monotonic() - start
         assert reply.status_code == 200, reply.text
-    print(f"\ncold start, zero to response: {json.dumps({k: round(v, 1) for k, v in cold.items()})}")
+    measured(f"cold start, zero to response: {json.dumps({k: round(v, 1) for k, v in cold.items()})}")
     assert len(cluster.replicas(APP, IMG_DEP)) == 1
     start = time.monotonic()
     reply = httpx.post(f"{cluster.url}/v1/images/generations", timeout=300,
                        json={"model": UNPLACEABLE, "prompt": "x", "size": "64x64"})
-    print(f"a model that cannot start: {reply.status_code} after {time.monotonic() - start:.1f} s (bound 3 s)")
+    measured(f"a model that cannot start: {reply.status_code} after {time.monotonic() - start:.1f} s (bound 3 s)")
     assert reply.status_code == 503 and reply.headers["retry-after"] == "3", reply.text
     assert reply.json()["error"]["code"] == "model_starting"
     dims = wait_for(lambda: {m["id"]: m for m in httpx.get(f"{cluster.url}/v1/models", timeout=60).json()["data"]}
@@ -199,7 +200,7 @@ class Load:
                 self.statuses.append(0)
 
 
-def test_a_loaded_model_scales_up_then_back_down_and_the_others_do_not_move(cluster):
+def test_a_loaded_model_scales_up_then_back_down_and_the_others_do_not_move(cluster, measured):
     def others():
         return len(cluster.replicas(APP, EMB_DEP)), len(cluster.replicas(APP, IMG_DEP))
     before = others()
@@ -217,7 +218,7 @@ def test_a_loaded_model_scales_up_then_back_down_and_the_others_do_not_move(clus
     wait_for(lambda: chat_replicas(1) and len(cluster.replicas(APP, CHAT_DEP, state=None)) == 1, 600,
              "back to one chat replica after the load")
     down_s = time.monotonic() - stopped
-    print(f"\nautoscaling: 1 -> 2 replicas {up_s:.1f} s after the load started, 2 -> 1 {down_s:.1f} s after it "
+    measured(f"autoscaling: 1 -> 2 replicas {up_s:.1f} s after the load started, 2 -> 1 {down_s:.1f} s after it "
           f"stopped (upscale_delay_s {FAST['upscale_delay_s']}, downscale_delay_s {FAST['downscale_delay_s']}); "
           f"{len(load.statuses)} requests")
     assert seen_others == {before}
@@ -289,7 +290,7 @@ def stopping_while_streaming(cluster: LocalCluster, old: set[str], stream: dict)
 NO_EOS = {"0": -100, "2": -100}   # SmolLM2's end tokens banned: a stream runs its whole max_tokens
 
 
-def test_a_model_in_its_own_application_cold_starts_through_the_hub_and_updates_alone(cluster):
+def test_a_model_in_its_own_application_cold_starts_through_the_hub_and_updates_alone(cluster, measured):
     cluster.deploy(serve_config(cluster))   # the tensor-parallel apps removed; the hub and SOLO_APP unchanged
     wait_for(lambda: set(cluster.serve_details()["applications"]) == {APP, SOLO_APP}, 300, "the other apps removed")
     assert cluster.replicas(SOLO_APP, SOLO_DEP, state=None) == []   # idle since deployed: still at zero
@@ -297,7 +298,7 @@ def test_a_model_in_its_own_application_cold_starts_through_the_hub_and_updates_
     cold, first = {}, threading.Event()
     stream_chat(cluster.url, 4, first, cold, model=SOLO)
     assert cold["status"] == 200 and cold["completion_tokens"] == 4
-    print(f"\ncold start, SmolLM2 in its own application from zero to first byte through the hub: "
+    measured(f"cold start, SmolLM2 in its own application from zero to first byte through the hub: "
           f"{cold['first_byte_s']:.1f} s")
     old = {r["replica_id"] for r in cluster.replicas(SOLO_APP, SOLO_DEP)}
     hub_deps = (CHAT_DEP, EMB_DEP, IMG_DEP, "Ingress")
@@ -328,6 +329,6 @@ def test_a_model_in_its_own_application_cold_starts_through_the_hub_and_updates_
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 5   # the new config answered
     new = {r["replica_id"] for r in cluster.replicas(SOLO_APP, SOLO_DEP)}
     assert new and not new & old
-    print(f"update of SOLO alone: drained a {in_flight['completion_tokens']}-token stream for "
+    measured(f"update of SOLO alone: drained a {in_flight['completion_tokens']}-token stream for "
           f"{in_flight['ended'] - drained_from:.1f} s after its replica began stopping; {len(load.statuses)} "
           f"requests to the hub's own chat model meanwhile, all 200")

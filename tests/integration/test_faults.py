@@ -80,7 +80,7 @@ async def _burst(url: str, clients: int, headers=lambda i: {}) -> tuple[list, li
     return unloaded, results, after
 
 
-def _assert_answered_or_refused(way: str, unloaded: list, results: list, after: tuple) -> None:
+def _assert_answered_or_refused(measured, way: str, unloaded: list, results: list, after: tuple) -> None:
     """Every answer a 200 or a 429/503 with Retry-After and OpenAI error JSON; some admitted; usable after."""
     statuses = [r[0] for r in results]
     assert set(statuses) <= {200, 429, 503}, sorted(set(statuses))
@@ -91,14 +91,14 @@ def _assert_answered_or_refused(way: str, unloaded: list, results: list, after: 
     assert admitted, "nothing was admitted"
     assert after[0] == 200, after
     base = statistics.median(unloaded)
-    print(f"\noverload, {way}: {len(results)} clients, {len(admitted)} admitted, {len(refused)} refused; "
+    measured(f"overload, {way}: {len(results)} clients, {len(admitted)} admitted, {len(refused)} refused; "
           f"unloaded p50 {base:.3f} s; admitted p99 {_p(admitted, 0.99):.3f} s ({_p(admitted, 0.99) / base:.2f}x "
           f"unloaded); refusals p50 {_p([r[1] for r in refused], 0.5) * 1000:.0f} ms, "
           f"p99 {_p([r[1] for r in refused], 0.99) * 1000:.0f} ms")
 
 
-def test_512_concurrent_clients_get_answers_or_fast_retry_after(small):
-    _assert_answered_or_refused("Serve's proxy", *asyncio.run(_burst(small, 512)))
+def test_512_concurrent_clients_get_answers_or_fast_retry_after(small, measured):
+    _assert_answered_or_refused(measured, "Serve's proxy", *asyncio.run(_burst(small, 512)))
 
 
 def _replica_pid(title: str) -> int:
@@ -114,7 +114,7 @@ def _replica_pid(title: str) -> int:
     raise AssertionError(f"no process titled {title!r}")
 
 
-def test_kill_9_of_the_model_replica_under_load_ends_requests_cleanly_and_recovers(small):
+def test_kill_9_of_the_model_replica_under_load_ends_requests_cleanly_and_recovers(small, measured):
     long = {**ASK, "max_tokens": 1000, "logit_bias": NO_EOS,
             "messages": [{"role": "user", "content": "Tell me a long story."}]}
 
@@ -164,7 +164,7 @@ def test_kill_9_of_the_model_replica_under_load_ends_requests_cleanly_and_recove
     cut = [d for d in done if d[0] != 200 or '"engine_unavailable"' in d[-1]]
     assert cut, "no request was in flight when the replica died"
     assert recovered is not None, "no request succeeded within 180 s of the kill"
-    print(f"\nreplica kill: in flight {[d[0] for d in done]}, recovered after {recovered:.1f} s")
+    measured(f"replica kill: in flight {[d[0] for d in done]}, recovered after {recovered:.1f} s")
 
 
 def _sha(key: str) -> str:
@@ -269,12 +269,12 @@ def haproxy():
         cluster.stop()
 
 
-def test_512_concurrent_clients_through_ray_haproxy_get_answers_or_fast_retry_after(haproxy):
+def test_512_concurrent_clients_through_ray_haproxy_get_answers_or_fast_retry_after(haproxy, measured):
     # each client from its own address (as X-Forwarded-For from a trusted balancer), so only the model's
     # capacity refuses
     def headers(i: int) -> dict:
         return {"Authorization": f"Bearer {POLITE}", "X-Forwarded-For": f"198.18.{(i + 1) // 256}.{(i + 1) % 256}"}
-    _assert_answered_or_refused("Ray's HAProxy", *asyncio.run(_burst(haproxy, 512, headers)))
+    _assert_answered_or_refused(measured, "Ray's HAProxy", *asyncio.run(_burst(haproxy, 512, headers)))
 
 
 def test_an_address_over_its_limit_behind_ray_haproxy_gets_429_and_cannot_crowd_out_another(haproxy):
@@ -283,7 +283,7 @@ def test_an_address_over_its_limit_behind_ray_haproxy_gets_429_and_cannot_crowd_
     _assert_limited(refused, held, polite, "concurrent requests from this client")
 
 
-def test_clients_that_go_away_through_ray_haproxy_free_the_models_places(haproxy):
+def test_clients_that_go_away_through_ray_haproxy_free_the_models_places(haproxy, measured):
     """Four long streams (1,500 tokens each) take the model's 4 running places; their clients close them
     after the first chunk. HAProxy must pass each close on, so that the engine drops the work: the next
     request is then served at once. Were the streams left running, it would wait for a running place,
@@ -316,5 +316,5 @@ def test_clients_that_go_away_through_ray_haproxy_free_the_models_places(haproxy
             assert status == 200, text[:300]
             return unloaded, took, status
     unloaded, took, _ = asyncio.run(go())
-    print(f"\nafter 4 clients left through HAProxy the next request took {took:.2f} s (unloaded {unloaded:.2f} s)")
+    measured(f"after 4 clients left through HAProxy the next request took {took:.2f} s (unloaded {unloaded:.2f} s)")
     assert took < 30, f"the next request waited {took:.1f} s for the streams whose clients had left"

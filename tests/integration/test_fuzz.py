@@ -244,11 +244,11 @@ def test_fuzz_utility_routes(http, call, mutate, data):
         check(http.get("/version"), "GET version")
 
 
-def test_server_is_healthy_after_the_fuzzing_and_enough_was_sent(http):
+def test_server_is_healthy_after_the_fuzzing_and_enough_was_sent(http, measured):
     total = sum(SENT.values())
     assert total >= 2000 or not SENT, SENT     # the whole module ran: at least 2,000 requests
     assert http.get("/ready").status_code == 200
     r = http.post("/v1/chat/completions", json={"model": CHAT, "max_tokens": 8, "temperature": 0,
                                                  "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
-    print(f"\nfuzz: {total} requests, by endpoint: {SENT}")
+    measured(f"fuzz: {total} requests, by endpoint: {SENT}")

@@ -32,7 +32,7 @@ def test_concurrent_requests_sharing_one_x_request_id_each_get_their_own_answer(
     assert [r.json()["usage"]["completion_tokens"] for r in rs] == [6 + i for i in range(6)]
 
 
-def test_a_50_mb_body_is_refused_with_413_before_it_is_read(server_url):
+def test_a_50_mb_body_is_refused_with_413_before_it_is_read(server_url, measured):
     """The headers announce 50 MB and the client sends none of it: the 413 must come anyway."""
     url = httpx.URL(server_url)
     began = time.perf_counter()
@@ -49,7 +49,7 @@ def test_a_50_mb_body_is_refused_with_413_before_it_is_read(server_url):
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), reply[:300]
     assert json.loads(body[body.index(b"{"):body.rindex(b"}") + 1])["error"]["code"] == "request_too_large"
-    print(f"\n50 MB body refused in {took * 1000:.0f} ms")
+    measured(f"50 MB body refused in {took * 1000:.0f} ms")
 
 
 def test_a_completion_that_can_never_fit_is_400_naming_the_limit(client):

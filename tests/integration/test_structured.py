@@ -85,11 +85,11 @@ def test_a_named_function_gets_arguments_that_match_its_schema_for_50_seeds(serv
 
 
 @pytest.mark.parametrize("parallel", [True, False])
-def test_required_calls_match_their_schemas_for_50_seeds(server, parallel):
+def test_required_calls_match_their_schemas_for_50_seeds(server, parallel, measured):
     tools = ToolSpec(TOOLS, "required", parallel=parallel)
     choices = _generate(server, _request(f"required-{parallel}", tools=tools))
     finished = _check_calls(choices)
-    print(f"required, parallel={parallel}: {finished} of {N_SEEDS} finished within max_tokens")
+    measured(f"required, parallel={parallel}: {finished} of {N_SEEDS} finished within max_tokens")
     # with parallel calls the small model often keeps calling until max_tokens
     assert finished >= (45 if not parallel else 25)
     done = [c for c in choices if c.finish_reason == "tool_calls"]
