@@ -333,8 +333,9 @@ def reservation(body: Any, default_completion_tokens: int) -> int:
         return max(1, estimate_tokens(body.input))
     prompt = estimate_tokens(getattr(body, "messages", None)) + estimate_tokens(getattr(body, "prompt", None))
     prompt += estimate_tokens(getattr(body, "tools", None))
-    most = getattr(body, "max_completion_tokens", None) or getattr(body, "max_tokens", None)
-    return max(1, prompt + (most or default_completion_tokens) * (getattr(body, "n", None) or 1))
+    most = getattr(body, "max_completion_tokens", None)
+    most = getattr(body, "max_tokens", None) if most is None else most   # 0 is a limit too (completions' echo)
+    return max(1, prompt + (default_completion_tokens if most is None else most) * (getattr(body, "n", None) or 1))
 
 
 def estimate_tokens(value: Any) -> int:

@@ -168,6 +168,8 @@ class LLMEngine:
             return self._resume(groups[0])
         if len(groups) == 1 and groups[0].want_prompt_logprobs:
             return self._prefill_with_prompt_logprobs(groups[0])
+        if len(groups) == 1 and groups[0].no_output:
+            return self._finish_unsampled(groups[0])
         last_logits, cache, mask = self.runner.prefill([g.prompt_ids for g in groups])
         self._start_and_join(groups, last_logits, cache, mask)
 
@@ -200,7 +202,16 @@ class LLMEngine:
         last, cache, mask = self.runner.prefill_in_chunks(group.prompt_ids, score)
         for s in group.seqs:
             s.prompt_logprobs = entries
+        if group.no_output:
+            return self._finish_unsampled(group)
         self._start_and_join([group], last, cache, mask)
+
+    @staticmethod
+    def _finish_unsampled(group: PromptGroup) -> None:
+        """max_tokens 0 (completions' echo, for the prompt's logprobs): each choice ends with its
+        prompt alone, finish_reason "length", without a forward unless prompt logprobs need one."""
+        for s in _start([group]):
+            s.finish("length")
 
     def _mixed(self, groups: list[PromptGroup], plan: StepPlan) -> list[PromptGroup]:
         """One forward: a token for every running row and the first token of each new prompt.
@@ -288,7 +299,8 @@ class LLMEngine:
                            make_generator(seed, self.device), owner=req, matcher=new_matcher(req.grammar))
             seqs.append(seq)
         want = params.echo and params.logprobs is not None
-        return PromptGroup(req.request_id, prompt, seqs, want_prompt_logprobs=want)
+        return PromptGroup(req.request_id, prompt, seqs, want_prompt_logprobs=want,
+                           no_output=req.max_tokens[p_index] == 0)
 
 
 def _fork_rows(groups: list[PromptGroup], device: torch.device) -> torch.Tensor:

@@ -28,11 +28,12 @@ class PromptGroup:
     seqs: list[Sequence]
     want_prompt_logprobs: bool = False
     resume: bool = False   # a preempted sequence coming back: prefill its tokens so far, sample nothing
+    no_output: bool = False   # max_tokens 0 (completions' echo): the prompt (and its logprobs), no token
 
     @property
     def alone(self) -> bool:
         """Needs a forward of its own (every position's logits, or no sampling at its end)."""
-        return self.want_prompt_logprobs or self.resume
+        return self.want_prompt_logprobs or self.resume or self.no_output
 
 
 @dataclass(eq=False)

@@ -183,11 +183,11 @@ class LLMServer:
         room = limit - prompt_len
         if asked is None and room >= 1:
             return min(room, self._default_max_tokens(what))
-        wanted = prompt_len + (asked or 1)
+        wanted = prompt_len + (1 if asked is None else asked)
         if wanted > limit:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{wanted} tokens ({prompt_len} in the {what}, {asked or 1} in the completion). "
+                f"{wanted} tokens ({prompt_len} in the {what}, {wanted - prompt_len} in the completion). "
                 f"Please reduce the length of the {what} or completion.", param=what)
         return asked
 

@@ -1,7 +1,7 @@
 """Constrained decoding with xgrammar: `response_format` json_object / json_schema, and forced
 tool calls (a structural tag built by tool_calls.py).
 
-xgrammar compiles a JSON schema (or its built-in JSON grammar) against the tokenizer's vocabulary
+xgrammar compiles a JSON schema (json_object: any JSON object) against the tokenizer's vocabulary
 once; each sequence then gets its own GrammarMatcher. Before sampling, the matcher of every
 constrained row fills its row of a token bitmask, and the masked-out logits become -inf, so greedy
 and sampled choices alike can only produce text the grammar accepts; after sampling the matcher
@@ -22,6 +22,7 @@ import torch
 from deployments.errors import InvalidRequestError, UnsupportedParameterError
 
 _CACHE_BYTES = 256 << 20   # compiled grammars kept by xgrammar's compiler cache
+_ANY_OBJECT = '{"type": "object"}'   # what json_object asks for
 
 
 class Grammars:
@@ -45,7 +46,9 @@ class Grammars:
                 return compiler.compile_structural_tag(_compact_json(spec))
             if spec["type"] == "json_schema" and schema is not None:
                 return compiler.compile_grammar(_schema_ebnf(json.dumps(schema), param))
-            return compiler.compile_builtin_json_grammar()
+            # json_object, or a json_schema without a schema: a JSON object (OpenAI's JSON mode, vLLM's
+            # json_object), not any JSON value: a weak model otherwise answers "[null]"
+            return compiler.compile_grammar(_schema_ebnf(_ANY_OBJECT, param))
         except Exception as exc:  # xgrammar reports bad schemas as RuntimeError/ValueError
             raise InvalidRequestError(f"Invalid JSON schema in '{param}': {_reason(exc)}", param=param) from None
 

@@ -15,7 +15,9 @@ PromptInput = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[Stric
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: Optional[int] = Field(None, ge=1)   # None: the model's default_max_tokens, else 16
+    # None: the model's default_max_tokens, else 16. 0 (the spec's minimum): no output, only the echoed
+    # prompt and its logprobs (a prompt's score, as lm-eval-harness and vLLM use it).
+    max_tokens: Optional[int] = Field(None, ge=0)
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     echo: Optional[StrictBool] = False
     best_of: Optional[int] = Field(None, ge=0, le=20)

@@ -106,6 +106,21 @@ def test_completions_echo_logprobs_and_prompt_list(client):
     assert ids.usage.prompt_tokens == 3
 
 
+def test_completions_max_tokens_0_with_echo_scores_the_prompt(client):
+    """How lm-eval-harness scores a text: the prompt's own logprobs, no completion (the spec's max_tokens
+    minimum is 0). They are the same as those echoed before a 1-token completion."""
+    text = "The capital of France is Paris"
+    scored = client.completions.create(model=CHAT, prompt=text, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    choice = scored.choices[0]
+    assert choice.text == text and choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert len(choice.logprobs.tokens) == scored.usage.prompt_tokens and "".join(choice.logprobs.tokens) == text
+    one = client.completions.create(model=CHAT, prompt=text, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    prompt_part = one.choices[0].logprobs.token_logprobs[:-1]
+    assert choice.logprobs.token_logprobs[0] is None and prompt_part[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(prompt_part[1:], abs=1e-3)
+    assert all(lp < 0 for lp in choice.logprobs.token_logprobs[1:])
+
+
 def test_completions_stream(client):
     chunks = list(client.completions.create(model=CHAT, prompt="Once upon a time", max_tokens=10, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
@@ -307,7 +322,8 @@ def test_response_format_json_schema_and_json_object(client):
                                                           "a person called Ann who is 30."}],
         response_format={"type": "json_object"}, temperature=0, max_tokens=120)
     assert free.choices[0].finish_reason == "stop"
-    assert "name" in json.loads(free.choices[0].message.content)   # greedy: {"name": "Ann", "age": 30}
+    obj = json.loads(free.choices[0].message.content)
+    assert isinstance(obj, dict) and "name" in obj   # greedy: {"name": "Ann", "age": 30}
     bad = client.chat.completions.with_raw_response.create
     with pytest.raises(openai.BadRequestError) as err:
         bad(model=CHAT, messages=PARIS, response_format={"type": "json_schema", "json_schema": {

@@ -380,6 +380,21 @@ def test_completions_leave_the_default_length_to_the_model():
     assert fake.requests[0].sampling.max_tokens is None    # the model's default_max_tokens, else OpenAI's 16
 
 
+def test_max_tokens_0_is_a_completions_prompt_score_and_a_400_for_chat():
+    """The spec's minimum is 0 for /v1/completions (with echo: the prompt and its logprobs) and 1 for chat."""
+    fake = FakeChatClient()
+    async def go():
+        async with raw_client(make_app(fake)) as h:
+            scored = await h.post("/v1/completions", json={"model": CHAT, "prompt": "x", "max_tokens": 0,
+                                                           "echo": True, "logprobs": 0})
+            chat = await h.post("/v1/chat/completions", json={"model": CHAT, "max_tokens": 0,
+                                                              "messages": [{"role": "user", "content": "x"}]})
+            return scored, chat
+    scored, chat = run(go())
+    assert scored.status_code == 200 and fake.requests[0].sampling.max_tokens == 0
+    assert chat.status_code == 400 and chat.json()["error"]["code"] == "integer_below_min_value"
+
+
 def test_image_response_and_size_errors_write_sizes_w_star_h():
     async def go():
         async with raw_client(make_app()) as h:

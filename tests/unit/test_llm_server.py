@@ -49,6 +49,21 @@ def test_context_length_checks():
     assert clamped.usage.completion_tokens <= 64 - prompt_len
 
 
+def test_max_tokens_0_scores_a_prompt_that_fills_the_context_window():
+    """Completions' max_tokens 0 + echo asks for no token, so a prompt of the whole window fits; one token more
+    does not."""
+    async def go(max_tokens):
+        server = make_server(max_model_len=64)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0, echo=True)
+        return await server.generate(GenerateRequest("s", params, prompts=[[120] * 64]))
+    scored = asyncio.run(go(0))
+    assert scored.usage.prompt_tokens == 64 and scored.usage.completion_tokens == 0
+    assert scored.choices[0].text == "x" * 64 and scored.choices[0].finish_reason == "length"
+    assert len(scored.choices[0].logprobs) == 64 and scored.choices[0].logprobs[0].logprob is None
+    with pytest.raises(ContextLengthExceededError, match="65 tokens"):
+        asyncio.run(go(1))
+
+
 NO_EOS = {256: -100.0}   # ByteTokenizer's EOS: generation runs to its length limit
 
 

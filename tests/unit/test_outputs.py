@@ -65,6 +65,48 @@ def test_logprobs_shapes_and_echo(model):
     assert all(lp.logprob <= 0 for lp in out_lp)
 
 
+def _deltas(engine, reqs):
+    for r in reqs:
+        engine.add(r)
+    out: dict = {}
+    while engine.has_work():
+        for r, chunk in engine.step():
+            out.setdefault(r.request_id, []).extend(chunk.choices)
+    return out
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt_and_samples_nothing(model):
+    """Completions' max_tokens 0 + echo + logprobs: each choice is its prompt with the prompt's logprobs
+    (how lm-eval-harness scores text), finish_reason "length", no token; a request beside it is unharmed."""
+    zero = req("z", "abc", max_tokens=0, logprobs=2, echo=True, n=2)
+    one = req("o", "abc", max_tokens=1, logprobs=2, echo=True)
+    beside = req("b", "hello", max_tokens=5)
+    deltas = _deltas(make_engine(model), [beside, zero, one])
+    for i in (0, 1):
+        mine = [d for d in deltas["z"] if d.index == i]
+        assert "".join(d.text for d in mine) == "abc" and [d.finish_reason for d in mine][-1] == "length"
+        lps = [lp for d in mine for lp in d.logprobs or []]
+        scored = [lp for d in deltas["o"] for lp in d.logprobs or []][:3]
+        assert [(lp.token, lp.logprob) for lp in lps] == [(lp.token, lp.logprob) for lp in scored]
+        assert lps[0].logprob is None and len(lps) == 3
+    assert out_ids(zero) == [] and out_ids(zero, 1) == [] and zero.usage().completion_tokens == 0
+    assert len(out_ids(one)) == 1 and len(out_ids(beside)) == 5
+
+
+def test_max_tokens_0_without_logprobs_runs_no_forward(model):
+    engine = make_engine(model)
+
+    def no_forward(*a, **k):
+        raise AssertionError("max_tokens 0 without prompt logprobs needs no forward")
+    engine.runner.prefill = engine.runner.prefill_in_chunks = engine.runner.mixed = no_forward
+    echo, bare = req("e", "abc", max_tokens=0, echo=True), req("n", "abc", max_tokens=0)
+    deltas = _deltas(engine, [echo, bare])
+    assert [(d.text, d.finish_reason) for d in deltas["e"]] == [("abc", "length")]
+    assert [(d.text, d.finish_reason) for d in deltas["n"]] == [("", "length")]
+    assert echo.usage().prompt_tokens == 3 and echo.usage().completion_tokens == 0
+    assert not engine.has_work() and len(engine.batch) == 0
+
+
 def test_context_window_ends_with_length(model):
     engine = make_engine(model, max_model_len=20)
     r = EngineRequest("c", [prompt("x" * 15)], SamplingParams(max_tokens=100, temperature=0), [100])

@@ -167,6 +167,7 @@ def test_reservation_estimates():
     assert reservation(Body(input=["abcd", "abcdefgh"]), 1024) == 3
     assert reservation(Body(input=[[1, 2, 3]]), 1024) == 3
     assert reservation(Body(prompt="x" * 40, max_tokens=16, n=2), 1024) == 10 + 32
+    assert reservation(Body(prompt="x" * 40, max_tokens=0, n=2), 1024) == 10   # completions' echo: no output
     assert reservation(Body(messages=[Body(role="user", content="x" * 40)], max_tokens=None,
                             max_completion_tokens=None, n=None), 100) == 1 + 10 + 100
 

@@ -44,3 +44,19 @@ def test_response_format_grammar_makes_even_a_random_model_answer_the_schema(mod
     except ValueError:
         constrained_by_chance = False
     assert not constrained_by_chance            # the random model's free text is no JSON: the mask did it
+
+
+def test_json_object_allows_any_json_object_and_nothing_else():
+    """response_format json_object is OpenAI's JSON mode: an object. xgrammar's built-in JSON grammar also
+    lets an array through (the 135M model answered "[null]")."""
+    import xgrammar as xgr
+
+    from tests.unit.fakes import byte_grammars
+    grammar = byte_grammars().compile({"type": "json_object"})
+
+    def accepts(text: str) -> bool:
+        matcher = xgr.GrammarMatcher(grammar)
+        return all(matcher.accept_token(b) for b in text.encode()) and matcher.accept_token(256)   # 256: EOS
+    assert accepts('{"name": "Ann", "age": 30}') and accepts('{"a": [1, {"b": null}], "c": "\\u00e9"}')
+    assert accepts("{}")
+    assert not any(accepts(t) for t in ("[null]", "[]", '"x"', "3", "null", '{"a": 1'))
