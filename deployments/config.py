@@ -614,6 +614,7 @@ class RequestLimits(StrictModel):
     max_tools: int = Field(128, ge=1, description="Most `tools` in one chat request.")
     max_stop_chars: int = Field(1024, ge=1, description="Longest `stop` string, in characters.")
     max_logit_bias: int = Field(1024, ge=1, description="Most `logit_bias` entries.")
+    max_stop_token_ids: int = Field(64, ge=1, description="Most `stop_token_ids` (vLLM's sampling extension).")
     max_prompt_chars: int = Field(
         1 << 20, ge=1, description="Characters of prompt text in one chat or completions request (all messages, "
                                    "or all prompts; token-id prompts count one per id), checked before tokenizing.")

@@ -28,6 +28,13 @@ class SamplingParams:
     n: int = 1
     logprobs: Optional[int] = None        # None: off; k >= 0: chosen token plus k alternatives
     echo: bool = False                    # completions: return the prompt before the output
+    # vLLM's sampling extensions, with vLLM's meanings; the defaults change nothing
+    top_k: int = 0                        # keep the k likeliest tokens; 0 (or -1): all
+    min_p: float = 0.0                    # drop tokens below min_p x the likeliest token's probability
+    repetition_penalty: float = 1.0       # > 1 discourages every token of the prompt and output so far
+    min_tokens: int = 0                   # no EOS, stop token or stop string before this many tokens
+    stop_token_ids: list[int] = field(default_factory=list)   # these end the choice like EOS
+    ignore_eos: bool = False              # EOS does not end the choice
 
 
 @dataclass

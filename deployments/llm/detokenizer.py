@@ -40,12 +40,15 @@ class StopMatcher:
         self.stopped = False
         self._sent = 0
 
-    def append(self, delta: str) -> bool:
-        """Adds text; returns True when a stop string was found (the text is then cut before it)."""
+    def append(self, delta: str, check: bool = True) -> bool:
+        """Adds text; returns True when a stop string was found (the text is then cut before it).
+        check=False (before min_tokens) adds it without looking for stop strings."""
         if self.stopped or not delta:
             return self.stopped
         start = max(0, len(self.text) - self._longest + 1)
         self.text += delta
+        if not check:
+            return False
         hits = [i for i in (self.text.find(s, start) for s in self._stops) if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]

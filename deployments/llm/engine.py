@@ -60,10 +60,10 @@ class LLMEngine:
                                   if kv_cache == "slots" else None)
         self.scheduler = Scheduler(self.batch, max_num_seqs, max_num_batched_tokens, max_prefill_tokens,
                                    mixed_steps=self.mixed_steps, mixed_when_idle=self.batch_invariant)
-        self.sampler = Sampler(len(tokenizer), self.device)
-        self.vocab_size = self.sampler.vocab_size
         self.outputs = OutputProcessor(model, tokenizer, max_model_len)
         self.eos_ids = self.outputs.eos_ids
+        self.sampler = Sampler(len(tokenizer), self.device, self.eos_ids)
+        self.vocab_size = self.sampler.vocab_size
         self.requests: dict[str, EngineRequest] = {}
         self.runner = ModelRunner(model, mixed_steps=self.mixed_steps, batch_invariant=self.batch_invariant)
         # Late admission (model_runner.run_mixed): set by the AsyncLLMEngine, it moves requests posted

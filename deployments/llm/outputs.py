@@ -27,11 +27,14 @@ class OutputProcessor:
     def take(self, seq: Sequence, token: int) -> None:
         """Appends a sampled token to `seq` and finishes it where the token ends it."""
         seq.output_ids.append(token)
+        p = seq.params
         if seq.matcher is not None:
             seq.matcher.accept_token(token)
-        if token in self.eos_ids or (seq.matcher is not None and seq.matcher.is_terminated()):
-            seq.finish("stop")
-        elif seq.stop.append(seq.detok.push(token)):
+        may_stop = len(seq.output_ids) >= p.min_tokens   # vLLM: no stop of any kind before min_tokens
+        stop_token = token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos)
+        if (stop_token and may_stop) or (seq.matcher is not None and seq.matcher.is_terminated()):
+            seq.finish("stop")   # a stop token's text is not part of the output (vLLM's default)
+        elif seq.stop.append(seq.detok.push(token), check=may_stop):
             seq.finish("stop")
         elif len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish("length")

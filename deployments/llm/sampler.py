@@ -1,14 +1,16 @@
 """Per-row sampling vectorised over the batch.
 
 Order, as in OpenAI/vLLM: logit_bias, presence/frequency penalties (over the sequence's output
-tokens), the grammar's mask (response_format, forced tool calls), temperature, top_p, then a draw by inverse CDF (one uniform number per row: a cumsum and
+tokens), vLLM's repetition_penalty (over its prompt and output tokens), EOS and stop_token_ids held
+back until min_tokens, the grammar's mask (response_format, forced tool calls), temperature, then
+vLLM's min_p and top_k, top_p, then a draw by inverse CDF (one uniform number per row: a cumsum and
 a searchsorted, far cheaper on CPU than drawing a noise value per vocabulary entry). A seeded
 sequence draws its number from its own generator, so its output does not depend on its batch
 mates. temperature == 0 is greedy.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -19,9 +21,10 @@ _NUCLEUS_CANDIDATES = 512   # top_p looks at this many best tokens first, and so
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device):
+    def __init__(self, vocab_size: int, device: torch.device, eos_ids: Iterable[int] = ()):
         self.vocab_size = vocab_size
         self.device = device
+        self.eos_ids = sorted(i for i in eos_ids if 0 <= i < vocab_size)   # held back until min_tokens
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -29,12 +32,15 @@ class Sampler:
         logits = logits[:, : self.vocab_size].to(torch.float32, copy=True)   # the caller's stay raw (logprobs)
         self._apply_bias(logits, seqs)
         self._apply_penalties(logits, seqs)
+        self._apply_repetition_penalty(logits, seqs)
+        self._hold_back_stops(logits, seqs)
         apply_grammars(logits, seqs)
         temps = torch.tensor([_or(s.params.temperature, 1.0) for s in seqs], device=logits.device)
         greedy = temps == 0
         if bool(greedy.all()):
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits / temps.clamp(min=1e-5).unsqueeze(1), dim=-1)
+        probs = _min_p_and_top_k(probs, seqs)
         top_p = [_or(s.params.top_p, 1.0) for s in seqs]
         if any(p < 1.0 for p in top_p):
             probs = _top_p(probs, torch.tensor(top_p, device=logits.device))
@@ -69,6 +75,30 @@ class Sampler:
         index = torch.tensor(rows, device=logits.device)
         logits[index] -= counts * freq.unsqueeze(1) + (counts > 0).float() * pres.unsqueeze(1)
 
+    def _apply_repetition_penalty(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """vLLM's (and HF's) repetition_penalty: every token already in the prompt or the output has its
+        logit divided by the penalty where positive, multiplied where negative."""
+        rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
+        if not rows:
+            return
+        seen = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool, device=logits.device)
+        for k, row in enumerate(rows):
+            ids = torch.tensor(seqs[row].prompt_ids + seqs[row].output_ids, device=logits.device)
+            seen[k, ids[ids < logits.shape[1]]] = True   # a tokenizer may hold ids the model's head lacks
+        index = torch.tensor(rows, device=logits.device)
+        penalty = torch.tensor([seqs[r].params.repetition_penalty for r in rows], device=logits.device).unsqueeze(1)
+        sub = logits[index]
+        logits[index] = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+
+    def _hold_back_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """min_tokens: EOS (unless ignore_eos) and stop_token_ids cannot be drawn before that many tokens."""
+        cells = [(r, t) for r, s in enumerate(seqs) if len(s.output_ids) < s.params.min_tokens
+                 for t in (s.params.stop_token_ids + ([] if s.params.ignore_eos else self.eos_ids))
+                 if t < logits.shape[1]]
+        if cells:
+            rows, ids = zip(*cells)
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = float("-inf")
+
     def _uniform(self, seqs: list[Sequence]) -> torch.Tensor:
         u = torch.rand(len(seqs))
         for row, s in enumerate(seqs):
@@ -79,6 +109,24 @@ class Sampler:
 
 def _or(value: Optional[float], default: float) -> float:
     return default if value is None else value
+
+
+def _min_p_and_top_k(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """vLLM's min_p (drop tokens less likely than min_p x the likeliest) and top_k (keep the k likeliest;
+    ties at the k-th are kept), renormalised for top_p. Rows that set neither are left as they are."""
+    min_p = [s.params.min_p for s in seqs]
+    top_k = [s.params.top_k if 0 < s.params.top_k < probs.shape[1] else 0 for s in seqs]
+    if not any(min_p) and not any(top_k):
+        return probs
+    floor = torch.zeros(len(seqs), 1, device=probs.device)
+    if any(min_p):
+        floor = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=probs.device).unsqueeze(1)
+    if any(top_k):
+        k = torch.tensor(top_k, device=probs.device)
+        kth = probs.topk(max(top_k), dim=-1).values.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
+        floor = torch.maximum(floor, torch.where(k.unsqueeze(1) > 0, kth, torch.zeros_like(kth)))
+    kept = probs.masked_fill(probs < floor, 0.0)
+    return kept / kept.sum(dim=-1, keepdim=True)
 
 
 def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -136,6 +136,7 @@ class LLMServer:
         else:
             prompts, what = [self._tokenize(x) for x in req.prompts or []], "prompt"
         self._check_token_ids(p.logit_bias.keys(), "logit_bias")
+        self._check_token_ids(p.stop_token_ids, "stop_token_ids")
         p = replace(p, temperature=self.cfg.engine.default_temperature if p.temperature is None else p.temperature,
                     top_p=self.cfg.engine.default_top_p if p.top_p is None else p.top_p)
         max_tokens = [self._max_tokens(len(ids), p.max_tokens, what) for ids in prompts]

@@ -12,7 +12,7 @@ from jsonschema.validators import validator_for
 from pydantic import Field, StrictBool, model_validator
 
 from deployments.errors import InvalidRequestError, UnsupportedParameterError
-from deployments.types import (Choice, ChoiceDelta, GenerateRequest, SamplingParams, TokenLogprob,
+from deployments.types import (Choice, ChoiceDelta, GenerateRequest, TokenLogprob,
                                ToolCall, ToolSpec, Usage)
 from deployments.config import RequestLimits
 from ingress.protocol.common import ChatNoOpFields, SamplingFields, WireModel, check_depth, over_limit
@@ -129,6 +129,12 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
                                       "supported.", param="max_tokens", code="invalid_parameter_combination")
         self._check_response_format()
         self._check_tools()
+        self.check_min_tokens(self.max_completion_tokens or self.max_tokens)
+        forced = bool(self.tools) and self.tool_choice not in (None, "auto", "none")
+        if self.min_tokens and (forced or (self.response_format is not None and self.response_format.type != "text")):
+            raise UnsupportedParameterError("'min_tokens' cannot be combined with response_format json_object/"
+                                            "json_schema or a forced tool call: their grammar decides where the "
+                                            "reply ends.", param="min_tokens")
 
     def _check_response_format(self) -> None:
         rf = self.response_format
@@ -182,13 +188,8 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
                                           f"'{self.tool_choice.function.name}' in 'tools'.", param="tool_choice")
 
     def to_generate_request(self, request_id: str) -> GenerateRequest:
-        params = SamplingParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens,
-            temperature=self.temperature, top_p=self.top_p,   # None: the model's configured default
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            logit_bias=self.bias_map(), seed=self.seed, stop=self.stop_list(), n=self.n or 1,
-            logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+        params = self.sampling_params(max_tokens=self.max_completion_tokens or self.max_tokens,
+                                      logprobs=(self.top_logprobs or 0) if self.logprobs else None)
         return GenerateRequest(request_id, params, messages=[m.model_dump(exclude_none=True) for m in self.messages],
                                tools=self._tool_spec(), response_format=self._response_format())
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from deployments.config import RequestLimits
 from deployments.errors import InvalidRequestError, UnsupportedParameterError
+from deployments.types import SamplingParams
 
 _TOKEN_ID = re.compile(r"-?[0-9]{1,12}")   # ASCII only: str.isdigit also takes '²' and '١', which int() refuses
 
@@ -63,6 +64,13 @@ class SamplingFields(WireModel):
     logit_bias: Optional[dict[str, int]] = None
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
     user: Optional[str] = None
+    # vLLM's sampling extensions (the openai client sends them in extra_body), with vLLM's ranges
+    top_k: Optional[int] = Field(None, ge=-1)                 # 0 or -1: every token
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=100)
+    min_tokens: Optional[int] = Field(None, ge=0)
+    stop_token_ids: Optional[list[StrictInt]] = None
+    ignore_eos: Optional[StrictBool] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -104,6 +112,26 @@ class SamplingFields(WireModel):
             raise over_limit("stop", "a stop string's length", limits.max_stop_chars, "max_stop_chars")
         if len(self.logit_bias or {}) > limits.max_logit_bias:
             raise over_limit("logit_bias", "the number of entries", limits.max_logit_bias, "max_logit_bias")
+        if len(self.stop_token_ids or []) > limits.max_stop_token_ids:
+            raise over_limit("stop_token_ids", "the number of entries", limits.max_stop_token_ids,
+                             "max_stop_token_ids")
+
+    def check_min_tokens(self, max_tokens: Optional[int]) -> None:
+        """vLLM's rule: min_tokens may not exceed max_tokens."""
+        if self.min_tokens and max_tokens is not None and self.min_tokens > max_tokens:
+            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must be less than or equal to max_tokens "
+                                      f"({max_tokens}).", param="min_tokens", code="invalid_value")
+
+    def sampling_params(self, **kw: Any) -> SamplingParams:
+        """The engine's SamplingParams from the fields chat and completions share; `kw` adds the rest."""
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p,   # None: the model's configured default
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=self.bias_map(), seed=self.seed, stop=self.stop_list(), n=self.n or 1,
+            top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_tokens=self.min_tokens or 0, stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=bool(self.ignore_eos), **kw)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

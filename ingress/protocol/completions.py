@@ -6,7 +6,7 @@ from typing import Any, Optional, Union
 from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from deployments.errors import UnsupportedParameterError
-from deployments.types import GenerateRequest, SamplingParams, TokenLogprob
+from deployments.types import GenerateRequest, TokenLogprob
 from deployments.config import RequestLimits
 from ingress.protocol.common import SamplingFields, over_limit
 
@@ -38,6 +38,7 @@ class CompletionRequest(SamplingFields):
 
     def check(self) -> None:
         self.check_common()
+        self.check_min_tokens(self.max_tokens)
         if self.suffix:
             raise UnsupportedParameterError("'suffix' (insertion) is not supported by this server.", param="suffix")
         if self.best_of not in (None, 1) and self.best_of != (self.n or 1):
@@ -53,13 +54,7 @@ class CompletionRequest(SamplingFields):
         return list(p)
 
     def to_generate_request(self, request_id: str) -> GenerateRequest:
-        params = SamplingParams(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature, top_p=self.top_p,   # None: the model's configured default
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            logit_bias=self.bias_map(), seed=self.seed, stop=self.stop_list(), n=self.n or 1,
-            logprobs=self.logprobs, echo=bool(self.echo))
+        params = self.sampling_params(max_tokens=self.max_tokens, logprobs=self.logprobs, echo=bool(self.echo))
         return GenerateRequest(request_id, params, prompts=self.prompts())
 
 

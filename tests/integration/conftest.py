@@ -6,12 +6,13 @@ MODELHUB_TEST_FRONT=haproxy puts Ray's HAProxy ingress where Serve's proxy was."
 from __future__ import annotations
 
 import os
+import urllib.request
 from dataclasses import dataclass
 
 import pytest
 import yaml
 
-from tests.integration.cluster import ROOT, free_port, haproxy_env
+from tests.integration.cluster import ROOT, free_port, haproxy_env, wait_for
 
 CHAT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMB = "sentence-transformers/all-MiniLM-L6-v2"
@@ -79,6 +80,10 @@ def hub():
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT[0])
     serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
     deploy(build_app(default_app_args()), "modelhub", "/", timeout_s=900)
+    # As an operator would: the ingress's own /ready (its view of Serve, cached for 2 s) before the first
+    # request, so /v1/models already has what only a running model knows (a context length)
+    wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=30).status == 200, 120,
+             "the hub's /ready")
     yield Hub(f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{proxy_port}/v1")
     serve.shutdown()
     ray.shutdown()

@@ -121,6 +121,26 @@ def test_completions_max_tokens_0_with_echo_scores_the_prompt(client):
     assert all(lp < 0 for lp in choice.logprobs.token_logprobs[1:])
 
 
+def test_vllm_sampling_extensions_through_the_openai_client(client):
+    """vLLM's sampling parameters, sent as a vLLM user sends them (extra_body), take effect."""
+    def ask(**kw):
+        return client.chat.completions.create(model=CHAT, messages=PARIS, seed=5, **{"max_tokens": 24, **kw})
+    greedy = ask(temperature=0)
+    assert greedy.choices[0].finish_reason == "stop" and greedy.usage.completion_tokens < 20   # "...Paris."
+    hot = ask(temperature=1.5, extra_body={"top_k": 1})     # only the likeliest token is left to draw
+    assert hot.choices[0].message.content == greedy.choices[0].message.content
+    longer = ask(temperature=0, extra_body={"min_tokens": 20})
+    assert longer.usage.completion_tokens >= 20
+    assert longer.choices[0].message.content.startswith(greedy.choices[0].message.content.rstrip("."))
+    on = ask(temperature=0, max_tokens=30, extra_body={"ignore_eos": True})
+    assert on.usage.completion_tokens == 30 and on.choices[0].finish_reason == "length"
+    varied = ask(temperature=0, extra_body={"repetition_penalty": 1.5})
+    assert varied.choices[0].message.content != greedy.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(extra_body={"min_tokens": 30})                  # over max_tokens
+    assert err.value.body["param"] == "min_tokens"
+
+
 def test_completions_stream(client):
     chunks = list(client.completions.create(model=CHAT, prompt="Once upon a time", max_tokens=10, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))

@@ -75,6 +75,9 @@ def mutated(valid: st.SearchStrategy) -> st.SearchStrategy:
 
 
 small_tokens = st.integers(1, 4)
+vllm_sampling = {"top_k": st.integers(-3, 60), "min_p": st.floats(-0.5, 1.5), "repetition_penalty": st.floats(-1, 3),
+                 "min_tokens": st.integers(0, 6), "ignore_eos": st.booleans(),
+                 "stop_token_ids": st.lists(st.integers(-5, 60000), max_size=3)}   # vLLM's extensions
 stop = st.one_of(st.none(), st.text(max_size=5), st.lists(st.text(min_size=1, max_size=4), max_size=4))
 bias = st.dictionaries(st.integers(0, 49151).map(str), st.integers(-100, 100), max_size=3)
 schema = st.sampled_from([
@@ -98,6 +101,7 @@ chat_body = st.fixed_dictionaries(
     optional={"temperature": st.floats(0, 2), "top_p": st.floats(0, 1), "n": st.integers(1, 3), "stop": stop,
               "seed": st.integers(0, 2**32), "logit_bias": bias, "presence_penalty": st.floats(-2, 2),
               "frequency_penalty": st.floats(-2, 2), "stream": st.booleans(), "logprobs": st.booleans(),
+              **vllm_sampling,
               "tools": st.lists(tool, min_size=1, max_size=2),
               "tool_choice": st.sampled_from(["auto", "none", "required"]),
               "response_format": st.one_of(st.just({"type": "json_object"}), st.just({"type": "text"}),
@@ -109,7 +113,8 @@ completion_body = st.fixed_dictionaries(
                                                  st.lists(st.integers(0, 49151), min_size=1, max_size=8)),
      "max_tokens": st.integers(0, 4)},   # 0: the prompt alone (with echo, its logprobs)
     optional={"temperature": st.floats(0, 2), "n": st.integers(1, 2), "echo": st.booleans(), "stop": stop,
-              "logprobs": st.integers(0, 5), "stream": st.booleans(), "seed": st.integers(0, 100), "logit_bias": bias})
+              "logprobs": st.integers(0, 5), "stream": st.booleans(), "seed": st.integers(0, 100), "logit_bias": bias,
+              **vllm_sampling})
 embedding_body = st.fixed_dictionaries(
     {"model": st.just(EMB), "input": st.one_of(st.text(min_size=1, max_size=50),
                                                st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=4),

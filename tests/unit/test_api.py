@@ -249,6 +249,23 @@ def test_images_b64_and_url_roundtrip_and_expiry():
     ({"model": EMB, "messages": [{"role": "user", "content": "x"}]}, 400, "model", "model_not_supported"),
     ({"model": "", "messages": [{"role": "user", "content": "x"}]}, 400, "model", "invalid_value"),
     ({"model": CHAT, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]", "invalid_value"),
+    # vLLM's sampling extensions: vLLM's ranges and rules
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "top_k": -2}, 400, "top_k",
+     "integer_below_min_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "min_p": 1.5}, 400, "min_p",
+     "decimal_above_max_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}, 400,
+     "repetition_penalty", "decimal_below_min_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "min_tokens": 9, "max_tokens": 8}, 400,
+     "min_tokens", "invalid_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "min_tokens": 2,
+      "response_format": {"type": "json_object"}}, 400, "min_tokens", "unsupported_parameter"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "stop_token_ids": ["1"]}, 400,
+     "stop_token_ids[0]", "invalid_type"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "stop_token_ids": list(range(65))}, 400,
+     "stop_token_ids", "limit_exceeded"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "ignore_eos": "yes"}, 400, "ignore_eos",
+     "invalid_type"),
 ])
 def test_chat_validation_errors(body, status, param, code):
     async def go():
@@ -378,6 +395,23 @@ def test_completions_leave_the_default_length_to_the_model():
             return await h.post("/v1/completions", json={"model": CHAT, "prompt": "x"})
     assert run(go()).status_code == 200
     assert fake.requests[0].sampling.max_tokens is None    # the model's default_max_tokens, else OpenAI's 16
+
+
+def test_vllm_sampling_extensions_reach_the_engine():
+    fake = FakeChatClient()
+    extensions = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 2, "stop_token_ids": [7, 9],
+                  "ignore_eos": True}
+    async def go():
+        async with raw_client(make_app(fake)) as h:
+            chat = await h.post("/v1/chat/completions", json={"model": CHAT, **extensions,
+                                                              "messages": [{"role": "user", "content": "x"}]})
+            legacy = await h.post("/v1/completions", json={"model": CHAT, "prompt": "x", "top_k": -1})
+            return chat, legacy
+    chat, legacy = run(go())
+    assert chat.status_code == 200 and legacy.status_code == 200, (chat.text, legacy.text)
+    got = fake.requests[0].sampling
+    assert {k: getattr(got, k) for k in extensions} == extensions
+    assert fake.requests[1].sampling.top_k == 0          # -1 (vLLM's "all") is 0 to the engine
 
 
 def test_max_tokens_0_is_a_completions_prompt_score_and_a_400_for_chat():

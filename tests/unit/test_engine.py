@@ -123,10 +123,10 @@ def test_a_failure_processing_one_requests_token_fails_that_request_only(model, 
     good, bad = req("good", "hello", max_tokens=6), req("bad", "world", max_tokens=6, stop=["never-seen"])
     real_append = StopMatcher.append
 
-    def poisoned(self, text):
+    def poisoned(self, text, **kw):
         if self._stops == ["never-seen"]:
             raise KeyError("a bug")
-        return real_append(self, text)
+        return real_append(self, text, **kw)
     monkeypatch.setattr(StopMatcher, "append", poisoned)
     engine.add(good)
     engine.add(bad)

@@ -89,13 +89,14 @@ def test_bad_token_ids_and_n_are_400():
         out = []
         for req in (GenerateRequest("t", SamplingParams(max_tokens=2), prompts=[[1, 99999]]),
                     GenerateRequest("b", SamplingParams(max_tokens=2, logit_bias={-5: 1.0}), prompts=["x"]),
+                    GenerateRequest("s", SamplingParams(max_tokens=2, stop_token_ids=[3, 300]), prompts=["x"]),
                     GenerateRequest("n", SamplingParams(max_tokens=2, n=99), prompts=["x"])):
             try:
                 await server.generate(req)
             except InvalidRequestError as exc:
                 out.append(exc.param)
         return out
-    assert asyncio.run(go()) == ["prompt", "logit_bias", "n"]
+    assert asyncio.run(go()) == ["prompt", "logit_bias", "stop_token_ids", "n"]
 
 
 def test_omitted_temperature_and_top_p_take_the_configured_defaults():

@@ -1,4 +1,4 @@
-"""Sampling (sampler.py) through the engine: seeds, logit_bias, penalties, top_p."""
+"""Sampling (sampler.py) through the engine: seeds, logit_bias, penalties, top_p, and vLLM's extensions."""
 from __future__ import annotations
 
 import pytest
@@ -47,3 +47,65 @@ def test_top_p_tiny_is_greedy(model):
     t = req("t", "nucleus", max_tokens=8, temperature=1.5, top_p=1e-6, seed=3)
     run_all(make_engine(model), [g, t])
     assert out_ids(g) == out_ids(t)
+
+
+# ----------------------------------------------------------------------------- vLLM's sampling extensions
+
+def test_min_p_and_top_k_keep_what_vllm_keeps_and_renormalise():
+    import torch
+
+    from deployments.llm.sampler import _min_p_and_top_k
+    from deployments.types import SamplingParams
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]] * 4)
+    rows = [SamplingParams(top_k=2), SamplingParams(min_p=0.5), SamplingParams(top_k=3, min_p=0.6), SamplingParams()]
+    kept = _min_p_and_top_k(probs, [type("S", (), {"params": p})() for p in rows])
+    assert torch.allclose(kept[0], torch.tensor([4 / 7, 3 / 7, 0, 0]))            # the 2 likeliest
+    assert torch.allclose(kept[1], torch.tensor([4 / 9, 3 / 9, 2 / 9, 0]))        # p >= 0.5 x 0.4
+    assert torch.allclose(kept[2], torch.tensor([4 / 7, 3 / 7, 0, 0]))            # the stricter of the two
+    assert torch.equal(kept[3], probs[3])                                          # neither: untouched
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    import torch
+
+    from deployments.llm.sampler import Sampler
+    from deployments.types import SamplingParams
+    seq = type("S", (), {"params": SamplingParams(repetition_penalty=2.0), "prompt_ids": [0], "output_ids": [1]})()
+    other = type("S", (), {"params": SamplingParams(), "prompt_ids": [0], "output_ids": [1]})()
+    logits = torch.tensor([[2.0, -1.0, 3.0, 0.5], [2.0, -1.0, 3.0, 0.5]])
+    Sampler(4, torch.device("cpu"))._apply_repetition_penalty(logits, [seq, other])
+    assert logits.tolist() == [[1.0, -2.0, 3.0, 0.5], [2.0, -1.0, 3.0, 0.5]]
+
+
+@pytest.mark.parametrize("cut", [{"top_k": 1}, {"min_p": 1.0}])
+def test_top_k_1_and_min_p_1_sample_the_greedy_tokens(model, cut):
+    greedy = req("g", "sample me", max_tokens=12)
+    cut_off = req("k", "sample me", max_tokens=12, temperature=1.5, seed=1, **cut)
+    free = req("f", "sample me", max_tokens=12, temperature=1.5, seed=1)
+    run_all(make_engine(model), [greedy, cut_off, free])
+    assert out_ids(cut_off) == out_ids(greedy) != out_ids(free)
+
+
+EOS = 256   # ByteTokenizer's
+
+
+def _ended(model, **params):
+    r = req("r", "stop here", max_tokens=8, **params)
+    texts, reasons, _ = run_all(make_engine(model), [r])
+    return out_ids(r), texts["r"][0], reasons["r"][0]
+
+
+def test_min_tokens_ignore_eos_and_stop_token_ids(model):
+    eos_first = {EOS: 100}            # the model's first choice is EOS
+    assert _ended(model, logit_bias=eos_first) == ([EOS], "", "stop")
+    ids, text, reason = _ended(model, logit_bias=eos_first, min_tokens=5)
+    assert len(ids) == 6 and EOS not in ids[:5] and ids[5] == EOS and len(text) == 5 and reason == "stop"
+    ids, text, reason = _ended(model, logit_bias=eos_first, ignore_eos=True)
+    assert ids == [EOS] * 8 and reason == "length"
+    z = ord("Z")
+    assert _ended(model, logit_bias={z: 100}, stop_token_ids=[z]) == ([z], "", "stop")   # its text is left out
+    ids, text, reason = _ended(model, logit_bias={z: 100, ord("a"): 90}, stop_token_ids=[z], min_tokens=3)
+    assert (ids, text, reason) == ([ord("a")] * 3 + [z], "aaa", "stop")   # "a", the next choice, until 3
+    assert _ended(model, logit_bias={z: 100}, stop=["Z"]) == ([z], "", "stop")
+    # stop strings are looked for from the 3rd token on (its own "Z" is cut), not in the text before it
+    assert _ended(model, logit_bias={z: 100}, stop=["Z"], min_tokens=3) == ([z] * 3, "ZZ", "stop")
