@@ -99,7 +99,7 @@ def validation_error(errors: list[dict[str, Any]]) -> InvalidRequestError:
     bound = next(iter(ctx.values()), None)
     code = _RANGE_CODES.get((kind, isinstance(bound, float)))
     if code is not None:
-        direction = "<=" if "above" in code else ">="
+        direction = ("<" if "above" in code else ">") + ("=" if kind.endswith("_equal") else "")   # gt=0: "> 0"
         return InvalidRequestError(f"Invalid '{param}': value out of range. Expected a value {direction} {bound}, "
                                    f"but got {_short(err.get('input'))} instead.", param=param, code=code)
     if kind.endswith("_type") or kind in ("union_tag_invalid", "model_type", "model_attributes_type"):

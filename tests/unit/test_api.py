@@ -397,6 +397,15 @@ def test_completions_leave_the_default_length_to_the_model():
     assert fake.requests[0].sampling.max_tokens is None    # the model's default_max_tokens, else OpenAI's 16
 
 
+def test_a_strict_bound_is_worded_as_strict():
+    async def go():
+        async with raw_client(make_app()) as h:
+            return await h.post("/v1/chat/completions", json={"model": CHAT, "repetition_penalty": 0,
+                                                              "messages": [{"role": "user", "content": "x"}]})
+    r = run(go())
+    assert r.status_code == 400 and "Expected a value > 0" in r.json()["error"]["message"]
+
+
 def test_vllm_sampling_extensions_reach_the_engine():
     fake = FakeChatClient()
     extensions = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 2, "stop_token_ids": [7, 9],
