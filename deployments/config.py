@@ -202,9 +202,9 @@ class LLMEngineConfig(StrictModel):
         300.0, gt=0, description="A step that runs longer than this means the engine is wedged: the replica "
                                  "fails its health check and Serve replaces it.")
     grammar_compile_timeout_s: float = Field(
-        10.0, gt=0, description="A `response_format` schema whose grammar takes longer to compile is a 400 "
-                                "(at most two compiles run at once per replica; one that waited for them "
-                                "this long is a 503).")
+        10.0, gt=0, description="A `response_format` schema or `structured_outputs` constraint whose grammar "
+                                "takes longer to compile is a 400 (at most two compiles run at once per "
+                                "replica; one that waited for them this long is a 503).")
     prepack_weights: bool = Field(
         True, description="CPU only: the linear layers run on weights packed once at load for oneDNN "
                           "(bit-identical outputs in bf16; faster at every batch size: bench/README.md). False: torch's F.linear on the plain weights. Not "
@@ -622,7 +622,8 @@ class RequestLimits(StrictModel):
     max_embedding_input_chars: int = Field(
         100_000, ge=1, description="Longest embeddings `input` item, in characters (or token ids).")
     max_schema_bytes: int = Field(
-        65536, ge=256, description="Largest `response_format` JSON schema (serialized); bigger is a 400.")
+        65536, ge=256, description="Largest `response_format` JSON schema or `structured_outputs` "
+                                   "constraint (serialized); bigger is a 400.")
     request_timeout_s: float = Field(
         600.0, ge=0, description="Total time one request may take, streams included; then it ends (504, or an "
                                  "SSE error event for a stream that started) and its model work stops. 0: no limit.")

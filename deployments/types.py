@@ -35,6 +35,9 @@ class SamplingParams:
     min_tokens: int = 0                   # no EOS, stop token or stop string before this many tokens
     stop_token_ids: list[int] = field(default_factory=list)   # these end the choice like EOS
     ignore_eos: bool = False              # EOS does not end the choice
+    skip_special_tokens: bool = True      # special tokens' text is left out of the output
+    include_stop_str_in_output: bool = False   # a matched stop string stays at the end of the output
+    truncate_prompt_tokens: Optional[int] = None   # keep the prompt's last k tokens; -1: as many as the model holds
 
 
 @dataclass
@@ -55,7 +58,16 @@ class GenerateRequest:
     messages: Optional[list[dict[str, Any]]] = None
     prompts: Optional[list[Prompt]] = None
     tools: Optional[ToolSpec] = None
-    response_format: Optional[dict[str, Any]] = None   # {"type": "json_object"} or {"type": "json_schema", "schema": ...}
+    # the grammar the output must match: {"type": "json_object"}, {"type": "json_schema", "schema": ...}
+    # (response_format), or vLLM's structured_outputs: also {"type": "regex", "regex": ...}, {"type":
+    # "choice", "choice": [...]}, {"type": "grammar", "grammar": EBNF or Lark}; "param" names the field
+    response_format: Optional[dict[str, Any]] = None
+
+
+def constraint_param(spec: dict[str, Any]) -> str:
+    """The request field a grammar spec (GenerateRequest.response_format, or a forced tool call's
+    structural tag) came from, for errors."""
+    return spec.get("param") or ("tools" if spec["type"] == "structural_tag" else "response_format")
 
 
 @dataclass

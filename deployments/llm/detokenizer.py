@@ -12,8 +12,9 @@ _REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], context: int = 5):
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], context: int = 5, skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
+        self._skip = skip_special_tokens   # special tokens' text left out (vLLM's default)
         self._ids = list(prompt_ids[-context:])
         self._prefix = 0
         self._read = len(self._ids)
@@ -22,8 +23,8 @@ class IncrementalDetokenizer:
         """Adds one token; returns the newly complete text (maybe '')."""
         self._ids.append(token_id)
         decode = self._tokenizer.decode
-        prefix_text = decode(self._ids[self._prefix:self._read], skip_special_tokens=True)
-        full_text = decode(self._ids[self._prefix:], skip_special_tokens=True)
+        prefix_text = decode(self._ids[self._prefix:self._read], skip_special_tokens=self._skip)
+        full_text = decode(self._ids[self._prefix:], skip_special_tokens=self._skip)
         if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
@@ -31,10 +32,12 @@ class IncrementalDetokenizer:
 
 
 class StopMatcher:
-    """Accumulates the output text, cuts it at the first stop string, and says what is safe to stream."""
+    """Accumulates the output text, cuts it at the first stop string (after it, with `include`:
+    vLLM's include_stop_str_in_output), and says what is safe to stream."""
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str], include: bool = False):
         self._stops = [s for s in stops if s]
+        self._include = include
         self._longest = max((len(s) for s in self._stops), default=0)
         self.text = ""
         self.stopped = False
@@ -49,9 +52,10 @@ class StopMatcher:
         self.text += delta
         if not check:
             return False
-        hits = [i for i in (self.text.find(s, start) for s in self._stops) if i >= 0]
+        hits = [(i, -len(s)) for s in self._stops if (i := self.text.find(s, start)) >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            at, minus_len = min(hits)   # the first stop string to start; of those, the longest
+            self.text = self.text[:at - minus_len if self._include else at]
             self.stopped = True
         return self.stopped
 

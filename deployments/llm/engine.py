@@ -295,7 +295,8 @@ class LLMEngine:
         for j in range(n):
             seed = None if params.seed is None else params.seed + p_index * n + j
             seq = Sequence(req.request_id, p_index * n + j, prompt, params, req.max_tokens[p_index],
-                           IncrementalDetokenizer(self.tokenizer, prompt), StopMatcher(params.stop),
+                           IncrementalDetokenizer(self.tokenizer, prompt, skip_special_tokens=params.skip_special_tokens),
+                           StopMatcher(params.stop, include=params.include_stop_str_in_output),
                            make_generator(seed, self.device), owner=req, matcher=new_matcher(req.grammar))
             seqs.append(seq)
         want = params.echo and params.logprobs is not None

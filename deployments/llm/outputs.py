@@ -86,7 +86,7 @@ class OutputProcessor:
         logprobs, s.pending_logprobs = s.pending_logprobs, []
         if s.params.echo and s.choice_index not in req.echo_sent and s.status is not Status.WAITING:
             req.echo_sent.add(s.choice_index)
-            text = self.tokenizer.decode(s.prompt_ids, skip_special_tokens=True) + text
+            text = self.tokenizer.decode(s.prompt_ids, skip_special_tokens=s.params.skip_special_tokens) + text
             logprobs = (s.prompt_logprobs or []) + logprobs
         if not text and not logprobs and (not s.finished or s.finish_reported):
             return None   # a finished choice reports its finish once, not at every step of its siblings

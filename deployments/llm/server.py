@@ -20,7 +20,7 @@ from deployments.llm.built_engine import BuiltEngine
 from deployments.llm.tool_calls import FORMATS, ToolCallStream, ToolFormat, default_parser
 from deployments.loading import loading, phase
 from deployments.types import (Choice, ChoiceDelta, GenerateChunk, GenerateRequest, GenerateResult,
-                               ModelCard, TokenizeRequest, TokenizeResult)
+                               ModelCard, TokenizeRequest, TokenizeResult, constraint_param)
 
 LEGACY_COMPLETIONS_MAX_TOKENS = 16   # OpenAI's default max_tokens for /v1/completions
 
@@ -86,7 +86,7 @@ class LLMServer:
         ereq = self._prepare(req)
         spec = self._grammar_spec(req)
         if spec is not None:
-            ereq.grammar = await self._compile(spec, "tools" if req.tools is not None else "response_format")
+            ereq.grammar = await self._compile(spec)
             ereq.grammar_spec = spec
         stream = self.engine.generate(ereq)
         if req.tools is None:
@@ -135,6 +135,7 @@ class LLMServer:
             prompts, what = [self.tokenizer(text, add_special_tokens=False)["input_ids"]], "messages"
         else:
             prompts, what = [self._tokenize(x) for x in req.prompts or []], "prompt"
+        prompts = self._truncate(prompts, p.truncate_prompt_tokens)
         self._check_token_ids(p.logit_bias.keys(), "logit_bias")
         self._check_token_ids(p.stop_token_ids, "stop_token_ids")
         p = replace(p, temperature=self.cfg.engine.default_temperature if p.temperature is None else p.temperature,
@@ -142,11 +143,12 @@ class LLMServer:
         max_tokens = [self._max_tokens(len(ids), p.max_tokens, what) for ids in prompts]
         return EngineRequest(req.request_id, prompts, p, max_tokens)
 
-    async def _compile(self, spec: dict[str, Any], param: str) -> Any:
+    async def _compile(self, spec: dict[str, Any]) -> Any:
         """Compiles a grammar (structured.py) off the event loop, on at most two threads, within
-        grammar_compile_timeout_s: a schema still compiling then is a 400 naming `param`; one still
-        waiting for a thread is a 503. (A compile cannot be interrupted; it finishes on its thread
-        and is cached.)"""
+        grammar_compile_timeout_s: a spec still compiling then is a 400 naming its request field; one
+        still waiting for a thread is a 503. (A compile cannot be interrupted; it finishes on its
+        thread and is cached.)"""
+        param = constraint_param(spec)
         timeout = self.cfg.engine.grammar_compile_timeout_s
         job = self._compile_pool.submit(self._grammars().compile, spec)
         done, _ = await asyncio.wait({asyncio.wrap_future(job)}, timeout=timeout)
@@ -154,13 +156,25 @@ class LLMServer:
             return done.pop().result()
         if job.cancel():
             raise OverloadedError("Structured-output grammars are busy compiling; retry shortly.")
-        raise InvalidRequestError(f"The '{param}' schema took over {timeout:g} s to compile; simplify it.",
+        raise InvalidRequestError(f"The '{param}' constraint took over {timeout:g} s to compile; simplify it.",
                                   param=param, code="schema_too_complex")
 
     def _grammars(self):
         if self._grammar_cache is None:
             self._grammar_cache = self.engine.grammars()
         return self._grammar_cache
+
+    def _truncate(self, prompts: list[list[int]], keep: Optional[int]) -> list[list[int]]:
+        """vLLM's truncate_prompt_tokens: each prompt's last `keep` tokens (-1: as many as the context
+        window holds); more than the window is a 400, as in vLLM."""
+        if keep is None:
+            return prompts
+        if keep > self.max_model_len:
+            raise InvalidRequestError(f"truncate_prompt_tokens ({keep}) is greater than this model's maximum context "
+                                      f"length ({self.max_model_len}).", param="truncate_prompt_tokens",
+                                      code="invalid_value")
+        keep = self.max_model_len if keep == -1 else keep
+        return [ids[-keep:] for ids in prompts]
 
     def _tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -1,12 +1,13 @@
-"""Constrained decoding with xgrammar: `response_format` json_object / json_schema, and forced
-tool calls (a structural tag built by tool_calls.py).
+"""Constrained decoding with xgrammar: `response_format` json_object / json_schema, vLLM's
+`structured_outputs` (json, regex, choice, grammar, json_object), and forced tool calls (a structural
+tag built by tool_calls.py).
 
-xgrammar compiles a JSON schema (json_object: any JSON object) against the tokenizer's vocabulary
-once; each sequence then gets its own GrammarMatcher. Before sampling, the matcher of every
+xgrammar compiles a JSON schema (json_object: any JSON object), regex or grammar against the
+tokenizer's vocabulary once; each sequence then gets its own GrammarMatcher. Before sampling, the matcher of every
 constrained row fills its row of a token bitmask, and the masked-out logits become -inf, so greedy
 and sampled choices alike can only produce text the grammar accepts; after sampling the matcher
 accepts the chosen token, and the sequence stops once the grammar is complete (the only token left
-is EOS). xgrammar's compiler caches compiled grammars by schema (and structural tag). xgrammar is
+is EOS). xgrammar's compiler caches compiled grammars by schema, grammar text and structural tag. xgrammar is
 optional: without it a request that needs a grammar gets a 400 that says so.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from deployments.errors import InvalidRequestError, UnsupportedParameterError
+from deployments.types import constraint_param
 
 _CACHE_BYTES = 256 << 20   # compiled grammars kept by xgrammar's compiler cache
 _ANY_OBJECT = '{"type": "object"}'   # what json_object asks for
@@ -36,21 +38,31 @@ class Grammars:
         self._lock = threading.Lock()
 
     def compile(self, spec: dict[str, Any]) -> Any:
-        """spec: {"type": "json_object"}, {"type": "json_schema", "schema": ...} (response_format) or
-        {"type": "structural_tag", "format": ...} (forced tool calls)."""
-        param = "tools" if spec["type"] == "structural_tag" else "response_format"
+        """spec: {"type": "json_object"}, {"type": "json_schema", "schema": ...} (response_format or
+        structured_outputs.json), {"type": "regex", "regex": ...}, {"type": "choice", "choice": [...]},
+        {"type": "grammar", "grammar": ...} (structured_outputs) or {"type": "structural_tag",
+        "format": ...} (forced tool calls). A spec's optional "param" names the request field in errors."""
+        param = constraint_param(spec)
         compiler = self._get_compiler(param)
-        schema = spec.get("schema")
+        kind, schema = spec["type"], spec.get("schema")
         try:
-            if spec["type"] == "structural_tag":
+            if kind == "structural_tag":
                 return compiler.compile_structural_tag(_compact_json(spec))
-            if spec["type"] == "json_schema" and schema is not None:
+            if kind == "regex":
+                return compiler.compile_regex(spec["regex"])
+            if kind == "choice":
+                return compiler.compile_grammar(_choice_ebnf(spec["choice"]))
+            if kind == "grammar":   # vLLM's rule: EBNF (GBNF) has '::=', anything else is Lark
+                text = spec["grammar"]
+                return compiler.compile_grammar(text) if "::=" in text else compiler.compile_lark(text)
+            if kind == "json_schema" and schema is not None:
                 return compiler.compile_grammar(_schema_ebnf(json.dumps(schema), param))
             # json_object, or a json_schema without a schema: a JSON object (OpenAI's JSON mode, vLLM's
             # json_object), not any JSON value: a weak model otherwise answers "[null]"
             return compiler.compile_grammar(_schema_ebnf(_ANY_OBJECT, param))
-        except Exception as exc:  # xgrammar reports bad schemas as RuntimeError/ValueError
-            raise InvalidRequestError(f"Invalid JSON schema in '{param}': {_reason(exc)}", param=param) from None
+        except Exception as exc:  # xgrammar reports bad schemas, regexes and grammars as RuntimeError/ValueError
+            what = {"regex": "regular expression", "choice": "choice", "grammar": "grammar"}.get(kind, "JSON schema")
+            raise InvalidRequestError(f"Invalid {what} in '{param}': {_reason(exc)}", param=param) from None
 
     @classmethod
     def for_engine(cls, engine: Any) -> "Grammars":
@@ -65,6 +77,12 @@ class Grammars:
                     self._tokenizer, vocab_size=self._vocab_size, stop_token_ids=self._stop)
                 self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=_CACHE_BYTES)
             return self._compiler
+
+
+def _choice_ebnf(choices: list[str]) -> str:
+    """A grammar whose only sentences are `choices`, each written as an EBNF string literal (JSON's
+    escapes, non-ASCII kept as is: xgrammar reads no surrogate pairs)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
 def _compact_json(node: Any) -> Any:
@@ -120,7 +138,8 @@ def _xgrammar(param: str = "response_format"):
     try:
         import xgrammar
     except ImportError:
-        what = "tool_choice required or a named function" if param == "tools" else "response_format json_object/json_schema"
+        what = {"tools": "tool_choice required or a named function", "structured_outputs": "structured_outputs"}.get(
+            param, "response_format json_object/json_schema")
         raise UnsupportedParameterError(f"{what} needs the 'xgrammar' package on the server (pip install xgrammar).",
                                         param="tool_choice" if param == "tools" else param) from None
     return xgrammar

@@ -1,14 +1,11 @@
 """POST /v1/chat/completions: request model, conversion to a GenerateRequest, response shapes.
 
-Tools are checked here: names, `parameters` as JSON Schema (the jsonschema library's meta-schema
-check), and for `strict` functions only keywords the decoding grammar enforces."""
+Tools are checked here: names, and `parameters` as JSON Schema (schema.py)."""
 from __future__ import annotations
 
 import json
 from typing import Any, Literal, Optional, Union
 
-from jsonschema import SchemaError
-from jsonschema.validators import validator_for
 from pydantic import Field, StrictBool, model_validator
 
 from deployments.errors import InvalidRequestError, UnsupportedParameterError
@@ -16,6 +13,7 @@ from deployments.types import (Choice, ChoiceDelta, GenerateRequest, TokenLogpro
                                ToolCall, ToolSpec, Usage)
 from deployments.config import RequestLimits
 from ingress.protocol.common import ChatNoOpFields, SamplingFields, WireModel, check_depth, over_limit
+from ingress.protocol.schema import check_json_schema
 
 
 class TextPart(WireModel):
@@ -129,16 +127,26 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
                                       "supported.", param="max_tokens", code="invalid_parameter_combination")
         self._check_response_format()
         self._check_tools()
-        self.check_min_tokens(self.max_completion_tokens or self.max_tokens)
-        forced = bool(self.tools) and self.tool_choice not in (None, "auto", "none")
-        if self.min_tokens and (forced or (self.response_format is not None and self.response_format.type != "text")):
-            raise UnsupportedParameterError("'min_tokens' cannot be combined with response_format json_object/"
-                                            "json_schema or a forced tool call: their grammar decides where the "
-                                            "reply ends.", param="min_tokens")
+        tools = self._tool_spec()
+        constrained_by = ("a forced tool call" if tools is not None and tools.choice != "auto" else
+                          "response_format json_object/json_schema" if self._json_format() else
+                          "structured_outputs" if self.structured_outputs is not None else None)
+        self.check_min_tokens(self.max_completion_tokens or self.max_tokens, constrained_by)
+
+    def _json_format(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
 
     def _check_response_format(self) -> None:
+        if self.structured_outputs is not None:
+            if self._json_format():
+                raise InvalidRequestError("'structured_outputs' and response_format json_object/json_schema cannot "
+                                          "be combined: send one.", param="structured_outputs",
+                                          code="invalid_parameter_combination")
+            if self.tools and self.tool_choice != "none":
+                raise UnsupportedParameterError("'structured_outputs' cannot be combined with tools on this server.",
+                                                param="structured_outputs")
         rf = self.response_format
-        if rf is None or rf.type == "text":
+        if not self._json_format():
             return
         if self.tools and self.tool_choice != "none":
             raise UnsupportedParameterError("response_format json_object/json_schema cannot be combined with "
@@ -156,9 +164,10 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
                                   strict=spec.get("strict") is True)
 
     def _response_format(self) -> Optional[dict[str, Any]]:
+        """The grammar spec: response_format's, or structured_outputs' (never both: check())."""
         rf = self.response_format
-        if rf is None or rf.type == "text":
-            return None
+        if not self._json_format():
+            return self.output_constraint()
         if rf.type == "json_object":
             return {"type": "json_object"}
         return {"type": "json_schema", "schema": rf.json_schema.get("schema")}
@@ -204,43 +213,6 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
     @property
     def single_tool_call(self) -> bool:
         return self.parallel_tool_calls is False
-
-
-# ----------------------------------------------------------------------------- JSON Schema checks
-
-# Keywords the decoding grammar (xgrammar) does not enforce; OpenAI's strict mode rejects the same.
-_UNENFORCED = ("allOf", "oneOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "uniqueItems")
-_SUBSCHEMA = ("items", "additionalProperties", "contains", "propertyNames", "unevaluatedProperties",
-              "unevaluatedItems", "additionalItems")
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
-_SUBSCHEMA_LISTS = ("anyOf", "prefixItems", "allOf", "oneOf")
-
-
-def check_json_schema(schema: dict[str, Any], param: str, what: str, strict: bool,
-                      code: str = "invalid_value") -> None:
-    """A 400 naming `param` unless `schema` is valid JSON Schema (its own draft's meta-schema); with
-    `strict`, also unless the grammar can enforce all of it."""
-    try:
-        validator_for(schema).check_schema(schema)
-    except SchemaError as exc:
-        where = "/".join(str(p) for p in exc.path)
-        raise InvalidRequestError(f"Invalid schema for {what}: {exc.message}" + (f" (at '{where}')" if where else ""),
-                                  param=param, code=code) from None
-    if strict:
-        bad = _unenforced_keyword(schema)
-        if bad is not None:
-            raise InvalidRequestError(f"Invalid schema for {what}: '{bad}' is not supported with strict: true.",
-                                      param=param, code=code)
-
-
-def _unenforced_keyword(schema: Any) -> Optional[str]:
-    if not isinstance(schema, dict):
-        return None
-    found = next((k for k in _UNENFORCED if k in schema), None)
-    subs = [schema.get(k) for k in _SUBSCHEMA]
-    subs += [s for k in _SUBSCHEMA_MAPS if isinstance(schema.get(k), dict) for s in schema[k].values()]
-    subs += [s for k in _SUBSCHEMA_LISTS if isinstance(schema.get(k), list) for s in schema[k]]
-    return found or next((f for f in map(_unenforced_keyword, subs) if f is not None), None)
 
 
 # ----------------------------------------------------------------------------- responses

@@ -5,14 +5,16 @@ parameter this server does not implement can never be silently ignored.
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from deployments.config import RequestLimits
 from deployments.errors import InvalidRequestError, UnsupportedParameterError
 from deployments.types import SamplingParams
+from ingress.protocol.schema import check_json_schema
 
 _TOKEN_ID = re.compile(r"-?[0-9]{1,12}")   # ASCII only: str.isdigit also takes '²' and '١', which int() refuses
 
@@ -49,6 +51,65 @@ class StreamOptions(WireModel):
     include_usage: Optional[StrictBool] = False
 
 
+class StructuredOutputs(WireModel):
+    """vLLM's `structured_outputs`: exactly one constraint the output must match, enforced while
+    decoding by a grammar (xgrammar), as `response_format` is. `json`: a JSON schema (an object, or
+    its JSON text); `regex`; `choice`: the output is exactly one of these strings; `grammar`: EBNF
+    (xgrammar's GBNF dialect, told by its `::=`) or Lark; `json_object`: any JSON object."""
+
+    schema_: Optional[Union[dict[str, Any], StrictStr]] = Field(None, alias="json")
+    regex: Optional[StrictStr] = None
+    choice: Optional[list[StrictStr]] = Field(None, min_length=1)
+    grammar: Optional[StrictStr] = None
+    json_object: Optional[StrictBool] = None
+
+    def check_limits(self, limits: RequestLimits) -> None:
+        check_depth(self.schema_, "structured_outputs.json")
+        if len(json.dumps(self.model_dump(by_alias=True, exclude_none=True))) > limits.max_schema_bytes:
+            raise over_limit("structured_outputs", "the constraint's size in bytes", limits.max_schema_bytes,
+                             "max_schema_bytes")
+
+    def spec(self) -> dict[str, Any]:
+        """The engine's grammar spec (deployments/llm/structured.py), after check()."""
+        base = {"param": "structured_outputs"}
+        if self.schema_ is not None:
+            schema = json.loads(self.schema_) if isinstance(self.schema_, str) else self.schema_
+            return {**base, "type": "json_schema", "schema": schema}
+        if self.regex is not None:
+            return {**base, "type": "regex", "regex": self.regex}
+        if self.choice is not None:
+            return {**base, "type": "choice", "choice": list(self.choice)}
+        if self.grammar is not None:
+            return {**base, "type": "grammar", "grammar": self.grammar}
+        return {**base, "type": "json_object"}
+
+    def check(self) -> None:
+        kinds = [k for k, v in (("json", self.schema_), ("regex", self.regex), ("choice", self.choice),
+                                ("grammar", self.grammar), ("json_object", self.json_object)) if v is not None]
+        if len(kinds) != 1:
+            raise InvalidRequestError("'structured_outputs' takes exactly one of 'json', 'regex', 'choice', 'grammar' "
+                                      f"or 'json_object'; got {len(kinds)}.", param="structured_outputs",
+                                      code="invalid_value")
+        if self.json_object is False:
+            raise InvalidRequestError("'structured_outputs.json_object' may only be true.",
+                                      param="structured_outputs.json_object", code="invalid_value")
+        schema = self.schema_
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError:
+                schema = None
+            if not isinstance(schema, dict):
+                raise InvalidRequestError("Invalid 'structured_outputs.json': expected a JSON schema (an object, "
+                                          "or its JSON text).", param="structured_outputs.json", code="invalid_type")
+            check_depth(schema, "structured_outputs.json")
+        if schema is not None:
+            check_json_schema(schema, "structured_outputs.json", "structured_outputs", strict=False)
+        if self.grammar is not None and not self.grammar.strip():
+            raise InvalidRequestError("'structured_outputs.grammar' is empty.", param="structured_outputs.grammar",
+                                      code="invalid_value")
+
+
 class SamplingFields(WireModel):
     """Fields chat and completions share, with OpenAI's ranges."""
 
@@ -71,6 +132,10 @@ class SamplingFields(WireModel):
     min_tokens: Optional[int] = Field(None, ge=0)
     stop_token_ids: Optional[list[StrictInt]] = None
     ignore_eos: Optional[StrictBool] = None
+    skip_special_tokens: Optional[StrictBool] = None
+    include_stop_str_in_output: Optional[StrictBool] = None
+    truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)   # -1: the model's context length; 0: 400
+    structured_outputs: Optional[StructuredOutputs] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -99,6 +164,12 @@ class SamplingFields(WireModel):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                                       param="stream_options", code="invalid_value")
+        if self.structured_outputs is not None:
+            self.structured_outputs.check()
+        if self.truncate_prompt_tokens == 0:
+            raise InvalidRequestError("Invalid 'truncate_prompt_tokens': 0 would leave no prompt; send -1 (the model's "
+                                      "context length) or a number of tokens to keep.",
+                                      param="truncate_prompt_tokens", code="invalid_value")
         for key, bias in (self.logit_bias or {}).items():
             if not _TOKEN_ID.fullmatch(key):
                 raise InvalidRequestError(f"Invalid key in 'logit_bias': {key!r} is not a token id.",
@@ -115,12 +186,24 @@ class SamplingFields(WireModel):
         if len(self.stop_token_ids or []) > limits.max_stop_token_ids:
             raise over_limit("stop_token_ids", "the number of entries", limits.max_stop_token_ids,
                              "max_stop_token_ids")
+        if self.structured_outputs is not None:
+            self.structured_outputs.check_limits(limits)
 
-    def check_min_tokens(self, max_tokens: Optional[int]) -> None:
-        """vLLM's rule: min_tokens may not exceed max_tokens."""
-        if self.min_tokens and max_tokens is not None and self.min_tokens > max_tokens:
+    def check_min_tokens(self, max_tokens: Optional[int], constrained_by: Optional[str]) -> None:
+        """vLLM's rule: min_tokens may not exceed max_tokens. Nor may it go with a grammar
+        (`constrained_by` names it): the grammar decides where the reply ends."""
+        if not self.min_tokens:
+            return
+        if max_tokens is not None and self.min_tokens > max_tokens:
             raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must be less than or equal to max_tokens "
                                       f"({max_tokens}).", param="min_tokens", code="invalid_value")
+        if constrained_by is not None:
+            raise UnsupportedParameterError(f"'min_tokens' cannot be combined with {constrained_by}: its grammar "
+                                            "decides where the reply ends.", param="min_tokens")
+
+    def output_constraint(self) -> Optional[dict[str, Any]]:
+        """The grammar spec of `structured_outputs`, if any (chat adds response_format and tools)."""
+        return None if self.structured_outputs is None else self.structured_outputs.spec()
 
     def sampling_params(self, **kw: Any) -> SamplingParams:
         """The engine's SamplingParams from the fields chat and completions share; `kw` adds the rest."""
@@ -131,7 +214,9 @@ class SamplingFields(WireModel):
             top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             min_tokens=self.min_tokens or 0, stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=bool(self.ignore_eos), **kw)
+            ignore_eos=bool(self.ignore_eos), skip_special_tokens=self.skip_special_tokens is not False,
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            truncate_prompt_tokens=self.truncate_prompt_tokens, **kw)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -141,6 +141,48 @@ def test_vllm_sampling_extensions_through_the_openai_client(client):
     assert err.value.body["param"] == "min_tokens"
 
 
+def test_vllm_structured_outputs_through_the_openai_client(client):
+    """vLLM's structured_outputs (extra_body) constrain the real model's reply, on chat and completions."""
+    import re
+    sentiment = [{"role": "user", "content": "Classify the sentiment: 'I love this!'"}]
+    for seed in range(3):
+        picked = client.chat.completions.create(model=CHAT, messages=sentiment, seed=seed, temperature=1.0,
+                                                max_tokens=10, extra_body={"structured_outputs": {
+                                                    "choice": ["positive", "negative", "neutral"]}})
+        assert picked.choices[0].message.content in ("positive", "negative", "neutral")
+        assert picked.choices[0].finish_reason == "stop"
+    date = client.completions.create(model=CHAT, prompt="The moon landing happened on", max_tokens=16,
+                                     temperature=0, extra_body={"structured_outputs": {"regex": r" [0-9]{4}-[0-9]{2}-[0-9]{2}"}})
+    assert re.fullmatch(r" [0-9]{4}-[0-9]{2}-[0-9]{2}", date.choices[0].text), date.choices[0].text
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    answer = client.chat.completions.create(model=CHAT, messages=PARIS, temperature=0, max_tokens=60,
+                                            extra_body={"structured_outputs": {"json": person}})
+    assert set(json.loads(answer.choices[0].message.content)) == {"name", "age"}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=CHAT, messages=PARIS, extra_body={"structured_outputs": {"regex": "((("}})
+    assert err.value.body["param"] == "structured_outputs" and "regular expression" in err.value.body["message"]
+
+
+def test_vllm_text_options_through_the_openai_client(client):
+    """include_stop_str_in_output, skip_special_tokens and truncate_prompt_tokens (extra_body) on the real model."""
+    def ask(**extra):
+        return client.chat.completions.create(model=CHAT, messages=PARIS, temperature=0, max_tokens=24, stop=["Paris"],
+                                              extra_body=extra).choices[0].message.content
+    cut, kept = ask(), ask(include_stop_str_in_output=True)
+    assert "Paris" not in cut and kept == cut + "Paris"
+    def echo(**extra):
+        return client.completions.create(model=CHAT, prompt="<|im_start|>user\nHello", max_tokens=0, echo=True,
+                                         extra_body=extra)
+    assert echo().choices[0].text == "user\nHello"           # the special token's text is left out by default
+    assert echo(skip_special_tokens=False).choices[0].text == "<|im_start|>user\nHello"
+    short = echo(truncate_prompt_tokens=2)
+    assert short.usage.prompt_tokens == 2 and short.choices[0].text == "\nHello"
+    with pytest.raises(openai.BadRequestError) as err:
+        echo(truncate_prompt_tokens=10**6)
+    assert err.value.body["param"] == "truncate_prompt_tokens"
+
+
 def test_completions_stream(client):
     chunks = list(client.completions.create(model=CHAT, prompt="Once upon a time", max_tokens=10, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))

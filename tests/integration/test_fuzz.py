@@ -85,6 +85,17 @@ schema = st.sampled_from([
     {"type": "object", "properties": {"x": {"enum": ["p", "q"]}, "y": {"type": "array", "items": {"type": "string"}}}},
     {"type": "string"}, {"type": "nonsense"}, {"$ref": "#/nope"}, {"type": "object", "properties": nested(5)},
 ])
+structured_outputs = st.one_of(   # vLLM's: one constraint each, valid or not, and some with none or two
+    st.fixed_dictionaries({"choice": st.lists(st.text(max_size=6), max_size=3)}),
+    st.fixed_dictionaries({"regex": st.one_of(st.sampled_from(["[0-9]{1,3}", "(yes|no)", "(((", "[z-a]", ".*"]),
+                                               st.text(max_size=8))}),
+    st.fixed_dictionaries({"json": st.one_of(schema, st.text(max_size=10))}),
+    st.fixed_dictionaries({"grammar": st.sampled_from(['root ::= "a" [0-9]', 'start: "x" | "y"', "root ::= (", "",
+                                                       "root ::= undefined"])}),
+    st.fixed_dictionaries({"json_object": st.booleans()}),
+    st.just({}), st.just({"regex": "a", "choice": ["a"]}), st.just({"regex": "a", "whitespace_pattern": " "}))
+vllm_text = {"skip_special_tokens": st.booleans(), "include_stop_str_in_output": st.booleans(),
+             "truncate_prompt_tokens": st.integers(-3, 10000), "structured_outputs": structured_outputs}
 tool = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
     {"name": st.sampled_from(["get_weather", "f", "bad name", "x" * 70]),
      "parameters": st.one_of(schema, st.just({"type": "object", "properties": {"city": {"type": "string"}}}))})})
@@ -101,7 +112,7 @@ chat_body = st.fixed_dictionaries(
     optional={"temperature": st.floats(0, 2), "top_p": st.floats(0, 1), "n": st.integers(1, 3), "stop": stop,
               "seed": st.integers(0, 2**32), "logit_bias": bias, "presence_penalty": st.floats(-2, 2),
               "frequency_penalty": st.floats(-2, 2), "stream": st.booleans(), "logprobs": st.booleans(),
-              **vllm_sampling,
+              **vllm_sampling, **vllm_text,
               "tools": st.lists(tool, min_size=1, max_size=2),
               "tool_choice": st.sampled_from(["auto", "none", "required"]),
               "response_format": st.one_of(st.just({"type": "json_object"}), st.just({"type": "text"}),
@@ -114,7 +125,7 @@ completion_body = st.fixed_dictionaries(
      "max_tokens": st.integers(0, 4)},   # 0: the prompt alone (with echo, its logprobs)
     optional={"temperature": st.floats(0, 2), "n": st.integers(1, 2), "echo": st.booleans(), "stop": stop,
               "logprobs": st.integers(0, 5), "stream": st.booleans(), "seed": st.integers(0, 100), "logit_bias": bias,
-              **vllm_sampling})
+              **vllm_sampling, **vllm_text})
 embedding_body = st.fixed_dictionaries(
     {"model": st.just(EMB), "input": st.one_of(st.text(min_size=1, max_size=50),
                                                st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=4),

@@ -266,6 +266,41 @@ def test_images_b64_and_url_roundtrip_and_expiry():
      "stop_token_ids", "limit_exceeded"),
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "ignore_eos": "yes"}, 400, "ignore_eos",
      "invalid_type"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "truncate_prompt_tokens": 0}, 400,
+     "truncate_prompt_tokens", "invalid_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "truncate_prompt_tokens": -2}, 400,
+     "truncate_prompt_tokens", "integer_below_min_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "skip_special_tokens": 0}, 400,
+     "skip_special_tokens", "invalid_type"),
+    # vLLM's structured_outputs: one constraint, well formed, alone
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {}}, 400,
+     "structured_outputs", "invalid_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+      "structured_outputs": {"regex": "a+", "choice": ["a"]}}, 400, "structured_outputs", "invalid_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"choice": []}}, 400,
+     "structured_outputs.choice", "invalid_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"json_object": False}},
+     400, "structured_outputs.json_object", "invalid_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"json": "{not json"}},
+     400, "structured_outputs.json", "invalid_type"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+      "structured_outputs": {"json": {"type": "objekt"}}}, 400, "structured_outputs.json", "invalid_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"grammar": " "}},
+     400, "structured_outputs.grammar", "invalid_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+      "structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, 400, "structured_outputs.whitespace_pattern",
+     None),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"regex": "a"},
+      "response_format": {"type": "json_object"}}, 400, "structured_outputs", "invalid_parameter_combination"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"regex": "a"},
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "structured_outputs",
+     "unsupported_parameter"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"regex": "a"},
+      "min_tokens": 1}, 400, "min_tokens", "unsupported_parameter"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"regex": "a" * 70000}},
+     400, "structured_outputs", "limit_exceeded"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "guided_choice": ["a", "b"]}, 400,
+     "guided_choice", None),
 ])
 def test_chat_validation_errors(body, status, param, code):
     async def go():
@@ -409,7 +444,8 @@ def test_a_strict_bound_is_worded_as_strict():
 def test_vllm_sampling_extensions_reach_the_engine():
     fake = FakeChatClient()
     extensions = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 2, "stop_token_ids": [7, 9],
-                  "ignore_eos": True}
+                  "ignore_eos": True, "skip_special_tokens": False, "include_stop_str_in_output": True,
+                  "truncate_prompt_tokens": 7}
     async def go():
         async with raw_client(make_app(fake)) as h:
             chat = await h.post("/v1/chat/completions", json={"model": CHAT, **extensions,
@@ -421,6 +457,35 @@ def test_vllm_sampling_extensions_reach_the_engine():
     got = fake.requests[0].sampling
     assert {k: getattr(got, k) for k in extensions} == extensions
     assert fake.requests[1].sampling.top_k == 0          # -1 (vLLM's "all") is 0 to the engine
+    defaults = fake.requests[1].sampling
+    assert (defaults.skip_special_tokens, defaults.include_stop_str_in_output, defaults.truncate_prompt_tokens) == (
+        True, False, None)
+
+
+def test_structured_outputs_reach_the_engine_as_a_grammar_spec_on_both_endpoints():
+    fake = FakeChatClient()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    async def go():
+        async with raw_client(make_app(fake)) as h:
+            out = []
+            for so in ({"choice": ["yes", "no"]}, {"regex": "[0-9]+"}, {"json": schema}, {"json": json.dumps(schema)},
+                       {"grammar": 'root ::= "a"'}, {"json_object": True}):
+                out.append(await h.post("/v1/chat/completions", json={
+                    "model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": so}))
+            out.append(await h.post("/v1/completions", json={"model": CHAT, "prompt": "x", "n": 2,
+                                                             "structured_outputs": {"choice": ["a"]}}))
+            out.append(await h.post("/v1/completions", json={"model": CHAT, "prompt": "x", "min_tokens": 1,
+                                                             "structured_outputs": {"choice": ["a"]}}))
+            return out
+    *ok, refused = run(go())
+    assert all(r.status_code == 200 for r in ok), [r.text for r in ok]
+    specs = [r.response_format for r in fake.requests]
+    assert all(s.pop("param") == "structured_outputs" for s in specs)
+    assert specs == [{"type": "choice", "choice": ["yes", "no"]}, {"type": "regex", "regex": "[0-9]+"},
+                     {"type": "json_schema", "schema": schema}, {"type": "json_schema", "schema": schema},
+                     {"type": "grammar", "grammar": 'root ::= "a"'}, {"type": "json_object"},
+                     {"type": "choice", "choice": ["a"]}]
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "min_tokens"
 
 
 def test_max_tokens_0_is_a_completions_prompt_score_and_a_400_for_chat():

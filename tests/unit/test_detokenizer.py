@@ -35,6 +35,29 @@ def test_stop_matcher_releases_held_text_when_it_turns_out_harmless():
     assert m.take_ready(final=True) == ""
 
 
+def test_stop_matcher_can_keep_the_stop_string_in_the_output():
+    """vLLM's include_stop_str_in_output: the text ends after the first stop string (the longest of those
+    starting there)."""
+    m = StopMatcher(["STOP", "never"], include=True)
+    out = []
+    for piece in ["Hello S", "TO", "P and more"]:
+        m.append(piece)
+        out.append(m.take_ready(final=False))
+    assert out[:2] == ["Hello ", ""] and m.stopped and m.text == "Hello STOP"
+    assert "".join(out) + m.take_ready(final=True) == "Hello STOP"
+    both = StopMatcher(["ST", "STOP"], include=True)
+    assert both.append("Hello STOP and more") and both.text == "Hello STOP"
+
+
+def test_special_tokens_are_left_out_of_the_text_unless_asked_for():
+    class WithSpecial(ByteTokenizer):
+        def decode(self, ids, skip_special_tokens: bool = False) -> str:
+            return "".join("" if i == 256 and skip_special_tokens else "<eos>" if i == 256 else chr(i) for i in ids)
+    for skip, text in ((True, "ab"), (False, "a<eos>b")):
+        detok = IncrementalDetokenizer(WithSpecial(), list(b"p"), skip_special_tokens=skip)
+        assert "".join(detok.push(t) for t in (97, 256, 98)) == text
+
+
 def _byte_level_bpe(merges: list[tuple[str, str]]):
     """A tiny byte-level BPE tokenizer (GPT-2 style) built in code."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -49,6 +49,24 @@ def test_context_length_checks():
     assert clamped.usage.completion_tokens <= 64 - prompt_len
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens():
+    """vLLM's truncate_prompt_tokens: the last k tokens of each prompt (-1: the context window); over the
+    window: 400."""
+    async def go(keep, prompt, max_tokens=2, **kw):
+        server = make_server(max_model_len=64)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, echo=True, truncate_prompt_tokens=keep)
+        return await server.generate(GenerateRequest("s", params, prompts=[prompt], **kw))
+    cut = asyncio.run(go(10, list(b"abcdefghijklmnopqrstuvwxyz")))
+    assert cut.usage.prompt_tokens == 10 and cut.choices[0].text.startswith("qrstuvwxyz")
+    whole_window = asyncio.run(go(-1, [120] * 100, max_tokens=0))
+    assert whole_window.usage.prompt_tokens == 64
+    with pytest.raises(InvalidRequestError) as err:
+        asyncio.run(go(65, [120] * 10))
+    assert err.value.param == "truncate_prompt_tokens" and "64" in str(err.value)
+    with pytest.raises(ContextLengthExceededError):    # truncated to the window, no room is left for a token
+        asyncio.run(go(-1, [120] * 100, max_tokens=1))
+
+
 def test_max_tokens_0_scores_a_prompt_that_fills_the_context_window():
     """Completions' max_tokens 0 + echo asks for no token, so a prompt of the whole window fits; one token more
     does not."""

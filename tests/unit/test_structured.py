@@ -60,3 +60,57 @@ def test_json_object_allows_any_json_object_and_nothing_else():
     assert accepts('{"name": "Ann", "age": 30}') and accepts('{"a": [1, {"b": null}], "c": "\\u00e9"}')
     assert accepts("{}")
     assert not any(accepts(t) for t in ("[null]", "[]", '"x"', "3", "null", '{"a": 1'))
+
+
+def _accepts(grammar, text: str) -> bool:
+    """Whether a grammar over the byte vocabulary takes `text` and then EOS (256)."""
+    import xgrammar as xgr
+    matcher = xgr.GrammarMatcher(grammar)
+    return all(matcher.accept_token(b) for b in text.encode()) and matcher.accept_token(256)
+
+
+def test_structured_outputs_regex_choice_and_grammars_admit_exactly_their_language():
+    """vLLM's structured_outputs: regex, choice (any characters, quotes and non-ASCII included), and
+    grammar as EBNF (told by its '::=') or Lark."""
+    from tests.unit.fakes import byte_grammars
+    g = byte_grammars()
+    regex = g.compile({"type": "regex", "regex": r"[0-9]{3}-[a-z]+", "param": "structured_outputs"})
+    assert _accepts(regex, "123-abc") and not _accepts(regex, "12-abc") and not _accepts(regex, "123-")
+    choices = ["yes", 'say "no"\\', "a\nb", "é😀", ""]
+    choice = g.compile({"type": "choice", "choice": choices})
+    assert all(_accepts(choice, c) for c in choices)
+    assert not any(_accepts(choice, c) for c in ("ye", "yes!", "no", "say no"))
+    ebnf = g.compile({"type": "grammar", "grammar": 'root ::= "n=" [0-9]+'})
+    assert _accepts(ebnf, "n=42") and not _accepts(ebnf, "n=")
+    lark = g.compile({"type": "grammar", "grammar": 'start: "up" | "down"'})
+    assert _accepts(lark, "down") and not _accepts(lark, "left")
+
+
+@pytest.mark.parametrize("spec,what", [
+    ({"type": "regex", "regex": "(((", "param": "structured_outputs"}, "Invalid regular expression"),
+    ({"type": "regex", "regex": "[z-a]", "param": "structured_outputs"}, "Invalid regular expression"),
+    ({"type": "grammar", "grammar": "root ::= undefined_rule", "param": "structured_outputs"}, "Invalid grammar"),
+    ({"type": "grammar", "grammar": "start: (", "param": "structured_outputs"}, "Invalid grammar"),
+])
+def test_a_bad_regex_or_grammar_is_a_400_naming_structured_outputs(spec, what):
+    from deployments.errors import InvalidRequestError
+    from tests.unit.fakes import byte_grammars
+    with pytest.raises(InvalidRequestError) as err:
+        byte_grammars().compile(spec)
+    assert err.value.param == "structured_outputs" and str(err.value).startswith(what)
+    assert ".cc:" not in str(err.value)   # xgrammar's C++ source location is cut
+
+
+def test_structured_outputs_make_a_random_model_answer_a_choice_and_a_regex(model):
+    import re
+
+    from tests.unit.fakes import byte_grammars
+    g = byte_grammars()
+    choices = ["positive", "negative", "neutral"]
+    pick = req("c", "classify", temperature=1.0, seed=1, n=4, max_tokens=20)
+    pick.grammar = g.compile({"type": "choice", "choice": choices})
+    date = req("r", "a date", temperature=1.0, seed=2, n=2, max_tokens=20)
+    date.grammar = g.compile({"type": "regex", "regex": r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]"})
+    texts, reasons, _ = run_all(make_engine(model), [pick, date])
+    assert all(t in choices for t in texts["c"].values()) and len(texts["c"]) == 4 and set(reasons["c"].values()) == {"stop"}
+    assert all(re.fullmatch(r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]", t) for t in texts["r"].values())
