@@ -13,7 +13,6 @@ import os
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -21,6 +20,7 @@ import torch  # noqa: E402
 
 from bench.common import print_table  # noqa: E402
 from deployments.llm.sampler import Sampler  # noqa: E402
+from deployments.llm.sequence import Sequence  # noqa: E402
 from deployments.types import SamplingParams  # noqa: E402
 
 VOCAB = 49152
@@ -37,12 +37,18 @@ OPTIONS = {   # what each row of the batch asks for (beside temperature 1)
 }
 
 
-def rows(batch: int, params: dict, prompt_len: int, output_len: int) -> list[SimpleNamespace]:
+def rows(batch: int, params: dict, prompt_len: int, output_len: int) -> list[Sequence]:
+    """Sequences as the engine holds them (no detokenizer or stop strings: the sampler reads neither).
+    Their outputs do not grow between calls, so per-sequence state the sampler keeps up to date (the
+    seen-token mask of repetition_penalty) is measured in its steady state, less one token's update."""
     g = torch.Generator().manual_seed(0)
-    return [SimpleNamespace(params=SamplingParams(temperature=1.0, **params), matcher=None, generator=None,
-                            prompt_ids=torch.randint(0, VOCAB, (prompt_len,), generator=g).tolist(),
-                            output_ids=torch.randint(0, VOCAB, (output_len,), generator=g).tolist())
-            for _ in range(batch)]
+    out = []
+    for _ in range(batch):
+        seq = Sequence("bench", 0, torch.randint(0, VOCAB, (prompt_len,), generator=g).tolist(),
+                       SamplingParams(temperature=1.0, **params), max_tokens=10**6, detok=None, stop=None)
+        seq.output_ids = torch.randint(0, VOCAB, (output_len,), generator=g).tolist()
+        out.append(seq)
+    return out
 
 
 def main() -> None:

@@ -81,10 +81,7 @@ class Sampler:
         rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
         if not rows:
             return
-        seen = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool, device=logits.device)
-        for k, row in enumerate(rows):
-            ids = torch.tensor(seqs[row].prompt_ids + seqs[row].output_ids, device=logits.device)
-            seen[k, ids[ids < logits.shape[1]]] = True   # a tokenizer may hold ids the model's head lacks
+        seen = torch.stack([seqs[r].seen_tokens(logits.shape[1], logits.device) for r in rows])
         index = torch.tensor(rows, device=logits.device)
         penalty = torch.tensor([seqs[r].params.repetition_penalty for r in rows], device=logits.device).unsqueeze(1)
         sub = logits[index]

@@ -44,6 +44,8 @@ class Sequence:
     owner: Any = None   # the engine-side request this sequence belongs to
     matcher: Any = None  # xgrammar GrammarMatcher: response_format or a forced tool call (structured.py)
     _bias: Optional[tuple] = field(default=None, repr=False)
+    _seen: Optional[torch.Tensor] = field(default=None, repr=False)
+    _seen_outputs: int = field(default=0, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +61,21 @@ class Sequence:
             self._bias = (torch.tensor(list(self.params.logit_bias), dtype=torch.long),
                           torch.tensor(list(self.params.logit_bias.values()), dtype=torch.float32))
         return self._bias
+
+    def seen_tokens(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """A [vocab_size] mask of the tokens in the prompt and the output so far (repetition_penalty),
+        built from the prompt once and then kept up to date with each new output token."""
+        if self._seen is None:
+            self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self._mark_seen(self.prompt_ids)
+        if self._seen_outputs < len(self.output_ids):
+            self._mark_seen(self.output_ids[self._seen_outputs:])
+            self._seen_outputs = len(self.output_ids)
+        return self._seen
+
+    def _mark_seen(self, ids: list[int]) -> None:
+        t = torch.tensor(ids, dtype=torch.long, device=self._seen.device)
+        self._seen[t[t < self._seen.shape[0]]] = True   # a tokenizer may hold ids the model's head lacks
 
     @property
     def finished(self) -> bool:

@@ -69,12 +69,22 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_s
     import torch
 
     from deployments.llm.sampler import Sampler
+    from deployments.llm.sequence import Sequence
     from deployments.types import SamplingParams
-    seq = type("S", (), {"params": SamplingParams(repetition_penalty=2.0), "prompt_ids": [0], "output_ids": [1]})()
-    other = type("S", (), {"params": SamplingParams(), "prompt_ids": [0], "output_ids": [1]})()
+
+    def seq(**params):
+        s = Sequence("r", 0, [0, 9], SamplingParams(**params), 8, detok=None, stop=None)   # 9: outside the head
+        s.output_ids.append(1)
+        return s
+    penalised, other = seq(repetition_penalty=2.0), seq()
+    sampler = Sampler(4, torch.device("cpu"))
     logits = torch.tensor([[2.0, -1.0, 3.0, 0.5], [2.0, -1.0, 3.0, 0.5]])
-    Sampler(4, torch.device("cpu"))._apply_repetition_penalty(logits, [seq, other])
+    sampler._apply_repetition_penalty(logits, [penalised, other])
     assert logits.tolist() == [[1.0, -2.0, 3.0, 0.5], [2.0, -1.0, 3.0, 0.5]]
+    penalised.output_ids.append(2)            # the next step sees the new token too
+    logits = torch.tensor([[2.0, -1.0, 3.0, 0.5]])
+    sampler._apply_repetition_penalty(logits, [penalised])
+    assert logits.tolist() == [[1.0, -2.0, 1.5, 0.5]]
 
 
 @pytest.mark.parametrize("cut", [{"top_k": 1}, {"min_p": 1.0}])
