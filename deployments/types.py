@@ -37,7 +37,8 @@ class SamplingParams:
     ignore_eos: bool = False              # EOS does not end the choice
     skip_special_tokens: bool = True      # special tokens' text is left out of the output
     include_stop_str_in_output: bool = False   # a matched stop string stays at the end of the output
-    truncate_prompt_tokens: Optional[int] = None   # keep the prompt's last k tokens; -1: as many as the model holds
+    truncate_prompt_tokens: Optional[int] = None   # keep k of the prompt's tokens; -1: as many as the model holds
+    truncation_side: Literal["left", "right"] = "left"   # left: keep the last k (vLLM's default for generation)
 
 
 @dataclass
@@ -47,6 +48,15 @@ class ToolSpec:
     tools: list[dict[str, Any]]           # OpenAI `tools` entries ({"type": "function", "function": {...}})
     choice: Union[Literal["auto", "required"], str] = "auto"  # or the name of a forced function
     parallel: bool = True                 # several calls in one reply; False: at most one
+
+
+@dataclass
+class ChatTemplateOptions:
+    """How chat messages are rendered into the prompt (vLLM's chat-template fields)."""
+
+    add_generation_prompt: bool = True    # open the assistant's turn after the messages
+    continue_final_message: bool = False  # leave the last message open: the reply continues it
+    kwargs: dict[str, Any] = field(default_factory=dict)   # chat_template_kwargs: the template's own variables
 
 
 @dataclass
@@ -62,6 +72,7 @@ class GenerateRequest:
     # (response_format), or vLLM's structured_outputs: also {"type": "regex", "regex": ...}, {"type":
     # "choice", "choice": [...]}, {"type": "grammar", "grammar": EBNF or Lark}; "param" names the field
     response_format: Optional[dict[str, Any]] = None
+    template: Optional[ChatTemplateOptions] = None     # chat only; None: the defaults
 
 
 def constraint_param(spec: dict[str, Any]) -> str:
@@ -147,6 +158,7 @@ class GenerateResult:
 class EmbedRequest:
     inputs: list[Prompt]                  # strings or token-id lists
     dimensions: Optional[int] = None
+    truncate_prompt_tokens: Optional[int] = None   # each input's first k tokens, its special tokens kept; -1: the model's maximum
 
 
 @dataclass
@@ -168,6 +180,7 @@ class TokenizeRequest:
     tools: Optional[ToolSpec] = None
     add_special_tokens: bool = True
     return_token_strs: bool = False
+    template: Optional[ChatTemplateOptions] = None     # with messages; None: the defaults
 
 
 @dataclass

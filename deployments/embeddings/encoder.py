@@ -3,7 +3,7 @@ sub-batches under a token budget. Knows nothing of Ray or HTTP; imported only in
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -39,7 +39,11 @@ class Encoder:
 
     # ------------------------------------------------------------------ tokenization (event loop)
 
-    def tokenize(self, inputs: list[Union[str, list[int]]]) -> list[list[int]]:
+    def tokenize(self, inputs: list[Union[str, list[int]]], keep: Optional[int] = None) -> list[list[int]]:
+        """Token ids of each input, framed by the model's special tokens. `keep` (vLLM's
+        truncate_prompt_tokens): each input's first `keep` tokens, special tokens included (-1: the
+        model's maximum); otherwise an input over the maximum is a 400 unless the config truncates."""
+        keep = self._check_keep(keep)
         texts = [(i, self.cfg.query_prefix + x if self.cfg.query_prefix else x)
                  for i, x in enumerate(inputs) if isinstance(x, str)]
         out: list[list[int]] = [[] for _ in inputs]
@@ -55,7 +59,22 @@ class Encoder:
                     raise InvalidRequestError(f"Invalid token in input: {bad[0]}. Minimum value is 0, maximum "
                                               f"value is {vocab - 1} (inclusive).", param="input")
                 out[i] = self._prefix + list(x) + self._suffix
+        if keep is not None:
+            return [self._cut(ids, keep) for ids in out]
         return [self._fit(ids, i) for i, ids in enumerate(out)]
+
+    def _check_keep(self, keep: Optional[int]) -> Optional[int]:
+        if keep is None:
+            return None
+        if keep > self.max_length:
+            raise InvalidRequestError(f"truncate_prompt_tokens ({keep}) is greater than this model's maximum length "
+                                      f"({self.max_length}).", param="truncate_prompt_tokens", code="invalid_value")
+        framing = len(self._prefix) + len(self._suffix)
+        if keep != -1 and keep <= framing:
+            raise InvalidRequestError(f"truncate_prompt_tokens ({keep}) leaves no room for text beside this model's "
+                                      f"{framing} special tokens.", param="truncate_prompt_tokens",
+                                      code="invalid_value")
+        return self.max_length if keep == -1 else keep
 
     def _fit(self, ids: list[int], index: int) -> list[int]:
         if len(ids) <= self.max_length:
@@ -65,7 +84,15 @@ class Encoder:
                 f"Input {index} has {len(ids)} tokens; this model's maximum is {self.max_length}. "
                 "Shorten it (or enable truncation in the model config).", param="input",
                 code="context_length_exceeded")
-        return ids[: self.max_length - 1] + ids[-1:]   # keep the closing special token
+        return self._cut(ids, self.max_length)
+
+    def _cut(self, ids: list[int], keep: int) -> list[int]:
+        """The first `keep` tokens, the closing special tokens kept (as the tokenizer's own truncation
+        keeps [CLS] ... [SEP])."""
+        if len(ids) <= keep:
+            return ids
+        tail = len(self._suffix)
+        return ids[: keep - tail] + ids[len(ids) - tail:]
 
     # ------------------------------------------------------------------ encoding (worker thread)
 

@@ -45,7 +45,7 @@ class EmbeddingServer:
             self._check_dimensions(req.dimensions)
         if len(req.inputs) > self.cfg.engine.max_inputs:
             raise InvalidRequestError(f"At most {self.cfg.engine.max_inputs} inputs per request.", param="input")
-        token_lists = self.encoder.tokenize(req.inputs)
+        token_lists = self.encoder.tokenize(req.inputs, req.truncate_prompt_tokens)
         vectors = await self._encode_batch(token_lists)
         if req.dimensions is not None and req.dimensions != self.encoder.dim:
             vectors = self.encoder.shorten(vectors, req.dimensions)

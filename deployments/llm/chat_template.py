@@ -6,33 +6,71 @@ in the model's tool-call format (tool_calls.py). Earlier turns' tool calls (with
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Optional
 
 from deployments.errors import InvalidRequestError
 from deployments.llm.tool_calls import FORMATS, ToolFormat
-from deployments.types import ToolSpec
+from deployments.types import ChatTemplateOptions, ToolSpec
+
+# Template variables the server sets itself; chat_template_kwargs may not override them.
+_SERVER_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt", "continue_final_message"})
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: Optional[ToolSpec],
-                fmt: ToolFormat = FORMATS["hermes"]) -> str:
-    """The prompt text, ending with the template's generation prompt."""
+                fmt: ToolFormat = FORMATS["hermes"], options: Optional[ChatTemplateOptions] = None) -> str:
+    """The prompt text: by default ending with the template's generation prompt; `options` can
+    leave the last message open instead, and set the template's own variables."""
+    options = options or ChatTemplateOptions()
     template = tokenizer.chat_template or ""
     if not template:
         raise InvalidRequestError("This model has no chat template; use /v1/completions instead.", param="model")
+    _check_template_kwargs(tokenizer, template, options.kwargs)
     native = "tools" in template
     messages = [_template_message(m, native, fmt) for m in messages]
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(options.kwargs)
     if tools is not None:
         if native:
             kwargs["tools"] = tools.tools
         else:
             messages = _with_tool_system_prompt(messages, tools.tools, fmt)
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=options.add_generation_prompt,
+                                             continue_final_message=options.continue_final_message,
+                                             tokenize=False, **kwargs)
     except Exception as exc:  # jinja raises for message orders the template forbids
         raise InvalidRequestError(f"The messages do not fit this model's chat template: {_short(exc)}",
                                   param="messages") from None
+
+
+def _check_template_kwargs(tokenizer: Any, template: str, kwargs: dict[str, Any]) -> None:
+    """chat_template_kwargs must take effect: each must be a variable this model's template reads,
+    and not one the server sets (the conversation, tools, generation prompt, special tokens)."""
+    if not kwargs:
+        return
+    special = set(getattr(tokenizer, "special_tokens_map", {}) or {})
+    reads, helpers = template_variables(template)
+    for key in kwargs:
+        if key in _SERVER_VARIABLES or key in special or key in helpers:
+            raise InvalidRequestError(f"Invalid 'chat_template_kwargs': '{key}' is set by the server, not by "
+                                      "chat_template_kwargs.", param="chat_template_kwargs", code="invalid_value")
+        if key not in reads:
+            raise InvalidRequestError(f"Invalid 'chat_template_kwargs': this model's chat template does not use "
+                                      f"'{key}'.", param="chat_template_kwargs", code="invalid_value")
+
+
+@functools.lru_cache(maxsize=8)
+def template_variables(template: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The variables a Jinja chat template reads from its caller (jinja2's own analysis, in the
+    environment transformers renders it in), and the helpers that environment defines."""
+    import jinja2.meta
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+        env = _compile_jinja_template(template).environment
+        return frozenset(jinja2.meta.find_undeclared_variables(env.parse(template))), frozenset(env.globals)
+    except Exception:  # a template jinja cannot parse fails when it is rendered, with its own error
+        return frozenset(), frozenset()
 
 
 def _with_tool_system_prompt(messages: list[dict], tools: list[dict], fmt: ToolFormat) -> list[dict]:

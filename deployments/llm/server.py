@@ -108,7 +108,7 @@ class LLMServer:
         (with `tools` as generation offers them), or a plain prompt."""
         if req.messages is not None:
             from deployments.llm.chat_template import render_chat
-            text = render_chat(self.tokenizer, req.messages, req.tools, self.tool_format)
+            text = render_chat(self.tokenizer, req.messages, req.tools, self.tool_format, req.template)
         else:
             text = req.prompt or ""
         ids = self.tokenizer(text, add_special_tokens=req.add_special_tokens)["input_ids"]
@@ -131,11 +131,11 @@ class LLMServer:
             raise InvalidRequestError(f"Too many tools: {len(req.tools.tools)}; this model accepts at most "
                                       f"{self.cfg.engine.max_tools}.", param="tools", code="invalid_value")
         if req.messages is not None:
-            text = render_chat(self.tokenizer, req.messages, req.tools, self.tool_format)
+            text = render_chat(self.tokenizer, req.messages, req.tools, self.tool_format, req.template)
             prompts, what = [self.tokenizer(text, add_special_tokens=False)["input_ids"]], "messages"
         else:
             prompts, what = [self._tokenize(x) for x in req.prompts or []], "prompt"
-        prompts = self._truncate(prompts, p.truncate_prompt_tokens)
+        prompts = self._truncate(prompts, p.truncate_prompt_tokens, p.truncation_side)
         self._check_token_ids(p.logit_bias.keys(), "logit_bias")
         self._check_token_ids(p.stop_token_ids, "stop_token_ids")
         p = replace(p, temperature=self.cfg.engine.default_temperature if p.temperature is None else p.temperature,
@@ -164,9 +164,9 @@ class LLMServer:
             self._grammar_cache = self.engine.grammars()
         return self._grammar_cache
 
-    def _truncate(self, prompts: list[list[int]], keep: Optional[int]) -> list[list[int]]:
-        """vLLM's truncate_prompt_tokens: each prompt's last `keep` tokens (-1: as many as the context
-        window holds); more than the window is a 400, as in vLLM."""
+    def _truncate(self, prompts: list[list[int]], keep: Optional[int], side: str) -> list[list[int]]:
+        """vLLM's truncate_prompt_tokens: `keep` tokens of each prompt (-1: as many as the context window
+        holds), its last ones (side "left") or its first ("right"); more than the window is a 400, as in vLLM."""
         if keep is None:
             return prompts
         if keep > self.max_model_len:
@@ -174,7 +174,7 @@ class LLMServer:
                                       f"length ({self.max_model_len}).", param="truncate_prompt_tokens",
                                       code="invalid_value")
         keep = self.max_model_len if keep == -1 else keep
-        return [ids[-keep:] for ids in prompts]
+        return [ids[-keep:] if side == "left" else ids[:keep] for ids in prompts]
 
     def _tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):

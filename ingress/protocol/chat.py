@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, StrictBool, model_validator
 
 from deployments.errors import InvalidRequestError, UnsupportedParameterError
-from deployments.types import (Choice, ChoiceDelta, GenerateRequest, TokenLogprob,
+from deployments.types import (ChatTemplateOptions, Choice, ChoiceDelta, GenerateRequest, TokenLogprob,
                                ToolCall, ToolSpec, Usage)
 from deployments.config import RequestLimits
 from ingress.protocol.common import ChatNoOpFields, SamplingFields, WireModel, check_depth, over_limit
@@ -95,7 +95,37 @@ def check_conversation_limits(messages: list[Message], tools: Optional[list[Tool
         check_depth(tool.function.parameters, f"tools[{i}].function.parameters")
 
 
-class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
+class ChatTemplateFields(WireModel):
+    """vLLM's chat-template fields (chat completions and /tokenize): `continue_final_message` leaves
+    the last message open so the reply continues it (an assistant prefill), and
+    `chat_template_kwargs` sets variables of the model's own template (e.g. Qwen3's
+    `enable_thinking`); the model's server refuses one its template does not read."""
+
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+    def check_template_limits(self, limits: RequestLimits) -> None:
+        check_depth(self.chat_template_kwargs, "chat_template_kwargs")
+        if self.chat_template_kwargs and len(dumps(self.chat_template_kwargs)) > limits.max_prompt_chars:
+            raise over_limit("chat_template_kwargs", "their size in characters", limits.max_prompt_chars,
+                             "max_prompt_chars")
+
+    def check_template_fields(self) -> None:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise InvalidRequestError("Cannot set both 'continue_final_message' and 'add_generation_prompt' to true: "
+                                      "send 'add_generation_prompt': false to continue the final message.",
+                                      param="continue_final_message", code="invalid_parameter_combination")
+
+    def template_options(self) -> Optional[ChatTemplateOptions]:
+        """None when every field has its default (the typed request then stays as it was)."""
+        if self.add_generation_prompt and not self.continue_final_message and not self.chat_template_kwargs:
+            return None
+        return ChatTemplateOptions(self.add_generation_prompt, self.continue_final_message,
+                                   dict(self.chat_template_kwargs or {}))
+
+
+class ChatCompletionRequest(SamplingFields, ChatNoOpFields, ChatTemplateFields):
     messages: list[Message] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
@@ -109,6 +139,7 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
     def check_limits(self, limits: RequestLimits) -> None:
         self.check_sampling_limits(limits)
         check_conversation_limits(self.messages, self.tools, limits)
+        self.check_template_limits(limits)
         rf = self.response_format
         if rf is not None:
             check_depth(rf.json_schema, "response_format.json_schema")
@@ -119,6 +150,7 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
     def check(self) -> None:
         self.check_common()
         self.check_no_ops()
+        self.check_template_fields()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("The 'top_logprobs' parameter is only allowed when 'logprobs' is enabled.",
                                       param="top_logprobs")
@@ -200,7 +232,8 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields):
         params = self.sampling_params(max_tokens=self.max_completion_tokens or self.max_tokens,
                                       logprobs=(self.top_logprobs or 0) if self.logprobs else None)
         return GenerateRequest(request_id, params, messages=[m.model_dump(exclude_none=True) for m in self.messages],
-                               tools=self._tool_spec(), response_format=self._response_format())
+                               tools=self._tool_spec(), response_format=self._response_format(),
+                               template=self.template_options())
 
     def _tool_spec(self) -> Optional[ToolSpec]:
         if not self.tools or self.tool_choice == "none":

@@ -42,6 +42,14 @@ def check_depth(value: Any, param: str) -> None:
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
 
 
+def check_truncation(keep: Optional[int]) -> None:
+    """vLLM's truncate_prompt_tokens: -1 (the model's maximum) or a number of tokens to keep."""
+    if keep == 0:
+        raise InvalidRequestError("Invalid 'truncate_prompt_tokens': 0 would leave no prompt; send -1 (the model's "
+                                  "maximum length) or a number of tokens to keep.",
+                                  param="truncate_prompt_tokens", code="invalid_value")
+
+
 def over_limit(param: str, what: str, limit: int, setting: str) -> InvalidRequestError:
     return InvalidRequestError(f"Invalid '{param}': {what} is over this server's limit of {limit} "
                                f"(limits.{setting}).", param=param, code="limit_exceeded")
@@ -135,6 +143,7 @@ class SamplingFields(WireModel):
     skip_special_tokens: Optional[StrictBool] = None
     include_stop_str_in_output: Optional[StrictBool] = None
     truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)   # -1: the model's context length; 0: 400
+    truncation_side: Optional[Literal["left", "right"]] = None   # which end truncate_prompt_tokens keeps
     structured_outputs: Optional[StructuredOutputs] = None
 
     @model_validator(mode="before")
@@ -166,10 +175,10 @@ class SamplingFields(WireModel):
                                       param="stream_options", code="invalid_value")
         if self.structured_outputs is not None:
             self.structured_outputs.check()
-        if self.truncate_prompt_tokens == 0:
-            raise InvalidRequestError("Invalid 'truncate_prompt_tokens': 0 would leave no prompt; send -1 (the model's "
-                                      "context length) or a number of tokens to keep.",
-                                      param="truncate_prompt_tokens", code="invalid_value")
+        check_truncation(self.truncate_prompt_tokens)
+        if self.truncation_side is not None and self.truncate_prompt_tokens is None:
+            raise InvalidRequestError("'truncation_side' only takes effect with 'truncate_prompt_tokens'.",
+                                      param="truncation_side", code="invalid_parameter_combination")
         for key, bias in (self.logit_bias or {}).items():
             if not _TOKEN_ID.fullmatch(key):
                 raise InvalidRequestError(f"Invalid key in 'logit_bias': {key!r} is not a token id.",
@@ -216,7 +225,7 @@ class SamplingFields(WireModel):
             min_tokens=self.min_tokens or 0, stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=bool(self.ignore_eos), skip_special_tokens=self.skip_special_tokens is not False,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
-            truncate_prompt_tokens=self.truncate_prompt_tokens, **kw)
+            truncate_prompt_tokens=self.truncate_prompt_tokens, truncation_side=self.truncation_side or "left", **kw)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -9,7 +9,7 @@ from pydantic import Field, StrictInt, StrictStr, field_validator
 
 from deployments.types import EmbedRequest
 from deployments.config import RequestLimits
-from ingress.protocol.common import WireModel, over_limit
+from ingress.protocol.common import WireModel, check_truncation, over_limit
 
 EmbeddingInput = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
 
@@ -20,6 +20,7 @@ class EmbeddingRequest(WireModel):
     encoding_format: Optional[Literal["float", "base64"]] = "float"
     dimensions: Optional[int] = Field(None, ge=1)
     user: Optional[str] = None
+    truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)   # vLLM's: keep each input's first k tokens
 
     @field_validator("input")
     @classmethod
@@ -53,8 +54,11 @@ class EmbeddingRequest(WireModel):
             return [list(v)]
         return list(v)
 
+    def check(self) -> None:
+        check_truncation(self.truncate_prompt_tokens)
+
     def to_embed_request(self) -> EmbedRequest:
-        return EmbedRequest(self.inputs(), self.dimensions)
+        return EmbedRequest(self.inputs(), self.dimensions, self.truncate_prompt_tokens)
 
 
 def embedding_response(vectors: np.ndarray, model: str, prompt_tokens: int, encoding: str) -> dict[str, Any]:

@@ -7,9 +7,8 @@ from typing import Any, Optional
 
 from pydantic import Field, StrictBool, StrictInt
 
-from deployments.errors import UnsupportedParameterError
 from deployments.types import TokenizeRequest, TokenizeResult, ToolSpec
-from ingress.protocol.chat import Message, Tool, check_conversation_limits
+from ingress.protocol.chat import ChatTemplateFields, Message, Tool, check_conversation_limits
 from deployments.config import RequestLimits
 from ingress.protocol.common import WireModel, over_limit
 
@@ -33,33 +32,27 @@ class TokenizeCompletionRequest(WireModel):
                                return_token_strs=bool(self.return_token_strs))
 
 
-class TokenizeChatRequest(WireModel):
+class TokenizeChatRequest(ChatTemplateFields):
+    """Messages rendered as a chat completion with the same template fields would render them."""
+
     model: Optional[str] = Field(None, min_length=1)
     messages: list[Message] = Field(min_length=1)
     tools: Optional[list[Tool]] = None
-    add_generation_prompt: StrictBool = True
-    continue_final_message: StrictBool = False
     add_special_tokens: StrictBool = False   # the chat template already has them, as in generation
     return_token_strs: Optional[StrictBool] = False
 
     def check_limits(self, limits: RequestLimits) -> None:
         check_conversation_limits(self.messages, self.tools, limits)
+        self.check_template_limits(limits)
 
     def check(self) -> None:
-        """Generation always renders the assistant's turn opening; tokenizing anything else would
-        count tokens generation never sees, so those options are refused rather than ignored."""
-        if not self.add_generation_prompt:
-            raise UnsupportedParameterError("'add_generation_prompt': false is not supported by this server.",
-                                            param="add_generation_prompt")
-        if self.continue_final_message:
-            raise UnsupportedParameterError("'continue_final_message' is not supported by this server.",
-                                            param="continue_final_message")
+        self.check_template_fields()
 
     def to_tokenize_request(self) -> TokenizeRequest:
         tools = ToolSpec([t.model_dump(exclude_none=True) for t in self.tools]) if self.tools else None
         return TokenizeRequest(messages=[m.model_dump(exclude_none=True) for m in self.messages], tools=tools,
                                add_special_tokens=self.add_special_tokens,
-                               return_token_strs=bool(self.return_token_strs))
+                               return_token_strs=bool(self.return_token_strs), template=self.template_options())
 
 
 class TokenizeBody:

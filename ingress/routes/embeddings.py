@@ -15,6 +15,7 @@ router = APIRouter()
 @router.post("/v1/embeddings")
 async def embeddings(request: Request):
     body = await parse_body(request, EmbeddingRequest)
+    body.check()
     request.state.model = body.model
     state, ticket = request.app.state, request.state.ticket
     entry = state.registry.get(body.model, "embedding", request.state.principal)

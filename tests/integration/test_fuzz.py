@@ -94,8 +94,12 @@ structured_outputs = st.one_of(   # vLLM's: one constraint each, valid or not, a
                                                        "root ::= undefined"])}),
     st.fixed_dictionaries({"json_object": st.booleans()}),
     st.just({}), st.just({"regex": "a", "choice": ["a"]}), st.just({"regex": "a", "whitespace_pattern": " "}))
+chat_template = {"add_generation_prompt": st.booleans(), "continue_final_message": st.booleans(),
+                 "chat_template_kwargs": st.one_of(st.dictionaries(st.text(max_size=8), st.integers(), max_size=2),
+                                                   st.just({"enable_thinking": False}), st.just({"messages": []}))}
 vllm_text = {"skip_special_tokens": st.booleans(), "include_stop_str_in_output": st.booleans(),
-             "truncate_prompt_tokens": st.integers(-3, 10000), "structured_outputs": structured_outputs}
+             "truncate_prompt_tokens": st.integers(-3, 10000), "truncation_side": st.sampled_from(["left", "right", "up"]),
+             "structured_outputs": structured_outputs}
 tool = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
     {"name": st.sampled_from(["get_weather", "f", "bad name", "x" * 70]),
      "parameters": st.one_of(schema, st.just({"type": "object", "properties": {"city": {"type": "string"}}}))})})
@@ -112,7 +116,7 @@ chat_body = st.fixed_dictionaries(
     optional={"temperature": st.floats(0, 2), "top_p": st.floats(0, 1), "n": st.integers(1, 3), "stop": stop,
               "seed": st.integers(0, 2**32), "logit_bias": bias, "presence_penalty": st.floats(-2, 2),
               "frequency_penalty": st.floats(-2, 2), "stream": st.booleans(), "logprobs": st.booleans(),
-              **vllm_sampling, **vllm_text,
+              **vllm_sampling, **vllm_text, **chat_template,
               "tools": st.lists(tool, min_size=1, max_size=2),
               "tool_choice": st.sampled_from(["auto", "none", "required"]),
               "response_format": st.one_of(st.just({"type": "json_object"}), st.just({"type": "text"}),
@@ -131,7 +135,7 @@ embedding_body = st.fixed_dictionaries(
                                                st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=4),
                                                st.lists(st.integers(0, 30000), min_size=1, max_size=8))},
     optional={"encoding_format": st.sampled_from(["float", "base64"]), "dimensions": st.integers(1, 400),
-              "user": st.text(max_size=10)})
+              "user": st.text(max_size=10), "truncate_prompt_tokens": st.integers(-3, 300)})
 image_body = st.fixed_dictionaries(
     {"model": st.just(IMG), "prompt": st.text(min_size=1, max_size=30)},
     optional={"n": st.integers(1, 2), "size": st.sampled_from(["64x64", "64*64", "128x128", "auto", "65x64"]),
@@ -144,7 +148,8 @@ texts = st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=4)
 utility_body = st.one_of(   # (path, body): vLLM's utility routes
     st.tuples(st.just("/tokenize"), st.fixed_dictionaries(
         {"model": st.just(CHAT)}, optional={"prompt": st.text(max_size=30), "messages": st.lists(message, max_size=2),
-                                            "add_special_tokens": st.booleans(), "return_token_strs": st.booleans()})),
+                                            "add_special_tokens": st.booleans(), "return_token_strs": st.booleans(),
+                                            **chat_template})),
     st.tuples(st.just("/detokenize"), st.fixed_dictionaries(
         {"model": st.just(CHAT), "tokens": st.lists(st.integers(0, 49151), max_size=8)})),
     st.tuples(st.sampled_from(["/v1/rerank", "/rerank", "/v2/rerank"]), st.fixed_dictionaries(

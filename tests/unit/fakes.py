@@ -29,7 +29,8 @@ class ByteTokenizer:
 
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, **kw):
         import jinja2
-        return jinja2.Template(self.chat_template).render(messages=messages, **kw)
+        return jinja2.Template(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                          **kw)
 
 
 def tiny_llama(vocab: int = 257, seed: int = 0):

@@ -272,6 +272,10 @@ def test_images_b64_and_url_roundtrip_and_expiry():
      "truncate_prompt_tokens", "integer_below_min_value"),
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "skip_special_tokens": 0}, 400,
      "skip_special_tokens", "invalid_type"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "continue_final_message": True}, 400,
+     "continue_final_message", "invalid_parameter_combination"),     # add_generation_prompt is true by default
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": ["enable_thinking"]},
+     400, "chat_template_kwargs", "invalid_type"),
     # vLLM's structured_outputs: one constraint, well formed, alone
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {}}, 400,
      "structured_outputs", "invalid_value"),
@@ -321,6 +325,11 @@ def test_chat_validation_errors(body, status, param, code):
     ("/v1/embeddings", {"model": EMB, "input": "a", "encoding_format": "hex"}, "encoding_format"),
     ("/v1/embeddings", {"model": EMB, "input": "a", "dimensions": 0}, "dimensions"),
     ("/v1/embeddings", {"model": EMB, "input": ["a"] * 2049}, "input"),
+    ("/v1/embeddings", {"model": EMB, "input": "a", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ("/v1/embeddings", {"model": EMB, "input": "a", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"model": CHAT, "prompt": "x", "truncation_side": "left"}, "truncation_side"),
+    ("/v1/completions", {"model": CHAT, "prompt": "x", "truncate_prompt_tokens": 2, "truncation_side": "middle"},
+     "truncation_side"),
     ("/v1/images/generations", {"model": IMG, "prompt": "p", "size": "100x100"}, "size"),
     ("/v1/images/generations", {"model": IMG, "prompt": "p", "size": "big"}, "size"),
     ("/v1/images/generations", {"model": IMG, "prompt": "p", "n": 5}, "n"),
@@ -445,7 +454,7 @@ def test_vllm_sampling_extensions_reach_the_engine():
     fake = FakeChatClient()
     extensions = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 2, "stop_token_ids": [7, 9],
                   "ignore_eos": True, "skip_special_tokens": False, "include_stop_str_in_output": True,
-                  "truncate_prompt_tokens": 7}
+                  "truncate_prompt_tokens": 7, "truncation_side": "right"}
     async def go():
         async with raw_client(make_app(fake)) as h:
             chat = await h.post("/v1/chat/completions", json={"model": CHAT, **extensions,

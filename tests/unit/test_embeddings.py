@@ -54,6 +54,23 @@ def test_truncate_config_accepts_long_inputs(encoder):
     assert len(ids) == 256 and ids[-1] == encoder.tokenizer.sep_token_id
 
 
+def test_truncate_prompt_tokens_keeps_each_inputs_first_tokens_as_the_tokenizer_does(encoder):
+    """vLLM's truncate_prompt_tokens on embeddings: the first k tokens, [CLS] and [SEP] among them,
+    exactly what the tokenizer's own truncation gives; -1: the model's maximum; over it: 400."""
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    ids = encoder.tokenize([text, "hi"], keep=8)
+    assert ids[0] == encoder.tokenizer(text, truncation=True, max_length=8)["input_ids"]
+    assert ids[1] == encoder.tokenizer("hi")["input_ids"]                          # shorter: untouched
+    assert len(encoder.tokenize(["word " * 400], keep=-1)[0]) == 256               # no 400: cut to the maximum
+    for keep, why in ((257, "greater than this model's maximum"), (2, "no room for text")):
+        with pytest.raises(InvalidRequestError, match=why) as err:
+            encoder.tokenize([text], keep=keep)
+        assert err.value.param == "truncate_prompt_tokens"
+    cut = asyncio.run(server(encoder).embed(EmbedRequest([text], truncate_prompt_tokens=8)))
+    assert cut.prompt_tokens == 8
+    assert np.abs(cut.embeddings[0] - encoder.encode([ids[0]])[0]).max() < 1e-6
+
+
 def test_query_prefix_changes_the_vector(encoder):
     plain = encoder.encode(encoder.tokenize(["capital of France"]))
     prefixed = Encoder(encoder.model, EmbeddingEngineConfig(query_prefix="query: "))

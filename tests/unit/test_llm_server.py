@@ -52,12 +52,15 @@ def test_context_length_checks():
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens():
     """vLLM's truncate_prompt_tokens: the last k tokens of each prompt (-1: the context window); over the
     window: 400."""
-    async def go(keep, prompt, max_tokens=2, **kw):
+    async def go(keep, prompt, max_tokens=2, truncation_side="left", **kw):
         server = make_server(max_model_len=64)
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, echo=True, truncate_prompt_tokens=keep)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, echo=True, truncate_prompt_tokens=keep,
+                                truncation_side=truncation_side)
         return await server.generate(GenerateRequest("s", params, prompts=[prompt], **kw))
     cut = asyncio.run(go(10, list(b"abcdefghijklmnopqrstuvwxyz")))
     assert cut.usage.prompt_tokens == 10 and cut.choices[0].text.startswith("qrstuvwxyz")
+    head = asyncio.run(go(10, list(b"abcdefghijklmnopqrstuvwxyz"), truncation_side="right"))
+    assert head.usage.prompt_tokens == 10 and head.choices[0].text.startswith("abcdefghij")
     whole_window = asyncio.run(go(-1, [120] * 100, max_tokens=0))
     assert whole_window.usage.prompt_tokens == 64
     with pytest.raises(InvalidRequestError) as err:

@@ -32,11 +32,16 @@ def test_tokenize_prompt_and_chat_in_vllms_shape():
     assert back.json() == {"prompt": "hi"}
 
 
+DEEP: list = []
+for _ in range(40):
+    DEEP = [DEEP]
+
+
 @pytest.mark.parametrize("body,param", [
-    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "add_generation_prompt": False},
-     "add_generation_prompt"),
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "continue_final_message": True},
-     "continue_final_message"),
+     "continue_final_message"),      # and add_generation_prompt (default true): both cannot be
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"a": DEEP}},
+     "chat_template_kwargs"),        # nested deeper than free-form JSON may be
     ({"model": CHAT, "prompt": "x", "add_special_tokens": "yes"}, "add_special_tokens"),
     ({"model": CHAT}, "prompt"),
     ({"model": EMB, "prompt": "x"}, "model"),
@@ -69,3 +74,67 @@ def test_server_tokenizes_chat_as_generation_does():
     with pytest.raises(InvalidRequestError) as info:
         asyncio.run(server.detokenize([1, 99999]))
     assert info.value.param == "tokens"
+
+
+# A template with a generation prompt to leave out, and a variable of its own (as Qwen3's enable_thinking).
+TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% if not thinking | default(true) %}<no-think>{% endif %}{% endif %}")
+
+
+@pytest.mark.parametrize("options,rendered", [
+    (None, "<user>hello<assistant>"),
+    ({"kwargs": {"thinking": False}}, "<user>hello<assistant><no-think>"),
+    ({"add_generation_prompt": False}, "<user>hello"),
+    ({"add_generation_prompt": False, "continue_final_message": True}, "<user>hello<assistant>Sure,"),
+])
+def test_chat_template_options_render_generation_and_tokenize_alike(options, rendered):
+    """vLLM's add_generation_prompt, continue_final_message (an assistant prefill the reply continues)
+    and chat_template_kwargs: generation and /tokenize render the same prompt."""
+    from deployments.types import ChatTemplateOptions
+    server = make_server()
+    server.tokenizer.chat_template = TEMPLATE
+    messages = [{"role": "user", "content": "hello"}]
+    if options and options.get("continue_final_message"):
+        messages.append({"role": "assistant", "content": "Sure,"})
+    template = ChatTemplateOptions(**options) if options else None
+
+    async def go():
+        result = await server.generate(GenerateRequest("g", SamplingParams(max_tokens=1), messages=messages,
+                                                       template=template))
+        tokens = await server.tokenize(TokenizeRequest(messages=messages, add_special_tokens=False, template=template))
+        return result, tokens
+    result, tokens = asyncio.run(go())
+    assert bytes(tokens.tokens).decode() == rendered and result.usage.prompt_tokens == len(tokens.tokens)
+
+
+@pytest.mark.parametrize("kwargs,why", [
+    ({"enable_thinking": False}, "does not use 'enable_thinking'"),
+    ({"messages": []}, "'messages' is set by the server"),
+    ({"add_generation_prompt": False}, "'add_generation_prompt' is set by the server"),
+    ({"eos_token": "x"}, "'eos_token' is set by the server"),
+    ({"raise_exception": 1}, "'raise_exception' is set by the server"),
+])
+def test_chat_template_kwargs_the_template_does_not_read_or_the_server_sets_are_400(kwargs, why):
+    from deployments.types import ChatTemplateOptions
+    server = make_server()
+    server.tokenizer.chat_template = TEMPLATE
+    server.tokenizer.special_tokens_map = {"eos_token": "<eos>"}
+    req = GenerateRequest("g", SamplingParams(max_tokens=1), messages=[{"role": "user", "content": "x"}],
+                          template=ChatTemplateOptions(kwargs=kwargs))
+    with pytest.raises(InvalidRequestError) as err:
+        asyncio.run(server.generate(req))
+    assert err.value.param == "chat_template_kwargs" and why in str(err.value)
+
+
+def test_chat_template_fields_reach_the_model_server():
+    fake = FakeChatClient()
+    app = make_app(fake)
+    user = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    fields = {"add_generation_prompt": False, "continue_final_message": True, "chat_template_kwargs": {"t": 1}}
+    assert post(app, "/v1/chat/completions", {"model": CHAT, "messages": user, **fields}).status_code == 200
+    assert post(app, "/tokenize", {"model": CHAT, "messages": user, **fields}).status_code == 200
+    assert post(app, "/v1/chat/completions", {"model": CHAT, "messages": user}).status_code == 200
+    first, tokenized, plain = fake.requests
+    assert first.template == tokenized.template and first.template.kwargs == {"t": 1}
+    assert (first.template.add_generation_prompt, first.template.continue_final_message) == (False, True)
+    assert plain.template is None
