@@ -1,8 +1,8 @@
 """Per-row sampling vectorised over the batch.
 
 Order, as in OpenAI/vLLM: logit_bias, presence/frequency penalties (over the sequence's output
-tokens), vLLM's repetition_penalty (over its prompt and output tokens), EOS and stop_token_ids held
-back until min_tokens, the grammar's mask (response_format, forced tool calls), temperature, then
+tokens), vLLM's repetition_penalty (over its prompt and output tokens) and allowed_token_ids, EOS
+and stop_token_ids held back until min_tokens, the grammar's mask (response_format, forced tool calls), temperature, then
 vLLM's min_p and top_k, top_p, then a draw by inverse CDF (one uniform number per row: a cumsum and
 a searchsorted, far cheaper on CPU than drawing a noise value per vocabulary entry). A seeded
 sequence draws its number from its own generator, so its output does not depend on its batch
@@ -33,6 +33,7 @@ class Sampler:
         self._apply_bias(logits, seqs)
         self._apply_penalties(logits, seqs)
         self._apply_repetition_penalty(logits, seqs)
+        self._allow_only(logits, seqs)
         self._hold_back_stops(logits, seqs)
         apply_grammars(logits, seqs)
         temps = torch.tensor([_or(s.params.temperature, 1.0) for s in seqs], device=logits.device)
@@ -86,6 +87,15 @@ class Sampler:
         penalty = torch.tensor([seqs[r].params.repetition_penalty for r in rows], device=logits.device).unsqueeze(1)
         sub = logits[index]
         logits[index] = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+
+    def _allow_only(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """vLLM's allowed_token_ids: every other token of the row is masked out."""
+        for row, s in enumerate(seqs):
+            if s.params.allowed_token_ids:
+                ids = s.allowed_tokens(logits.shape[1], logits.device)
+                kept = logits[row, ids]
+                logits[row] = float("-inf")
+                logits[row, ids] = kept
 
     def _hold_back_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """min_tokens: EOS (unless ignore_eos) and stop_token_ids cannot be drawn before that many tokens."""

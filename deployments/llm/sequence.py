@@ -44,6 +44,7 @@ class Sequence:
     owner: Any = None   # the engine-side request this sequence belongs to
     matcher: Any = None  # xgrammar GrammarMatcher: response_format or a forced tool call (structured.py)
     _bias: Optional[tuple] = field(default=None, repr=False)
+    _allowed: Optional[torch.Tensor] = field(default=None, repr=False)
     _seen: Optional[torch.Tensor] = field(default=None, repr=False)
     _seen_outputs: int = field(default=0, repr=False)
 
@@ -61,6 +62,13 @@ class Sequence:
             self._bias = (torch.tensor(list(self.params.logit_bias), dtype=torch.long),
                           torch.tensor(list(self.params.logit_bias.values()), dtype=torch.float32))
         return self._bias
+
+    def allowed_tokens(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """allowed_token_ids as a tensor, built once per sequence (without ids the model's head lacks)."""
+        if self._allowed is None:
+            ids = sorted(i for i in set(self.params.allowed_token_ids) if i < vocab_size)
+            self._allowed = torch.tensor(ids, dtype=torch.long, device=device)
+        return self._allowed
 
     def seen_tokens(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """A [vocab_size] mask of the tokens in the prompt and the output so far (repetition_penalty),

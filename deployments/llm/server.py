@@ -138,6 +138,7 @@ class LLMServer:
         prompts = self._truncate(prompts, p.truncate_prompt_tokens, p.truncation_side)
         self._check_token_ids(p.logit_bias.keys(), "logit_bias")
         self._check_token_ids(p.stop_token_ids, "stop_token_ids")
+        self._check_token_ids(p.allowed_token_ids or (), "allowed_token_ids")
         p = replace(p, temperature=self.cfg.engine.default_temperature if p.temperature is None else p.temperature,
                     top_p=self.cfg.engine.default_top_p if p.top_p is None else p.top_p)
         max_tokens = [self._max_tokens(len(ids), p.max_tokens, what) for ids in prompts]

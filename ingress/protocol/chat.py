@@ -163,7 +163,7 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields, ChatTemplateFields):
         constrained_by = ("a forced tool call" if tools is not None and tools.choice != "auto" else
                           "response_format json_object/json_schema" if self._json_format() else
                           "structured_outputs" if self.structured_outputs is not None else None)
-        self.check_min_tokens(self.max_completion_tokens or self.max_tokens, constrained_by)
+        self.check_constrained(self.max_completion_tokens or self.max_tokens, constrained_by)
 
     def _json_format(self) -> bool:
         return self.response_format is not None and self.response_format.type != "text"

@@ -140,6 +140,7 @@ class SamplingFields(WireModel):
     min_tokens: Optional[int] = Field(None, ge=0)
     stop_token_ids: Optional[list[StrictInt]] = None
     ignore_eos: Optional[StrictBool] = None
+    allowed_token_ids: Optional[list[StrictInt]] = Field(None, min_length=1)
     skip_special_tokens: Optional[StrictBool] = None
     include_stop_str_in_output: Optional[StrictBool] = None
     truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)   # -1: the model's context length; 0: 400
@@ -198,9 +199,13 @@ class SamplingFields(WireModel):
         if self.structured_outputs is not None:
             self.structured_outputs.check_limits(limits)
 
-    def check_min_tokens(self, max_tokens: Optional[int], constrained_by: Optional[str]) -> None:
-        """vLLM's rule: min_tokens may not exceed max_tokens. Nor may it go with a grammar
-        (`constrained_by` names it): the grammar decides where the reply ends."""
+    def check_constrained(self, max_tokens: Optional[int], constrained_by: Optional[str]) -> None:
+        """vLLM's rule: min_tokens may not exceed max_tokens. Neither min_tokens nor allowed_token_ids
+        may go with a grammar (`constrained_by` names it): the grammar decides where the reply ends, and
+        which tokens it needs."""
+        if self.allowed_token_ids and constrained_by is not None:
+            raise UnsupportedParameterError(f"'allowed_token_ids' cannot be combined with {constrained_by}: its "
+                                            "grammar may need other tokens.", param="allowed_token_ids")
         if not self.min_tokens:
             return
         if max_tokens is not None and self.min_tokens > max_tokens:
@@ -223,7 +228,7 @@ class SamplingFields(WireModel):
             top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             min_tokens=self.min_tokens or 0, stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=bool(self.ignore_eos), skip_special_tokens=self.skip_special_tokens is not False,
+            ignore_eos=bool(self.ignore_eos), allowed_token_ids=self.allowed_token_ids, skip_special_tokens=self.skip_special_tokens is not False,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             truncate_prompt_tokens=self.truncate_prompt_tokens, truncation_side=self.truncation_side or "left", **kw)
 

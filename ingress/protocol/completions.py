@@ -38,7 +38,7 @@ class CompletionRequest(SamplingFields):
 
     def check(self) -> None:
         self.check_common()
-        self.check_min_tokens(self.max_tokens, "structured_outputs" if self.structured_outputs is not None else None)
+        self.check_constrained(self.max_tokens, "structured_outputs" if self.structured_outputs is not None else None)
         if self.suffix:
             raise UnsupportedParameterError("'suffix' (insertion) is not supported by this server.", param="suffix")
         if self.best_of not in (None, 1) and self.best_of != (self.n or 1):

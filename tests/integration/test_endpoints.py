@@ -164,8 +164,9 @@ def test_vllm_structured_outputs_through_the_openai_client(client):
     assert err.value.body["param"] == "structured_outputs" and "regular expression" in err.value.body["message"]
 
 
-def test_vllm_text_options_through_the_openai_client(client):
-    """include_stop_str_in_output, skip_special_tokens and truncate_prompt_tokens (extra_body) on the real model."""
+def test_vllm_text_options_through_the_openai_client(client, server_url):
+    """include_stop_str_in_output, skip_special_tokens, truncate_prompt_tokens and allowed_token_ids (extra_body)
+    on the real model."""
     def ask(**extra):
         return client.chat.completions.create(model=CHAT, messages=PARIS, temperature=0, max_tokens=24, stop=["Paris"],
                                               extra_body=extra).choices[0].message.content
@@ -183,6 +184,14 @@ def test_vllm_text_options_through_the_openai_client(client):
     with pytest.raises(openai.BadRequestError) as err:
         echo(truncate_prompt_tokens=10**6)
     assert err.value.body["param"] == "truncate_prompt_tokens"
+    import httpx2
+    with httpx2.Client(timeout=60) as h:   # " yes" and " no", a token each
+        allowed = h.post(server_url.removesuffix("/v1") + "/tokenize", json={"model": CHAT, "prompt": " yes no",
+                                                                             "add_special_tokens": False}).json()["tokens"]
+    assert len(allowed) == 2
+    picked = client.completions.create(model=CHAT, prompt="Is Paris in France? Answer:", max_tokens=4, temperature=1.5,
+                                       seed=1, extra_body={"allowed_token_ids": allowed})
+    assert set(picked.choices[0].text.split()) <= {"yes", "no"} and picked.usage.completion_tokens == 4
 
 
 def test_an_assistant_prefill_is_continued_and_tokenized_alike(client, server_url):

@@ -77,7 +77,8 @@ def mutated(valid: st.SearchStrategy) -> st.SearchStrategy:
 small_tokens = st.integers(1, 4)
 vllm_sampling = {"top_k": st.integers(-3, 60), "min_p": st.floats(-0.5, 1.5), "repetition_penalty": st.floats(-1, 3),
                  "min_tokens": st.integers(0, 6), "ignore_eos": st.booleans(),
-                 "stop_token_ids": st.lists(st.integers(-5, 60000), max_size=3)}   # vLLM's extensions
+                 "stop_token_ids": st.lists(st.integers(-5, 60000), max_size=3),
+                 "allowed_token_ids": st.lists(st.integers(-5, 60000), max_size=3)}   # vLLM's extensions
 stop = st.one_of(st.none(), st.text(max_size=5), st.lists(st.text(min_size=1, max_size=4), max_size=4))
 bias = st.dictionaries(st.integers(0, 49151).map(str), st.integers(-100, 100), max_size=3)
 schema = st.sampled_from([

@@ -276,6 +276,10 @@ def test_images_b64_and_url_roundtrip_and_expiry():
      "continue_final_message", "invalid_parameter_combination"),     # add_generation_prompt is true by default
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": ["enable_thinking"]},
      400, "chat_template_kwargs", "invalid_type"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "allowed_token_ids": []}, 400,
+     "allowed_token_ids", "invalid_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "allowed_token_ids": [5],
+      "response_format": {"type": "json_object"}}, 400, "allowed_token_ids", "unsupported_parameter"),
     # vLLM's structured_outputs: one constraint, well formed, alone
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {}}, 400,
      "structured_outputs", "invalid_value"),
@@ -454,7 +458,7 @@ def test_vllm_sampling_extensions_reach_the_engine():
     fake = FakeChatClient()
     extensions = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 2, "stop_token_ids": [7, 9],
                   "ignore_eos": True, "skip_special_tokens": False, "include_stop_str_in_output": True,
-                  "truncate_prompt_tokens": 7, "truncation_side": "right"}
+                  "truncate_prompt_tokens": 7, "truncation_side": "right", "allowed_token_ids": [3, 5]}
     async def go():
         async with raw_client(make_app(fake)) as h:
             chat = await h.post("/v1/chat/completions", json={"model": CHAT, **extensions,

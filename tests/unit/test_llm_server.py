@@ -290,3 +290,10 @@ def test_schema_compiles_are_bounded_in_time_and_in_threads():
     busy = [r for r in results if isinstance(r, OverloadedError)]
     assert len(too_slow) == 2 and too_slow[0].code == "schema_too_complex"   # two compiling
     assert len(busy) == 1 and busy[0].headers["Retry-After"]                  # one waited for a thread
+
+
+def test_allowed_token_ids_outside_the_vocabulary_are_a_400():
+    req = GenerateRequest("s", SamplingParams(max_tokens=2, allowed_token_ids=[5, 10**6]), prompts=["x"])
+    with pytest.raises(InvalidRequestError) as err:
+        asyncio.run(make_server().generate(req))
+    assert err.value.param == "allowed_token_ids"

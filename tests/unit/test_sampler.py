@@ -119,3 +119,14 @@ def test_min_tokens_ignore_eos_and_stop_token_ids(model):
     assert _ended(model, logit_bias={z: 100}, stop=["Z"]) == ([z], "", "stop")
     # stop strings are looked for from the 3rd token on (its own "Z" is cut), not in the text before it
     assert _ended(model, logit_bias={z: 100}, stop=["Z"], min_tokens=3) == ([z] * 3, "ZZ", "stop")
+
+
+def test_allowed_token_ids_are_the_only_tokens_drawn(model):
+    """vLLM's allowed_token_ids, greedy and sampled: a token the bias forces but the list leaves out is
+    never drawn."""
+    allowed = [ord(c) for c in "xyz"] + [EOS]
+    for params in ({}, {"temperature": 1.5, "seed": 4}):
+        ids, _, _ = _ended(model, allowed_token_ids=allowed, logit_bias={ord("Z"): 100}, **params)
+        assert ids and set(ids) <= set(allowed)
+    free, _, _ = _ended(model, temperature=1.5, seed=4)
+    assert not set(free) <= set(allowed)
