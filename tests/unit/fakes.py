@@ -27,10 +27,15 @@ class ByteTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, **kw):
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, continue_final_message=False,
+                            **kw):
         import jinja2
-        return jinja2.Template(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+        text = jinja2.Template(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                           **kw)
+        if continue_final_message:   # as transformers does: the text ends with the last message's content
+            final = messages[-1]["content"]
+            text = text[: text.rindex(final) + len(final)]
+        return text
 
 
 def tiny_llama(vocab: int = 257, seed: int = 0):

@@ -77,15 +77,15 @@ def test_server_tokenizes_chat_as_generation_does():
 
 
 # A template with a generation prompt to leave out, and a variable of its own (as Qwen3's enable_thinking).
-TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</m>{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% if not thinking | default(true) %}<no-think>{% endif %}{% endif %}")
 
 
 @pytest.mark.parametrize("options,rendered", [
-    (None, "<user>hello<assistant>"),
-    ({"kwargs": {"thinking": False}}, "<user>hello<assistant><no-think>"),
-    ({"add_generation_prompt": False}, "<user>hello"),
-    ({"add_generation_prompt": False, "continue_final_message": True}, "<user>hello<assistant>Sure,"),
+    (None, "<user>hello</m><assistant>"),
+    ({"kwargs": {"thinking": False}}, "<user>hello</m><assistant><no-think>"),
+    ({"add_generation_prompt": False}, "<user>hello</m>"),
+    ({"add_generation_prompt": False, "continue_final_message": True}, "<user>hello</m><assistant>Sure,"),
 ])
 def test_chat_template_options_render_generation_and_tokenize_alike(options, rendered):
     """vLLM's add_generation_prompt, continue_final_message (an assistant prefill the reply continues)
