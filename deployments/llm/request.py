@@ -24,7 +24,7 @@ class EngineRequest:
     max_tokens: list[int]                 # per prompt, already clamped to the context window
     seqs: list[Sequence] = field(default_factory=list)
     echo_sent: set = field(default_factory=set)
-    grammar: Any = None                      # compiled grammar: response_format or forced tool calls (structured.py)
+    grammar: Any = None                      # compiled grammar: response_format, structured_outputs or forced tool calls
     grammar_spec: Optional[dict] = None      # what `grammar` was compiled from (other TP ranks compile it too)
     error: Optional[Exception] = None        # set when this request failed alone (LLMEngine._append)
     arrival: float = field(default_factory=time.monotonic)

@@ -2,11 +2,11 @@
 
 Order, as in OpenAI/vLLM: logit_bias, presence/frequency penalties (over the sequence's output
 tokens), vLLM's repetition_penalty (over its prompt and output tokens) and allowed_token_ids, EOS
-and stop_token_ids held back until min_tokens, the grammar's mask (response_format, forced tool calls), temperature, then
-vLLM's min_p and top_k, top_p, then a draw by inverse CDF (one uniform number per row: a cumsum and
-a searchsorted, far cheaper on CPU than drawing a noise value per vocabulary entry). A seeded
-sequence draws its number from its own generator, so its output does not depend on its batch
-mates. temperature == 0 is greedy.
+and stop_token_ids held back until min_tokens, the grammar's mask (response_format,
+structured_outputs, forced tool calls), temperature, then vLLM's min_p and top_k, top_p, then a
+draw by inverse CDF (one uniform number per row: a cumsum and a searchsorted, far cheaper on CPU
+than drawing a noise value per vocabulary entry). A seeded sequence draws its number from its own
+generator, so its output does not depend on its batch mates. temperature == 0 is greedy.
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None   # echo + logprobs
     owner: Any = None   # the engine-side request this sequence belongs to
-    matcher: Any = None  # xgrammar GrammarMatcher: response_format or a forced tool call (structured.py)
+    matcher: Any = None  # xgrammar GrammarMatcher: response_format, structured_outputs or a forced tool call
     _bias: Optional[tuple] = field(default=None, repr=False)
     _allowed: Optional[torch.Tensor] = field(default=None, repr=False)
     _seen: Optional[torch.Tensor] = field(default=None, repr=False)

@@ -3,12 +3,13 @@
 tag built by tool_calls.py).
 
 xgrammar compiles a JSON schema (json_object: any JSON object), regex or grammar against the
-tokenizer's vocabulary once; each sequence then gets its own GrammarMatcher. Before sampling, the matcher of every
-constrained row fills its row of a token bitmask, and the masked-out logits become -inf, so greedy
-and sampled choices alike can only produce text the grammar accepts; after sampling the matcher
-accepts the chosen token, and the sequence stops once the grammar is complete (the only token left
-is EOS). xgrammar's compiler caches compiled grammars by schema, grammar text and structural tag. xgrammar is
-optional: without it a request that needs a grammar gets a 400 that says so.
+tokenizer's vocabulary once; each sequence then gets its own GrammarMatcher. Before sampling, the
+matcher of every constrained row fills its row of a token bitmask, and the masked-out logits become
+-inf, so greedy and sampled choices alike can only produce text the grammar accepts; after sampling
+the matcher accepts the chosen token, and the sequence stops once the grammar is complete (the only
+token left is EOS). xgrammar's compiler caches compiled grammars by schema, grammar text and
+structural tag. xgrammar is optional: without it a request that needs a grammar gets a 400 that
+says so.
 """
 from __future__ import annotations
 
