@@ -40,6 +40,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False   # a matched stop string stays at the end of the output
     truncate_prompt_tokens: Optional[int] = None   # keep k of the prompt's tokens; -1: as many as the model holds
     truncation_side: Literal["left", "right"] = "left"   # left: keep the last k (vLLM's default for generation)
+    return_token_ids: bool = False        # each choice also returns its prompt's and its output's token ids
 
 
 @dataclass
@@ -118,6 +119,22 @@ class ChoiceDelta:
     finish_reason: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None   # complete calls, on the choice's last delta
     tool_call_deltas: Optional[list[ToolCallDelta]] = None   # what a stream sends of the calls
+    token_ids: Optional[list[int]] = None          # return_token_ids: the tokens sampled since the last delta
+    prompt_token_ids: Optional[list[int]] = None   # return_token_ids: the prompt's ids, on the choice's first delta
+
+    def extend(self, later: ChoiceDelta) -> None:
+        """Appends a later delta of the same choice: chunks merged for a consumer that fell behind,
+        or a whole result gathered from its stream."""
+        self.text += later.text
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        if later.token_ids is not None:
+            self.token_ids = (self.token_ids or []) + later.token_ids
+        if later.tool_call_deltas:
+            self.tool_call_deltas = (self.tool_call_deltas or []) + later.tool_call_deltas
+        self.prompt_token_ids = self.prompt_token_ids or later.prompt_token_ids
+        self.finish_reason = later.finish_reason or self.finish_reason
+        self.tool_calls = later.tool_calls or self.tool_calls
 
 
 @dataclass
@@ -145,6 +162,8 @@ class Choice:
     finish_reason: str
     logprobs: Optional[list[TokenLogprob]] = None
     tool_calls: Optional[list[ToolCall]] = None
+    token_ids: Optional[list[int]] = None          # return_token_ids: every sampled token, EOS included
+    prompt_token_ids: Optional[list[int]] = None   # return_token_ids: the prompt as the model saw it
 
 
 @dataclass

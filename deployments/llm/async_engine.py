@@ -251,19 +251,11 @@ def _is_last(item) -> bool:
 
 
 def merge_chunks(chunks: list[GenerateChunk]) -> GenerateChunk:
-    """Joins consecutive chunks of one request: per choice, texts concatenate and logprobs extend."""
+    """Joins consecutive chunks of one request: per choice, texts concatenate and logprobs and token ids extend."""
     if len(chunks) == 1:
         return chunks[0]
     merged: dict[int, ChoiceDelta] = {}
     for chunk in chunks:
         for d in chunk.choices:
-            m = merged.get(d.index)
-            if m is None:
-                merged[d.index] = ChoiceDelta(d.index, d.text, list(d.logprobs) if d.logprobs is not None else None,
-                                              d.finish_reason, d.tool_calls)
-                continue
-            m.text += d.text
-            if d.logprobs is not None:
-                m.logprobs = (m.logprobs or []) + d.logprobs
-            m.finish_reason = d.finish_reason or m.finish_reason
+            merged.setdefault(d.index, ChoiceDelta(d.index)).extend(d)
     return GenerateChunk(sorted(merged.values(), key=lambda d: d.index), chunks[-1].usage)

@@ -88,11 +88,25 @@ class OutputProcessor:
             req.echo_sent.add(s.choice_index)
             text = self.tokenizer.decode(s.prompt_ids, skip_special_tokens=s.params.skip_special_tokens) + text
             logprobs = (s.prompt_logprobs or []) + logprobs
-        if not text and not logprobs and (not s.finished or s.finish_reported):
+        ids = _new_token_ids(s)
+        if not text and not logprobs and not ids and (not s.finished or s.finish_reported):
             return None   # a finished choice reports its finish once, not at every step of its siblings
         s.finish_reported = s.finished
         reason = s.finish_reason if s.finished and s.finish_reason != "abort" else None
-        return ChoiceDelta(s.choice_index, text, logprobs if s.params.logprobs is not None else None, reason)
+        delta = ChoiceDelta(s.choice_index, text, logprobs if s.params.logprobs is not None else None, reason)
+        if s.params.return_token_ids:
+            delta.token_ids = ids
+            delta.prompt_token_ids = None if s.prompt_ids_sent else list(s.prompt_ids)
+            s.prompt_ids_sent = True
+        return delta
+
+
+def _new_token_ids(s: Sequence) -> list[int]:
+    """return_token_ids: the output tokens not yet sent (stop tokens included, text held back or not)."""
+    if not s.params.return_token_ids:
+        return []
+    ids, s.ids_sent = s.output_ids[s.ids_sent:], len(s.output_ids)
+    return ids
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:

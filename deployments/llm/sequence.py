@@ -41,6 +41,8 @@ class Sequence:
     finish_reported: bool = False   # its finishing delta went out (engine._delta)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None   # echo + logprobs
+    ids_sent: int = 0             # return_token_ids: output tokens already in a delta
+    prompt_ids_sent: bool = False  # return_token_ids: the prompt's ids went out (on the first delta)
     owner: Any = None   # the engine-side request this sequence belongs to
     matcher: Any = None  # xgrammar GrammarMatcher: response_format, structured_outputs or a forced tool call
     _bias: Optional[tuple] = field(default=None, repr=False)

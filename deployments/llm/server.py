@@ -66,20 +66,16 @@ class LLMServer:
 
     async def generate(self, req: GenerateRequest) -> GenerateResult:
         """The whole result at once (one Ray round trip for non-streaming calls)."""
-        texts: dict[int, str] = {}
-        logprobs: dict[int, list] = {}
-        final: dict[int, ChoiceDelta] = {}
+        merged: dict[int, ChoiceDelta] = {}
         usage = None
         async for chunk in self.generate_stream(req):
             for d in chunk.choices:
-                texts[d.index] = texts.get(d.index, "") + d.text
-                if d.logprobs is not None:
-                    logprobs.setdefault(d.index, []).extend(d.logprobs)
-                if d.finish_reason is not None:
-                    final[d.index] = d
+                merged.setdefault(d.index, ChoiceDelta(d.index)).extend(d)
             usage = chunk.usage or usage
-        choices = [Choice(i, texts.get(i, ""), final[i].finish_reason, logprobs.get(i) if req.sampling.logprobs is not None else None,
-                          final[i].tool_calls) for i in sorted(final)]
+        want_logprobs = req.sampling.logprobs is not None
+        choices = [Choice(i, d.text, d.finish_reason, d.logprobs if want_logprobs else None, d.tool_calls,
+                          d.token_ids, d.prompt_token_ids)
+                   for i, d in sorted(merged.items()) if d.finish_reason is not None]
         return GenerateResult(choices, usage)
 
     async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
@@ -226,12 +222,12 @@ async def _with_tool_calls(stream: AsyncIterator[GenerateChunk], fmt: ToolFormat
             split = splitters.setdefault(d.index, ToolCallStream(fmt))
             text, deltas = split.push(d.text)
             if d.finish_reason is None:
-                if text or d.logprobs or deltas:
-                    out.append(ChoiceDelta(d.index, text, d.logprobs, tool_call_deltas=deltas or None))
+                if text or d.logprobs or deltas or d.token_ids or d.prompt_token_ids:
+                    out.append(replace(d, text=text, tool_call_deltas=deltas or None))
                 continue
             rest, calls, more = split.finish(cut=d.finish_reason == "length")
             reason = "tool_calls" if calls and d.finish_reason == "stop" else d.finish_reason
-            out.append(ChoiceDelta(d.index, text + rest, d.logprobs, reason, calls or None,
-                                   tool_call_deltas=(deltas + more) or None))
+            out.append(replace(d, text=text + rest, finish_reason=reason, tool_calls=calls or None,
+                               tool_call_deltas=(deltas + more) or None))
         if out or chunk.usage is not None:
             yield GenerateChunk(out, chunk.usage)

@@ -271,7 +271,10 @@ def choice_json(c: Choice, single_tool_call: bool) -> dict[str, Any]:
     if c.tool_calls:
         message["tool_calls"] = tool_calls_json(c.tool_calls, single_tool_call)
     logprobs = None if c.logprobs is None else {"content": logprobs_content(c.logprobs), "refusal": None}
-    return {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason}
+    out = {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": c.finish_reason}
+    if c.token_ids is not None:   # vLLM's return_token_ids (the prompt's ids go on the response)
+        out["token_ids"] = c.token_ids
+    return out
 
 
 def delta_events(d: ChoiceDelta, first: bool, with_logprobs: bool, single_tool_call: bool) -> list[dict[str, Any]]:
@@ -293,6 +296,10 @@ def delta_events(d: ChoiceDelta, first: bool, with_logprobs: bool, single_tool_c
         out.append({"index": d.index, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None})
     if d.finish_reason is not None:
         out.append({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": d.finish_reason})
+    if d.token_ids is not None:   # vLLM's return_token_ids: the delta's tokens ride on its last event
+        if not out:
+            out.append({"index": d.index, "delta": {"content": ""}, "logprobs": None, "finish_reason": None})
+        out[-1]["token_ids"] = d.token_ids
     return out
 
 

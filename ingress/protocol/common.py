@@ -146,6 +146,7 @@ class SamplingFields(WireModel):
     truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)   # -1: the model's context length; 0: 400
     truncation_side: Optional[Literal["left", "right"]] = None   # which end truncate_prompt_tokens keeps
     structured_outputs: Optional[StructuredOutputs] = None
+    return_token_ids: Optional[StrictBool] = None   # the prompt's and the output's token ids beside the text
 
     @model_validator(mode="before")
     @classmethod
@@ -230,7 +231,8 @@ class SamplingFields(WireModel):
             min_tokens=self.min_tokens or 0, stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=bool(self.ignore_eos), allowed_token_ids=self.allowed_token_ids, skip_special_tokens=self.skip_special_tokens is not False,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
-            truncate_prompt_tokens=self.truncate_prompt_tokens, truncation_side=self.truncation_side or "left", **kw)
+            truncate_prompt_tokens=self.truncate_prompt_tokens, truncation_side=self.truncation_side or "left",
+            return_token_ids=bool(self.return_token_ids), **kw)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

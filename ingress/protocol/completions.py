@@ -73,3 +73,14 @@ class LogprobsAccumulator:
             out["text_offset"].append(self.offset)
             self.offset += len(e.token)
         return out
+
+
+def token_ids_json(prompt_ids: Optional[list[int]], ids: Optional[list[int]]) -> dict[str, list[int]]:
+    """vLLM's return_token_ids on a completions choice: the prompt's ids (on a stream's first event of
+    the choice) and the tokens sampled (all of them, or a stream event's new ones)."""
+    out = {}
+    if prompt_ids is not None:
+        out["prompt_token_ids"] = prompt_ids
+    if ids is not None:
+        out["token_ids"] = ids
+    return out

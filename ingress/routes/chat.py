@@ -6,7 +6,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from deployments.types import GenerateChunk
+from deployments.types import ChoiceDelta, GenerateChunk
 from ingress.pipeline import bounded, new_id, now, parse_body, sse_response
 from ingress.protocol.chat import ChatCompletionRequest, choice_json, delta_events, dumps, usage_json
 
@@ -29,9 +29,12 @@ async def chat_completions(request: Request):
         result = await bounded(request, entry.client.generate(greq))
         request.state.usage = result.usage
         ticket.settle_usage(entry.cfg.id, result.usage)
-        return JSONResponse({**head, "object": "chat.completion",
-                             "choices": [choice_json(c, body.single_tool_call) for c in result.choices],
-                             "usage": usage_json(result.usage)})
+        out = {**head, "object": "chat.completion",
+               "choices": [choice_json(c, body.single_tool_call) for c in result.choices],
+               "usage": usage_json(result.usage)}
+        if body.return_token_ids:   # vLLM's: the rendered conversation's ids, once per response
+            out["prompt_token_ids"] = result.choices[0].prompt_token_ids if result.choices else None
+        return JSONResponse(out)
     stream = ChatStream(head, body, request.state)
 
     def finish() -> str:
@@ -46,12 +49,13 @@ class ChatStream:
     def __init__(self, head: dict, body: ChatCompletionRequest, state: Any):
         self.state = state   # the request's: the usage goes there for the access log
         self.prefix = dumps({**head, "object": "chat.completion.chunk"})[:-1] + ',"choices":['
-        self.suffix = '],"usage":null}\n\n' if body.include_usage else "]}\n\n"
+        self.tail = ',"usage":null}\n\n' if body.include_usage else "}\n\n"
         self.head = head
         self.include_usage = body.include_usage
         self.with_logprobs = bool(body.logprobs)
         self.single_tool_call = body.single_tool_call
         self.started: set[int] = set()
+        self.prompt_ids_sent = False
         self.usage = None
 
     def render(self, chunk: GenerateChunk) -> str:
@@ -60,9 +64,16 @@ class ChatStream:
             first = d.index not in self.started
             self.started.add(d.index)
             for event in delta_events(d, first, self.with_logprobs, self.single_tool_call):
-                parts.append("data: " + self.prefix + dumps(event) + self.suffix)
+                parts.append("data: " + self.prefix + dumps(event) + "]" + self._top_level(d) + self.tail)
         self.usage = self.state.usage = chunk.usage or self.usage
         return "".join(parts)
+
+    def _top_level(self, d: ChoiceDelta) -> str:
+        """vLLM's return_token_ids: the prompt's ids go on the stream's first event, and only there."""
+        if d.prompt_token_ids is None or self.prompt_ids_sent:
+            return ""
+        self.prompt_ids_sent = True
+        return ',"prompt_token_ids":' + dumps(d.prompt_token_ids)
 
     def finish(self) -> str:
         if not (self.include_usage and self.usage is not None):

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from deployments.types import ChoiceDelta, GenerateChunk
 from ingress.pipeline import bounded, new_id, now, parse_body, sse_response
 from ingress.protocol.chat import dumps, usage_json
-from ingress.protocol.completions import CompletionRequest, LogprobsAccumulator
+from ingress.protocol.completions import CompletionRequest, LogprobsAccumulator, token_ids_json
 
 router = APIRouter()
 
@@ -31,7 +31,8 @@ async def completions(request: Request):
         request.state.usage = result.usage
         ticket.settle_usage(entry.cfg.id, result.usage)
         choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                    "logprobs": LogprobsAccumulator().render(c.logprobs) if c.logprobs is not None else None}
+                    "logprobs": LogprobsAccumulator().render(c.logprobs) if c.logprobs is not None else None,
+                    **token_ids_json(c.prompt_token_ids, c.token_ids)}
                    for c in result.choices]
         return JSONResponse({**head, "choices": choices, "usage": usage_json(result.usage)})
     stream = CompletionStream(head, body, request.state)
@@ -60,7 +61,8 @@ class CompletionStream:
         logprobs = None
         if d.logprobs is not None:
             logprobs = self.offsets.setdefault(d.index, LogprobsAccumulator()).render(d.logprobs)
-        return {"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}
+        return {"index": d.index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason,
+                **token_ids_json(d.prompt_token_ids, d.token_ids)}
 
     def finish(self) -> str:
         if not (self.include_usage and self.usage is not None):

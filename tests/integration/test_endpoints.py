@@ -194,6 +194,28 @@ def test_vllm_text_options_through_the_openai_client(client, server_url):
     assert set(picked.choices[0].text.split()) <= {"yes", "no"} and picked.usage.completion_tokens == 4
 
 
+def test_return_token_ids_on_the_real_model_match_tokenize_and_decode_to_the_reply(client, server_url):
+    """vLLM's return_token_ids: the chat prompt's ids are /tokenize's, the reply's ids decode to its
+    text plus the end-of-turn token that stopped it, and a stream sends the same ids."""
+    import httpx2
+    ask = dict(model=CHAT, messages=PARIS, temperature=0, max_tokens=40, extra_body={"return_token_ids": True})
+    whole = client.chat.completions.create(**ask)
+    events = list(client.chat.completions.create(stream=True, **ask))
+    with httpx2.Client(base_url=server_url.removesuffix("/v1"), timeout=60) as h:
+        rendered = h.post("/tokenize", json={"model": CHAT, "messages": PARIS}).json()["tokens"]
+        ids = whole.choices[0].model_extra["token_ids"]
+        decoded = h.post("/detokenize", json={"model": CHAT, "tokens": ids}).json()["prompt"]
+    assert whole.model_extra["prompt_token_ids"] == rendered
+    assert len(ids) == whole.usage.completion_tokens
+    if whole.choices[0].finish_reason == "stop":
+        assert decoded == whole.choices[0].message.content + "<|im_end|>"
+    assert events[0].model_extra["prompt_token_ids"] == rendered
+    assert [t for e in events for c in e.choices for t in c.model_extra.get("token_ids", [])] == ids
+    legacy = client.completions.create(model=CHAT, prompt="The capital of France is", max_tokens=4, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    assert len(legacy.choices[0].model_extra["token_ids"]) == 4 and legacy.choices[0].model_extra["prompt_token_ids"]
+
+
 def test_an_assistant_prefill_is_continued_and_tokenized_alike(client, server_url):
     """vLLM's continue_final_message: the reply continues the last (assistant) message, and /tokenize
     with the same fields counts the prompt generation saw. A chat_template_kwargs variable SmolLM2's

@@ -50,8 +50,12 @@ def tiny_llama(vocab: int = 257, seed: int = 0):
 
 # ----------------------------------------------------------------------------- fake model clients
 
+PROMPT_IDS = [1, 2, 3]   # what FakeChatClient says the prompt was, with return_token_ids
+
+
 class FakeChatClient:
-    """Answers with the last user message reversed, one character per chunk."""
+    """Answers with the last user message reversed, one character per chunk (its bytes are the
+    token ids, with return_token_ids)."""
 
     def __init__(self, fail_with: Exception | None = None):
         self.fail_with = fail_with
@@ -71,7 +75,8 @@ class FakeChatClient:
             raise self.fail_with
         text = self._answer(req)
         lp = [TokenLogprob(c, -0.5, list(c.encode()), [(c, -0.5, list(c.encode()))]) for c in text]
-        choices = [Choice(i, text, "stop", lp if req.sampling.logprobs is not None else None)
+        ids = (list(text.encode()), PROMPT_IDS) if req.sampling.return_token_ids else (None, None)
+        choices = [Choice(i, text, "stop", lp if req.sampling.logprobs is not None else None, None, *ids)
                    for i in range(req.sampling.n)]
         if req.tools is not None:
             choices = [Choice(0, "", "tool_calls", None, [ToolCall("call_1", "get_weather", '{"city": "Paris"}')])]
@@ -93,7 +98,9 @@ class FakeChatClient:
         for k, c in enumerate(text):
             last = k == len(text) - 1
             lp = [TokenLogprob(c, -0.5, list(c.encode()))] if req.sampling.logprobs is not None else None
-            yield GenerateChunk([ChoiceDelta(i, c, lp, "stop" if last else None) for i in range(req.sampling.n)],
+            ids = {"token_ids": list(c.encode()), "prompt_token_ids": None if k else PROMPT_IDS} \
+                if req.sampling.return_token_ids else {}
+            yield GenerateChunk([ChoiceDelta(i, c, lp, "stop" if last else None, **ids) for i in range(req.sampling.n)],
                                 Usage(3, len(text) * req.sampling.n) if last else None)
             await asyncio.sleep(0)
 

@@ -587,3 +587,43 @@ def test_openai_features_the_compat_table_lists_as_refused_are_400(extra, param)
     r = run(go())
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"].startswith(param), r.json()
+
+
+def test_return_token_ids_puts_vllms_fields_where_vllm_does_and_nowhere_without_it():
+    """Chat: `prompt_token_ids` on the response (a stream's first event only) and `token_ids` on each
+    choice (a stream event's new tokens); completions: both on each choice. Without the flag the wire
+    format is OpenAI's, with neither key."""
+    from tests.unit.fakes import PROMPT_IDS
+    ask = {"messages": [{"role": "user", "content": "abc"}], "n": 2}
+
+    async def go():
+        c = client_for(make_app())
+        on = {"return_token_ids": True}
+        chat = await c.chat.completions.create(model=CHAT, extra_body=on, **ask)
+        plain = await c.chat.completions.create(model=CHAT, **ask)
+        events = [e async for e in await c.chat.completions.create(model=CHAT, stream=True, extra_body=on, **ask)]
+        legacy = await c.completions.create(model=CHAT, prompt="abc", extra_body=on)
+        legacy_events = [e async for e in await c.completions.create(model=CHAT, prompt="abc", stream=True,
+                                                                      extra_body=on)]
+        return chat, plain, events, legacy, legacy_events
+    chat, plain, events, legacy, legacy_events = run(go())
+    assert chat.model_extra["prompt_token_ids"] == PROMPT_IDS
+    assert [ch.model_extra["token_ids"] for ch in chat.choices] == [list(b"cba")] * 2
+    assert "prompt_token_ids" not in plain.model_dump() and "token_ids" not in plain.choices[0].model_dump()
+    assert [e.model_extra.get("prompt_token_ids") for e in events[:2]] == [PROMPT_IDS, None]
+    assert all("prompt_token_ids" not in e.model_extra for e in events[1:])
+    for i in range(2):
+        ids = [t for e in events for ch in e.choices if ch.index == i for t in ch.model_extra.get("token_ids", [])]
+        assert ids == list(b"cba")
+    assert legacy.choices[0].model_extra == {"prompt_token_ids": PROMPT_IDS, "token_ids": list(b"cba")}
+    assert [e.choices[0].model_extra.get("prompt_token_ids") for e in legacy_events] == [PROMPT_IDS, None, None]
+    assert [t for e in legacy_events for t in e.choices[0].model_extra["token_ids"]] == list(b"cba")
+
+
+def test_return_token_ids_must_be_a_boolean():
+    async def go():
+        async with raw_client(make_app()) as h:
+            return await h.post("/v1/chat/completions", json={"model": CHAT, "return_token_ids": "yes",
+                                                              "messages": [{"role": "user", "content": "x"}]})
+    r = run(go())
+    assert r.status_code == 400 and r.json()["error"]["param"] == "return_token_ids"

@@ -298,3 +298,17 @@ def test_an_error_outside_a_step_stops_the_engine_and_fails_every_request_at_onc
         return info.value
     err = asyncio.run(go())
     assert err.status_code == 503 and "bug" not in str(err)
+
+
+def test_merged_chunks_keep_every_token_id_and_the_prompts_ids_once():
+    from deployments.llm.async_engine import merge_chunks
+    from deployments.types import ChoiceDelta, GenerateChunk, Usage
+    chunks = [GenerateChunk([ChoiceDelta(0, "a", token_ids=[1], prompt_token_ids=[7, 8]), ChoiceDelta(1, "b", token_ids=[2],
+                                                                                                        prompt_token_ids=[7, 8])]),
+              GenerateChunk([ChoiceDelta(0, "", token_ids=[3])]),
+              GenerateChunk([ChoiceDelta(0, "c", None, "stop", token_ids=[4]), ChoiceDelta(1, "d", None, "length", token_ids=[5])],
+                            Usage(2, 5))]
+    merged = merge_chunks(chunks)
+    assert [(d.text, d.token_ids, d.prompt_token_ids, d.finish_reason) for d in merged.choices] == [
+        ("ac", [1, 3, 4], [7, 8], "stop"), ("bd", [2, 5], [7, 8], "length")]
+    assert chunks[0].choices[0].token_ids == [1] and merged.usage.completion_tokens == 5   # the inputs are not changed

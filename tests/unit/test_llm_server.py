@@ -297,3 +297,43 @@ def test_allowed_token_ids_outside_the_vocabulary_are_a_400():
     with pytest.raises(InvalidRequestError) as err:
         asyncio.run(make_server().generate(req))
     assert err.value.param == "allowed_token_ids"
+
+
+def test_return_token_ids_whole_and_streamed_are_the_prompt_and_every_sampled_token():
+    ask = dict(return_token_ids=True, n=2, seed=3, temperature=1.0, max_tokens=6)
+
+    async def go():
+        server = make_server()
+        whole = await server.generate(chat(rid="a", **ask))
+        chunks = [c async for c in server.generate_stream(chat(rid="b", **ask))]
+        plain = await server.generate(chat(rid="c"))
+        return whole, chunks, plain
+    whole, chunks, plain = asyncio.run(go())
+    rendered = list(b"<user>hi<assistant>")
+    assert [c.prompt_token_ids for c in whole.choices] == [rendered, rendered]
+    assert sum(len(c.token_ids) for c in whole.choices) == whole.usage.completion_tokens
+    for c in whole.choices:
+        assert ByteTokenizer().decode(c.token_ids) == c.text
+        deltas = [d for ch in chunks for d in ch.choices if d.index == c.index]
+        assert [t for d in deltas for t in d.token_ids] == c.token_ids       # seeded: the same tokens
+        assert [d.prompt_token_ids for d in deltas] == [rendered] + [None] * (len(deltas) - 1)
+    assert plain.choices[0].token_ids is None and plain.choices[0].prompt_token_ids is None
+
+
+def test_tool_call_text_held_back_still_passes_its_token_ids_on():
+    from deployments.llm.server import _with_tool_calls
+    from deployments.llm.tool_calls import FORMATS
+    from deployments.types import ChoiceDelta, GenerateChunk, Usage
+    pieces = ["Hi <tool_", 'call>{"name": "f", "arguments": {}}', "</tool_call>"]
+
+    async def engine_stream():
+        for k, text in enumerate(pieces):
+            yield GenerateChunk([ChoiceDelta(0, text, None, token_ids=[k], prompt_token_ids=[9] if k == 0 else None)])
+        yield GenerateChunk([ChoiceDelta(0, "", None, "stop", token_ids=[256])], Usage(5, 4))
+
+    async def go():
+        return [c async for c in _with_tool_calls(engine_stream(), FORMATS["hermes"])]
+    deltas = [d for c in asyncio.run(go()) for d in c.choices]
+    assert [t for d in deltas for t in d.token_ids] == [0, 1, 2, 256]
+    assert [d.prompt_token_ids for d in deltas if d.prompt_token_ids] == [[9]]
+    assert deltas[-1].tool_calls[0].name == "f"

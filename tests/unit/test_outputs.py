@@ -125,3 +125,33 @@ def test_a_finished_choice_reports_its_finish_once_while_its_siblings_run(model)
                 if d.finish_reason:
                     finishes[d.index] = finishes.get(d.index, 0) + 1
     assert finishes == {0: 1, 1: 1, 2: 1}
+
+
+def test_return_token_ids_sends_each_steps_token_even_while_its_text_is_held_back(model):
+    """vLLM's return_token_ids: every sampled token goes out in the step that drew it, including the
+    ones whose text a possible stop string holds back, and the prompt's ids go on the first delta."""
+    probe = req("p", "stop test", max_tokens=20)
+    run_all(make_engine(model), [probe])
+    full = ByteTokenizer().decode(out_ids(probe))
+    k = next(i for i in range(3, len(full) - 1)
+             if full.find(full[i:i + 2]) == i and "\ufffd" not in full[i:i + 2] and full[i:i + 2].isascii())
+    r = req("s", "stop test", max_tokens=20, stop=[full[k:k + 2]], return_token_ids=True)
+    engine = make_engine(model)
+    engine.add(r)
+    deltas = []
+    while engine.has_work():
+        deltas += [d for _, chunk in engine.step() for d in chunk.choices]
+    assert [len(d.token_ids) for d in deltas] == [1] * len(out_ids(r))     # one per step, held text or not
+    assert any(not d.text for d in deltas)                                 # the stop string's first byte was held
+    assert [t for d in deltas for t in d.token_ids] == out_ids(r) == out_ids(probe)[:k + 2]
+    assert [d.prompt_token_ids for d in deltas] == [prompt("stop test")] + [None] * (len(deltas) - 1)
+    assert "".join(d.text for d in deltas) == full[:k]
+
+
+def test_without_return_token_ids_no_ids_are_sent(model):
+    engine = make_engine(model)
+    engine.add(req("n2", "abc", max_tokens=4))
+    deltas = []
+    while engine.has_work():
+        deltas += [d for _, chunk in engine.step() for d in chunk.choices]
+    assert deltas and all(d.token_ids is None and d.prompt_token_ids is None for d in deltas)
