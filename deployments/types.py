@@ -41,6 +41,7 @@ class SamplingParams:
     truncate_prompt_tokens: Optional[int] = None   # keep k of the prompt's tokens; -1: as many as the model holds
     truncation_side: Literal["left", "right"] = "left"   # left: keep the last k (vLLM's default for generation)
     return_token_ids: bool = False        # each choice also returns its prompt's and its output's token ids
+    prompt_logprobs: Optional[int] = None  # each prompt token's logprob and rank, with k alternatives
 
 
 @dataclass
@@ -92,6 +93,16 @@ class TokenLogprob:
 
 
 @dataclass
+class RankedLogprob:
+    """vLLM's Logprob: a token's log-probability, its rank in the vocabulary (1: the likeliest) and its text."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+@dataclass
 class ToolCall:
     id: str
     name: str
@@ -121,6 +132,9 @@ class ChoiceDelta:
     tool_call_deltas: Optional[list[ToolCallDelta]] = None   # what a stream sends of the calls
     token_ids: Optional[list[int]] = None          # return_token_ids: the tokens sampled since the last delta
     prompt_token_ids: Optional[list[int]] = None   # return_token_ids: the prompt's ids, on the choice's first delta
+    # vLLM's prompt_logprobs, on the choice's first delta: None for the first token, then per token its
+    # own entry followed by the k likeliest others
+    prompt_logprobs: Optional[list[Optional[list[RankedLogprob]]]] = None
 
     def extend(self, later: ChoiceDelta) -> None:
         """Appends a later delta of the same choice: chunks merged for a consumer that fell behind,
@@ -133,6 +147,7 @@ class ChoiceDelta:
         if later.tool_call_deltas:
             self.tool_call_deltas = (self.tool_call_deltas or []) + later.tool_call_deltas
         self.prompt_token_ids = self.prompt_token_ids or later.prompt_token_ids
+        self.prompt_logprobs = self.prompt_logprobs or later.prompt_logprobs
         self.finish_reason = later.finish_reason or self.finish_reason
         self.tool_calls = later.tool_calls or self.tool_calls
 
@@ -164,6 +179,7 @@ class Choice:
     tool_calls: Optional[list[ToolCall]] = None
     token_ids: Optional[list[int]] = None          # return_token_ids: every sampled token, EOS included
     prompt_token_ids: Optional[list[int]] = None   # return_token_ids: the prompt as the model saw it
+    prompt_logprobs: Optional[list[Optional[list[RankedLogprob]]]] = None   # vLLM's prompt_logprobs
 
 
 @dataclass

@@ -32,7 +32,7 @@ from deployments.llm.sampler import Sampler, make_generator
 from deployments.llm.scheduler import PromptGroup, Scheduler, StepPlan
 from deployments.llm.sequence import Sequence, Status
 from deployments.llm.structured import new_matcher
-from deployments.types import GenerateChunk, TokenLogprob
+from deployments.types import GenerateChunk
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +136,8 @@ class LLMEngine:
 
     def _mixed_step(self, plan: StepPlan) -> Touched:
         """Every running row decodes in one packed forward with the admitted prompts (and any that
-        join midway); an echo+logprobs prompt, which needs every position's logits, is prefilled in
-        its own forward first and then decodes with the rest."""
+        join midway); a prompt whose logprobs are asked for, which needs every position's logits, is
+        prefilled in its own forward first and then decodes with the rest."""
         groups = plan.prefills
         touched = {g.request_id: self.requests[g.request_id] for g in groups}
         for g in groups:
@@ -155,7 +155,7 @@ class LLMEngine:
     def _prefill_all(self, groups: list[PromptGroup]) -> None:
         """Prompts of similar length are prefilled together (left-padded): on CPU a batch of short
         prompts costs much less per prompt than one at a time (bench/README.md, "Engine").
-        Echo+logprobs prompts, which need every position's logits, go alone."""
+        Prompts whose logprobs are asked for, which need every position's logits, go alone."""
         for g in groups:
             if g.alone:
                 self._prefill([g])
@@ -191,17 +191,22 @@ class LLMEngine:
         self._join(seqs, rows, cache, mask)
 
     def _prefill_with_prompt_logprobs(self, group: PromptGroup) -> None:
-        """Echo + logprobs needs the logits of every prompt position: the runner hands them over a
-        chunk at a time (model_runner.ModelRunner.prefill_in_chunks), and each becomes logprobs."""
-        k = group.seqs[0].params.logprobs or 0
-        entries: list[Optional[TokenLogprob]] = [self.outputs.logprob(group.prompt_ids[0], None, [])]
+        """Echo + logprobs and vLLM's prompt_logprobs need the logits of every prompt position: the
+        runner hands them over a chunk at a time (model_runner.ModelRunner.prefill_in_chunks), and each
+        chunk becomes logprob entries."""
+        p = group.seqs[0].params
+        echo = [self.outputs.logprob(group.prompt_ids[0], None, [])] if p.echo and p.logprobs is not None else None
+        ranked: Optional[list] = [None] if p.prompt_logprobs is not None else None   # vLLM: none for the first token
 
         def score(start: int, end: int, logits: torch.Tensor, targets: torch.Tensor) -> None:
-            entries.extend(self.outputs.prompt_logprobs(group.prompt_ids[start + 1:end + 1], logits[:len(targets)],
-                                                        targets, k))
+            tokens, logits = group.prompt_ids[start + 1:end + 1], logits[:len(targets)]
+            if echo is not None:
+                echo.extend(self.outputs.prompt_logprobs(tokens, logits, targets, p.logprobs or 0))
+            if ranked is not None:
+                ranked.extend(self.outputs.ranked_logprobs(tokens, logits, targets, p.prompt_logprobs))
         last, cache, mask = self.runner.prefill_in_chunks(group.prompt_ids, score)
         for s in group.seqs:
-            s.prompt_logprobs = entries
+            s.echo_logprobs, s.prompt_logprobs = echo, ranked
         if group.no_output:
             return self._finish_unsampled(group)
         self._start_and_join([group], last, cache, mask)
@@ -299,7 +304,7 @@ class LLMEngine:
                            StopMatcher(params.stop, include=params.include_stop_str_in_output),
                            make_generator(seed, self.device), owner=req, matcher=new_matcher(req.grammar))
             seqs.append(seq)
-        want = params.echo and params.logprobs is not None
+        want = (params.echo and params.logprobs is not None) or params.prompt_logprobs is not None
         return PromptGroup(req.request_id, prompt, seqs, want_prompt_logprobs=want,
                            no_output=req.max_tokens[p_index] == 0)
 

@@ -1,7 +1,7 @@
 """Every forward the engine runs: `ModelRunner` holds the model and returns logits (and, for
 prompts, the keys and values their sequences join the running batch with); the engine samples
 and owns the batch. The forwards: prompts prefilled together (left-padded), a preempted
-sequence resumed, a prompt in chunks for echo + logprobs, a plain decode step, and the packed
+sequence resumed, a prompt in chunks for its logprobs, a plain decode step, and the packed
 forward of a mixed step, which decodes every running row and prefills new prompts, with prompts
 that arrive while it runs joining midway (late admission).
 
@@ -32,7 +32,7 @@ from deployments.llm.prepacked import batch_invariant_rows
 
 _MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite"}
 _LATE_TYPES = _MODEL_TYPES - {"granite"}   # embeddings scaled before the first layer: not replayed here
-PROMPT_LOGPROBS_CHUNK = 256   # prompt positions whose logits (x vocabulary) exist at once, for echo + logprobs
+PROMPT_LOGPROBS_CHUNK = 256   # prompt positions whose logits (x vocabulary) exist at once, for prompt logprobs
 
 Chunk = Callable[[int, int, torch.Tensor, torch.Tensor], None]   # (start, end, logits, targets)
 
@@ -73,7 +73,7 @@ class ModelRunner:
         return out.past_key_values, torch.ones(1, ids.shape[1], dtype=torch.long, device=self.device)
 
     def prefill_in_chunks(self, prompt: list[int], each: Chunk) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
-        """One prompt whose every position's logits are needed (echo + logprobs), in chunks of
+        """One prompt whose every position's logits are needed (echo + logprobs, prompt_logprobs), in chunks of
         PROMPT_LOGPROBS_CHUNK tokens over a growing cache, so no more than a chunk's positions x the
         vocabulary of logits exist at once, however long the prompt. each(start, end, logits,
         targets) sees the logits of positions [start, end) and the prompt tokens they predict (one

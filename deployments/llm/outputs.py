@@ -14,7 +14,7 @@ from deployments.llm.detokenizer import TokenText
 from deployments.llm.request import EngineRequest
 from deployments.llm.sampler import compute_logprobs
 from deployments.llm.sequence import Sequence, Status
-from deployments.types import ChoiceDelta, GenerateChunk, TokenLogprob
+from deployments.types import ChoiceDelta, GenerateChunk, RankedLogprob, TokenLogprob
 
 
 class OutputProcessor:
@@ -63,6 +63,25 @@ class OutputProcessor:
             out.append(self.logprob(token, float(chosen[j]), alts))
         return out
 
+    def ranked_logprobs(self, tokens: list[int], logits: torch.Tensor, targets: torch.Tensor,
+                        k: int) -> list[list[RankedLogprob]]:
+        """vLLM's prompt_logprobs entries: each token's own logprob and rank, then the k likeliest
+        tokens (the token itself once, if it is among them). Ranks count strictly likelier tokens, so
+        they are read off the logits, which order a row as its log-softmax does."""
+        if not tokens:
+            return []
+        chosen, top = compute_logprobs(logits, targets, k)
+        raw = logits.float()
+        ranks = (raw > raw.gather(-1, targets.unsqueeze(-1))).sum(-1) + 1
+        out = []
+        for j, token in enumerate(tokens):
+            entry = [RankedLogprob(token, float(chosen[j]), int(ranks[j]), self.token_text(token)[0])]
+            if top is not None:
+                entry += [RankedLogprob(t, lp, r, self.token_text(t)[0]) for r, (t, lp) in
+                          enumerate(zip(top.indices[j].tolist(), top.values[j].tolist()), 1) if t != token]
+            out.append(entry)
+        return out
+
     def logprob(self, token: int, logprob: Optional[float], alts: list[tuple[int, float]]) -> TokenLogprob:
         text, raw = self.token_text(token)
         top = [(*self.token_text(t), lp) for t, lp in alts]
@@ -87,13 +106,14 @@ class OutputProcessor:
         if s.params.echo and s.choice_index not in req.echo_sent and s.status is not Status.WAITING:
             req.echo_sent.add(s.choice_index)
             text = self.tokenizer.decode(s.prompt_ids, skip_special_tokens=s.params.skip_special_tokens) + text
-            logprobs = (s.prompt_logprobs or []) + logprobs
+            logprobs = (s.echo_logprobs or []) + logprobs
         ids = _new_token_ids(s)
         if not text and not logprobs and not ids and (not s.finished or s.finish_reported):
             return None   # a finished choice reports its finish once, not at every step of its siblings
         s.finish_reported = s.finished
         reason = s.finish_reason if s.finished and s.finish_reason != "abort" else None
         delta = ChoiceDelta(s.choice_index, text, logprobs if s.params.logprobs is not None else None, reason)
+        delta.prompt_logprobs, s.prompt_logprobs = s.prompt_logprobs, None   # once, on the first delta
         if s.params.return_token_ids:
             delta.token_ids = ids
             delta.prompt_token_ids = None if s.prompt_ids_sent else list(s.prompt_ids)

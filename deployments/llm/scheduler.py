@@ -121,8 +121,8 @@ class Scheduler:
 
     def late_prefills(self, plan: StepPlan) -> list[PromptGroup]:
         """Waiting prompts that may join the running mixed forward of `plan` now, within the step's
-        budgets given the prompts it already holds; they are added to plan.late. Echo+logprobs
-        prompts never join (they need their own forward) and stay at the head of the queue."""
+        budgets given the prompts it already holds; they are added to plan.late. Prompts whose
+        logprobs are asked for never join (they need their own forward) and stay at the head of the queue."""
         if not self.waiting or self.waiting[0].alone:
             return []
         taken = [g for g in plan.prefills if not g.alone] + plan.late

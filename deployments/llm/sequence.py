@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher
-from deployments.types import SamplingParams, TokenLogprob
+from deployments.types import RankedLogprob, SamplingParams, TokenLogprob
 
 _ids = itertools.count()
 
@@ -40,7 +40,8 @@ class Sequence:
     finish_reason: Optional[str] = None
     finish_reported: bool = False   # its finishing delta went out (engine._delta)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None   # echo + logprobs
+    echo_logprobs: Optional[list[Optional[TokenLogprob]]] = None   # echo + logprobs: the prompt's entries
+    prompt_logprobs: Optional[list[Optional[list[RankedLogprob]]]] = None   # vLLM's prompt_logprobs, until sent
     ids_sent: int = 0             # return_token_ids: output tokens already in a delta
     prompt_ids_sent: bool = False  # return_token_ids: the prompt's ids went out (on the first delta)
     owner: Any = None   # the engine-side request this sequence belongs to

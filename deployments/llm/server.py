@@ -74,7 +74,7 @@ class LLMServer:
             usage = chunk.usage or usage
         want_logprobs = req.sampling.logprobs is not None
         choices = [Choice(i, d.text, d.finish_reason, d.logprobs if want_logprobs else None, d.tool_calls,
-                          d.token_ids, d.prompt_token_ids)
+                          d.token_ids, d.prompt_token_ids, d.prompt_logprobs)
                    for i, d in sorted(merged.items()) if d.finish_reason is not None]
         return GenerateResult(choices, usage)
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from deployments.config import RequestLimits
 from deployments.errors import InvalidRequestError, UnsupportedParameterError
-from deployments.types import SamplingParams
+from deployments.types import RankedLogprob, SamplingParams
 from ingress.protocol.schema import check_json_schema
 
 _TOKEN_ID = re.compile(r"-?[0-9]{1,12}")   # ASCII only: str.isdigit also takes '²' and '١', which int() refuses
@@ -147,6 +147,7 @@ class SamplingFields(WireModel):
     truncation_side: Optional[Literal["left", "right"]] = None   # which end truncate_prompt_tokens keeps
     structured_outputs: Optional[StructuredOutputs] = None
     return_token_ids: Optional[StrictBool] = None   # the prompt's and the output's token ids beside the text
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=20)   # vLLM's; 20 is its default max_logprobs
 
     @model_validator(mode="before")
     @classmethod
@@ -177,6 +178,9 @@ class SamplingFields(WireModel):
                                       param="stream_options", code="invalid_value")
         if self.structured_outputs is not None:
             self.structured_outputs.check()
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidRequestError("'prompt_logprobs' is not available when 'stream' is true (as in vLLM).",
+                                      param="prompt_logprobs", code="invalid_parameter_combination")
         check_truncation(self.truncate_prompt_tokens)
         if self.truncation_side is not None and self.truncate_prompt_tokens is None:
             raise InvalidRequestError("'truncation_side' only takes effect with 'truncate_prompt_tokens'.",
@@ -232,7 +236,7 @@ class SamplingFields(WireModel):
             ignore_eos=bool(self.ignore_eos), allowed_token_ids=self.allowed_token_ids, skip_special_tokens=self.skip_special_tokens is not False,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             truncate_prompt_tokens=self.truncate_prompt_tokens, truncation_side=self.truncation_side or "left",
-            return_token_ids=bool(self.return_token_ids), **kw)
+            return_token_ids=bool(self.return_token_ids), prompt_logprobs=self.prompt_logprobs, **kw)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -245,6 +249,14 @@ class SamplingFields(WireModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+def prompt_logprobs_json(entries: list[Optional[list[RankedLogprob]]]) -> list[Optional[dict[str, Any]]]:
+    """vLLM's prompt_logprobs on the wire: per prompt token (none for the first), its own entry then
+    its alternatives, keyed by token id."""
+    return [None if e is None else {str(x.token_id): {"logprob": x.logprob, "rank": x.rank,
+                                                      "decoded_token": x.decoded_token} for x in e}
+            for e in entries]
 
 
 class ChatNoOpFields(WireModel):

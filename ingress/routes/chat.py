@@ -6,9 +6,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from deployments.types import ChoiceDelta, GenerateChunk
+from deployments.types import Choice, ChoiceDelta, GenerateChunk, GenerateResult
 from ingress.pipeline import bounded, new_id, now, parse_body, sse_response
 from ingress.protocol.chat import ChatCompletionRequest, choice_json, delta_events, dumps, usage_json
+from ingress.protocol.common import prompt_logprobs_json
 
 router = APIRouter()
 FINGERPRINT = "fp_modelhub"
@@ -29,18 +30,27 @@ async def chat_completions(request: Request):
         result = await bounded(request, entry.client.generate(greq))
         request.state.usage = result.usage
         ticket.settle_usage(entry.cfg.id, result.usage)
-        out = {**head, "object": "chat.completion",
-               "choices": [choice_json(c, body.single_tool_call) for c in result.choices],
-               "usage": usage_json(result.usage)}
-        if body.return_token_ids:   # vLLM's: the rendered conversation's ids, once per response
-            out["prompt_token_ids"] = result.choices[0].prompt_token_ids if result.choices else None
-        return JSONResponse(out)
+        return JSONResponse({**head, "object": "chat.completion",
+                             "choices": [choice_json(c, body.single_tool_call) for c in result.choices],
+                             "usage": usage_json(result.usage), **_prompt_fields(body, result)})
     stream = ChatStream(head, body, request.state)
 
     def finish() -> str:
         ticket.settle_usage(entry.cfg.id, stream.usage)
         return stream.finish()
     return await sse_response(request, entry.client.generate_stream(greq), stream.render, finish)
+
+
+def _prompt_fields(body: ChatCompletionRequest, result: GenerateResult) -> dict[str, Any]:
+    """vLLM's return_token_ids and prompt_logprobs: the rendered conversation's ids and logprobs, once
+    per response (every choice shares the one prompt)."""
+    first = result.choices[0] if result.choices else Choice(0, "", "stop")
+    out: dict[str, Any] = {}
+    if body.return_token_ids:
+        out["prompt_token_ids"] = first.prompt_token_ids
+    if body.prompt_logprobs is not None:
+        out["prompt_logprobs"] = prompt_logprobs_json(first.prompt_logprobs or [])
+    return out
 
 
 class ChatStream:

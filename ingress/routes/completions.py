@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from deployments.types import ChoiceDelta, GenerateChunk
 from ingress.pipeline import bounded, new_id, now, parse_body, sse_response
 from ingress.protocol.chat import dumps, usage_json
+from ingress.protocol.common import prompt_logprobs_json
 from ingress.protocol.completions import CompletionRequest, LogprobsAccumulator, token_ids_json
 
 router = APIRouter()
@@ -32,7 +33,9 @@ async def completions(request: Request):
         ticket.settle_usage(entry.cfg.id, result.usage)
         choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
                     "logprobs": LogprobsAccumulator().render(c.logprobs) if c.logprobs is not None else None,
-                    **token_ids_json(c.prompt_token_ids, c.token_ids)}
+                    **token_ids_json(c.prompt_token_ids, c.token_ids),
+                    **({"prompt_logprobs": prompt_logprobs_json(c.prompt_logprobs or [])}
+                       if body.prompt_logprobs is not None else {})}
                    for c in result.choices]
         return JSONResponse({**head, "choices": choices, "usage": usage_json(result.usage)})
     stream = CompletionStream(head, body, request.state)

@@ -216,6 +216,26 @@ def test_return_token_ids_on_the_real_model_match_tokenize_and_decode_to_the_rep
     assert len(legacy.choices[0].model_extra["token_ids"]) == 4 and legacy.choices[0].model_extra["prompt_token_ids"]
 
 
+def test_prompt_logprobs_on_the_real_model_agree_with_echoed_logprobs(client):
+    """vLLM's prompt_logprobs: per prompt token its own logprob (the one echo + logprobs gives), its
+    rank, and the k likeliest others; on chat, one list for the rendered conversation."""
+    scored = client.completions.create(model=CHAT, prompt="The capital of France is Paris", max_tokens=0, echo=True,
+                                       logprobs=1, extra_body={"prompt_logprobs": 2})
+    entries, echoed = scored.choices[0].model_extra["prompt_logprobs"], scored.choices[0].logprobs
+    assert entries[0] is None and len(entries) == len(echoed.tokens) == scored.usage.prompt_tokens
+    for entry, logprob, token in zip(entries[1:], echoed.token_logprobs[1:], echoed.tokens[1:]):
+        own = next(iter(entry.values()))
+        assert abs(own["logprob"] - logprob) < 1e-3 and own["decoded_token"] == token and own["rank"] >= 1
+        assert len(entry) in (2, 3) and 1 in {v["rank"] for v in entry.values()}   # the likeliest is there
+    paris = list(entries[-1].values())[0]
+    assert paris["decoded_token"] == " Paris" and paris["rank"] <= 3   # the model expects it
+    chat = client.chat.completions.create(model=CHAT, messages=PARIS, max_tokens=1, extra_body={"prompt_logprobs": 0})
+    assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=CHAT, messages=PARIS, stream=True, extra_body={"prompt_logprobs": 0})
+    assert err.value.body["param"] == "prompt_logprobs"
+
+
 def test_an_assistant_prefill_is_continued_and_tokenized_alike(client, server_url):
     """vLLM's continue_final_message: the reply continues the last (assistant) message, and /tokenize
     with the same fields counts the prompt generation saw. A chat_template_kwargs variable SmolLM2's

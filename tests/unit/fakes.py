@@ -8,7 +8,7 @@ from typing import AsyncIterator
 import numpy as np
 
 from deployments.types import (Choice, ChoiceDelta, EmbedResult, GenerateChunk, GenerateResult, ImageResult,
-                               ModelCard, ScoreResult, TokenizeResult, TokenLogprob, ToolCall, ToolCallDelta, Usage)
+                               ModelCard, RankedLogprob, ScoreResult, TokenizeResult, TokenLogprob, ToolCall, ToolCallDelta, Usage)
 
 
 class ByteTokenizer:
@@ -51,6 +51,8 @@ def tiny_llama(vocab: int = 257, seed: int = 0):
 # ----------------------------------------------------------------------------- fake model clients
 
 PROMPT_IDS = [1, 2, 3]   # what FakeChatClient says the prompt was, with return_token_ids
+PROMPT_LOGPROBS = [None, [RankedLogprob(2, -2.5, 4, "b"), RankedLogprob(0, -0.25, 1, "x")],   # with prompt_logprobs: 1
+                   [RankedLogprob(3, -0.5, 1, "c")]]
 
 
 class FakeChatClient:
@@ -76,7 +78,8 @@ class FakeChatClient:
         text = self._answer(req)
         lp = [TokenLogprob(c, -0.5, list(c.encode()), [(c, -0.5, list(c.encode()))]) for c in text]
         ids = (list(text.encode()), PROMPT_IDS) if req.sampling.return_token_ids else (None, None)
-        choices = [Choice(i, text, "stop", lp if req.sampling.logprobs is not None else None, None, *ids)
+        scored = PROMPT_LOGPROBS if req.sampling.prompt_logprobs is not None else None
+        choices = [Choice(i, text, "stop", lp if req.sampling.logprobs is not None else None, None, *ids, scored)
                    for i in range(req.sampling.n)]
         if req.tools is not None:
             choices = [Choice(0, "", "tool_calls", None, [ToolCall("call_1", "get_weather", '{"city": "Paris"}')])]

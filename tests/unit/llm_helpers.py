@@ -94,7 +94,7 @@ def staggered_outputs(engine: LLMEngine, reqs: list[EngineRequest], every: int =
             engine.add(pending.pop(0))
         engine.step()
         k += 1
-    return {r.request_id: [(s.output_ids, s.finish_reason, [e.token for e in s.prompt_logprobs or []])
+    return {r.request_id: [(s.output_ids, s.finish_reason, [e.token for e in s.echo_logprobs or []])
                            for s in r.seqs] for r in reqs}
 
 

@@ -627,3 +627,28 @@ def test_return_token_ids_must_be_a_boolean():
                                                               "messages": [{"role": "user", "content": "x"}]})
     r = run(go())
     assert r.status_code == 400 and r.json()["error"]["param"] == "return_token_ids"
+
+
+def test_prompt_logprobs_are_vllms_shape_on_chat_and_completions_and_400_where_vllm_refuses():
+    ask = {"messages": [{"role": "user", "content": "abc"}], "n": 2}
+    wire = [None, {"2": {"logprob": -2.5, "rank": 4, "decoded_token": "b"},
+                   "0": {"logprob": -0.25, "rank": 1, "decoded_token": "x"}},
+            {"3": {"logprob": -0.5, "rank": 1, "decoded_token": "c"}}]
+
+    async def go():
+        c = client_for(make_app())
+        chat = await c.chat.completions.create(model=CHAT, extra_body={"prompt_logprobs": 1}, **ask)
+        legacy = await c.completions.create(model=CHAT, prompt="abc", n=2, extra_body={"prompt_logprobs": 1})
+        plain = await c.completions.create(model=CHAT, prompt="abc")
+        async with raw_client(make_app()) as h:
+            refused = [await h.post("/v1/chat/completions", json={"model": CHAT, **ask, **extra})
+                       for extra in ({"prompt_logprobs": 1, "stream": True}, {"prompt_logprobs": 21},
+                                     {"prompt_logprobs": -1})]
+            refused.append(await h.post("/v1/completions", json={"model": CHAT, "prompt": "x", "stream": True,
+                                                                 "prompt_logprobs": 0}))
+        return chat, legacy, plain, refused
+    chat, legacy, plain, refused = run(go())
+    assert chat.model_extra["prompt_logprobs"] == wire and "prompt_logprobs" not in chat.choices[0].model_extra
+    assert [ch.model_extra["prompt_logprobs"] for ch in legacy.choices] == [wire, wire]
+    assert "prompt_logprobs" not in plain.choices[0].model_extra
+    assert [(r.status_code, r.json()["error"]["param"]) for r in refused] == [(400, "prompt_logprobs")] * 4

@@ -337,3 +337,13 @@ def test_tool_call_text_held_back_still_passes_its_token_ids_on():
     assert [t for d in deltas for t in d.token_ids] == [0, 1, 2, 256]
     assert [d.prompt_token_ids for d in deltas if d.prompt_token_ids] == [[9]]
     assert deltas[-1].tool_calls[0].name == "f"
+
+
+def test_prompt_logprobs_reach_every_choice_of_a_whole_result():
+    async def go():
+        return await make_server().generate(chat(rid="p", prompt_logprobs=1, n=2, seed=1, temperature=1.0, max_tokens=2))
+    whole = asyncio.run(go())
+    rendered = list(b"<user>hi<assistant>")
+    for c in whole.choices:
+        assert c.prompt_logprobs[0] is None and [e[0].token_id for e in c.prompt_logprobs[1:]] == rendered[1:]
+        assert all(len(e) in (1, 2) for e in c.prompt_logprobs[1:])

@@ -37,7 +37,7 @@ def test_mixed_steps_keep_seeds_n_forks_and_prompt_logprobs(model):
     for a, m in zip(alone, mixed):
         assert [s.output_ids for s in m.seqs] == [s.output_ids for s in a.seqs], m.request_id
     assert len({tuple(s.output_ids) for s in mixed[2].seqs}) > 1
-    lp = lambda r: [(e.token, round(e.logprob or 0.0, 4)) for e in r.seqs[0].prompt_logprobs]   # noqa: E731
+    lp = lambda r: [(e.token, round(e.logprob or 0.0, 4)) for e in r.seqs[0].echo_logprobs]   # noqa: E731
     assert lp(mixed[3]) == lp(alone[3])
     assert mixed[4].finished and len(out_ids(mixed[4])) == 1
 
@@ -61,7 +61,7 @@ def _echo_logprobs(model, text: str, monkeypatch, chunk: int):
     engine = make_engine(model)
     r = req("e", text, max_tokens=3, logprobs=1, echo=True)
     texts, _, _ = run_all(engine, [r])
-    lps = r.seqs[0].prompt_logprobs
+    lps = r.seqs[0].echo_logprobs
     return texts["e"][0], lps
 
 

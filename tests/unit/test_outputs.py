@@ -155,3 +155,42 @@ def test_without_return_token_ids_no_ids_are_sent(model):
     while engine.has_work():
         deltas += [d for _, chunk in engine.step() for d in chunk.choices]
     assert deltas and all(d.token_ids is None and d.prompt_token_ids is None for d in deltas)
+
+
+def test_prompt_logprobs_are_each_prompt_tokens_logprob_and_rank_under_one_plain_forward(model, monkeypatch):
+    """vLLM's prompt_logprobs over a prompt longer than a scoring chunk: none for the first token, then
+    the token's own logprob and rank (1 + the tokens strictly likelier) and the k likeliest others,
+    the same as one plain forward over the whole prompt gives; every choice gets them once."""
+    import torch
+    from deployments.llm import model_runner
+    monkeypatch.setattr(model_runner, "PROMPT_LOGPROBS_CHUNK", 8)
+    text = "the prompt is scored token by token"
+    r = req("p", text, max_tokens=3, prompt_logprobs=3, n=2, temperature=1.0, seed=0)
+    deltas = _deltas(make_engine(model), [r])["p"]
+    got = {d.index: d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None}
+    assert sorted(got) == [0, 1] and sum(d.prompt_logprobs is not None for d in deltas) == 2
+    ids = prompt(text)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    entries = got[0]
+    assert len(entries) == len(ids) and entries[0] is None
+    for i, entry in enumerate(entries[1:]):
+        row, own = ref[i], entry[0]
+        assert own.token_id == ids[i + 1] and own.decoded_token == chr(ids[i + 1])
+        assert abs(own.logprob - float(row[own.token_id])) < 1e-4
+        # 1 + the tokens strictly likelier, within float noise (the upper count includes the token itself)
+        assert (row > row[own.token_id] + 1e-4).sum() + 1 <= own.rank <= (row > row[own.token_id] - 1e-4).sum()
+        others = entry[1:]
+        top = row.topk(3)
+        assert len(entry) == (3 if own.token_id in top.indices.tolist() else 4)
+        assert [e.token_id for e in others] == [t for t in top.indices.tolist() if t != own.token_id]
+        assert [e.rank for e in others] == [k + 1 for k, t in enumerate(top.indices.tolist()) if t != own.token_id]
+
+
+def test_prompt_logprobs_with_max_tokens_0_and_without_echo_still_score_the_prompt(model):
+    r = req("z", "abcd", max_tokens=0, prompt_logprobs=0)
+    deltas = _deltas(make_engine(model), [r])["z"]
+    assert [d.finish_reason for d in deltas] == ["length"] and deltas[0].text == ""
+    entries = deltas[0].prompt_logprobs
+    assert entries[0] is None and [[e.token_id for e in x] for x in entries[1:]] == [[98], [99], [100]]
+    assert deltas[0].logprobs is None     # no echo: the prompt's logprobs go only where vLLM puts them
