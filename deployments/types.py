@@ -42,6 +42,7 @@ class SamplingParams:
     truncation_side: Literal["left", "right"] = "left"   # left: keep the last k (vLLM's default for generation)
     return_token_ids: bool = False        # each choice also returns its prompt's and its output's token ids
     prompt_logprobs: Optional[int] = None  # each prompt token's logprob and rank, with k alternatives
+    return_tokens_as_token_ids: bool = False   # logprob entries name tokens "token_id:<id>", not by their text
 
 
 @dataclass

@@ -195,13 +195,14 @@ class LLMEngine:
         runner hands them over a chunk at a time (model_runner.ModelRunner.prefill_in_chunks), and each
         chunk becomes logprob entries."""
         p = group.seqs[0].params
-        echo = [self.outputs.logprob(group.prompt_ids[0], None, [])] if p.echo and p.logprobs is not None else None
+        as_ids = p.return_tokens_as_token_ids
+        echo = [self.outputs.logprob(group.prompt_ids[0], None, [], as_ids)] if p.echo and p.logprobs is not None else None
         ranked: Optional[list] = [None] if p.prompt_logprobs is not None else None   # vLLM: none for the first token
 
         def score(start: int, end: int, logits: torch.Tensor, targets: torch.Tensor) -> None:
             tokens, logits = group.prompt_ids[start + 1:end + 1], logits[:len(targets)]
             if echo is not None:
-                echo.extend(self.outputs.prompt_logprobs(tokens, logits, targets, p.logprobs or 0))
+                echo.extend(self.outputs.prompt_logprobs(tokens, logits, targets, p.logprobs or 0, as_ids))
             if ranked is not None:
                 ranked.extend(self.outputs.ranked_logprobs(tokens, logits, targets, p.prompt_logprobs))
         last, cache, mask = self.runner.prefill_in_chunks(group.prompt_ids, score)

@@ -49,18 +49,18 @@ class OutputProcessor:
         for j, r in enumerate(rows):
             seq = seqs[r]
             alts = [] if top is None else list(zip(top.indices[j].tolist(), top.values[j].tolist()))
-            seq.pending_logprobs.append(self.logprob(int(tokens[r]), float(chosen[j]),
-                                                     alts[: seq.params.logprobs]))
+            seq.pending_logprobs.append(self.logprob(int(tokens[r]), float(chosen[j]), alts[: seq.params.logprobs],
+                                                     seq.params.return_tokens_as_token_ids))
 
     def prompt_logprobs(self, tokens: list[int], logits: torch.Tensor, targets: torch.Tensor,
-                        k: int) -> list[TokenLogprob]:
+                        k: int, as_ids: bool = False) -> list[TokenLogprob]:
         if not tokens:
             return []
         chosen, top = compute_logprobs(logits, targets, k)
         out = []
         for j, token in enumerate(tokens):
             alts = [] if top is None else list(zip(top.indices[j].tolist(), top.values[j].tolist()))
-            out.append(self.logprob(token, float(chosen[j]), alts))
+            out.append(self.logprob(token, float(chosen[j]), alts, as_ids))
         return out
 
     def ranked_logprobs(self, tokens: list[int], logits: torch.Tensor, targets: torch.Tensor,
@@ -82,10 +82,17 @@ class OutputProcessor:
             out.append(entry)
         return out
 
-    def logprob(self, token: int, logprob: Optional[float], alts: list[tuple[int, float]]) -> TokenLogprob:
-        text, raw = self.token_text(token)
-        top = [(*self.token_text(t), lp) for t, lp in alts]
+    def logprob(self, token: int, logprob: Optional[float], alts: list[tuple[int, float]],
+                as_ids: bool = False) -> TokenLogprob:
+        """A logprob entry: the token's text (vLLM's return_tokens_as_token_ids: "token_id:<id>", so
+        that tokens whose text is not valid UTF-8 stay apart) and raw bytes, and its alternatives'."""
+        text, raw = self._text(token, as_ids)
+        top = [(*self._text(t, as_ids), lp) for t, lp in alts]
         return TokenLogprob(text, logprob, raw, [(t, lp, b) for t, b, lp in top])
+
+    def _text(self, token: int, as_ids: bool) -> tuple[str, list[int]]:
+        text, raw = self.token_text(token)
+        return (f"token_id:{token}", raw) if as_ids else (text, raw)
 
     # ------------------------------------------------------------------ chunks
 

@@ -151,6 +151,7 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields, ChatTemplateFields):
         self.check_common()
         self.check_no_ops()
         self.check_template_fields()
+        self.check_logprob_options(bool(self.logprobs))
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("The 'top_logprobs' parameter is only allowed when 'logprobs' is enabled.",
                                       param="top_logprobs")

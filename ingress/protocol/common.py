@@ -148,6 +148,7 @@ class SamplingFields(WireModel):
     structured_outputs: Optional[StructuredOutputs] = None
     return_token_ids: Optional[StrictBool] = None   # the prompt's and the output's token ids beside the text
     prompt_logprobs: Optional[int] = Field(None, ge=0, le=20)   # vLLM's; 20 is its default max_logprobs
+    return_tokens_as_token_ids: Optional[StrictBool] = None     # logprob tokens as "token_id:<id>"
 
     @model_validator(mode="before")
     @classmethod
@@ -193,6 +194,13 @@ class SamplingFields(WireModel):
                 raise InvalidRequestError(f"Logit bias value {bias} is invalid or outside of range [-100, 100].",
                                           param="logit_bias")
 
+    def check_logprob_options(self, with_logprobs: bool) -> None:
+        """return_tokens_as_token_ids changes how logprobs name tokens: without logprobs it could not
+        take effect."""
+        if self.return_tokens_as_token_ids and not with_logprobs:
+            raise InvalidRequestError("'return_tokens_as_token_ids' only takes effect with 'logprobs'.",
+                                      param="return_tokens_as_token_ids", code="invalid_parameter_combination")
+
     def check_sampling_limits(self, limits: RequestLimits) -> None:
         if any(len(s) > limits.max_stop_chars for s in self.stop_list()):
             raise over_limit("stop", "a stop string's length", limits.max_stop_chars, "max_stop_chars")
@@ -236,7 +244,8 @@ class SamplingFields(WireModel):
             ignore_eos=bool(self.ignore_eos), allowed_token_ids=self.allowed_token_ids, skip_special_tokens=self.skip_special_tokens is not False,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             truncate_prompt_tokens=self.truncate_prompt_tokens, truncation_side=self.truncation_side or "left",
-            return_token_ids=bool(self.return_token_ids), prompt_logprobs=self.prompt_logprobs, **kw)
+            return_token_ids=bool(self.return_token_ids), prompt_logprobs=self.prompt_logprobs,
+            return_tokens_as_token_ids=bool(self.return_tokens_as_token_ids), **kw)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -38,6 +38,7 @@ class CompletionRequest(SamplingFields):
 
     def check(self) -> None:
         self.check_common()
+        self.check_logprob_options(self.logprobs is not None)
         self.check_constrained(self.max_tokens, "structured_outputs" if self.structured_outputs is not None else None)
         if self.suffix:
             raise UnsupportedParameterError("'suffix' (insertion) is not supported by this server.", param="suffix")

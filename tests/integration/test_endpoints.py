@@ -196,7 +196,8 @@ def test_vllm_text_options_through_the_openai_client(client, server_url):
 
 def test_return_token_ids_on_the_real_model_match_tokenize_and_decode_to_the_reply(client, server_url):
     """vLLM's return_token_ids: the chat prompt's ids are /tokenize's, the reply's ids decode to its
-    text plus the end-of-turn token that stopped it, and a stream sends the same ids."""
+    text plus the end-of-turn token that stopped it, and a stream sends the same ids; with
+    return_tokens_as_token_ids the logprobs name those same ids."""
     import httpx2
     ask = dict(model=CHAT, messages=PARIS, temperature=0, max_tokens=40, extra_body={"return_token_ids": True})
     whole = client.chat.completions.create(**ask)
@@ -212,8 +213,10 @@ def test_return_token_ids_on_the_real_model_match_tokenize_and_decode_to_the_rep
     assert events[0].model_extra["prompt_token_ids"] == rendered
     assert [t for e in events for c in e.choices for t in c.model_extra.get("token_ids", [])] == ids
     legacy = client.completions.create(model=CHAT, prompt="The capital of France is", max_tokens=4, temperature=0,
-                                       extra_body={"return_token_ids": True})
-    assert len(legacy.choices[0].model_extra["token_ids"]) == 4 and legacy.choices[0].model_extra["prompt_token_ids"]
+                                       logprobs=1, extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True})
+    ids = legacy.choices[0].model_extra["token_ids"]
+    assert len(ids) == 4 and legacy.choices[0].model_extra["prompt_token_ids"]
+    assert [int(t.removeprefix("token_id:")) for t in legacy.choices[0].logprobs.tokens] == ids   # vLLM's names
 
 
 def test_prompt_logprobs_on_the_real_model_agree_with_echoed_logprobs(client):

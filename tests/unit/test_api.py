@@ -652,3 +652,24 @@ def test_prompt_logprobs_are_vllms_shape_on_chat_and_completions_and_400_where_v
     assert [ch.model_extra["prompt_logprobs"] for ch in legacy.choices] == [wire, wire]
     assert "prompt_logprobs" not in plain.choices[0].model_extra
     assert [(r.status_code, r.json()["error"]["param"]) for r in refused] == [(400, "prompt_logprobs")] * 4
+
+
+def test_return_tokens_as_token_ids_reaches_the_engine_and_needs_logprobs():
+    fake = FakeChatClient()
+    msgs = [{"role": "user", "content": "x"}]
+
+    async def go():
+        async with raw_client(make_app(fake)) as h:
+            ok = [await h.post("/v1/chat/completions", json={"model": CHAT, "messages": msgs, "logprobs": True,
+                                                              "return_tokens_as_token_ids": True}),
+                  await h.post("/v1/completions", json={"model": CHAT, "prompt": "x", "logprobs": 0,
+                                                        "return_tokens_as_token_ids": True})]
+            refused = [await h.post("/v1/chat/completions", json={"model": CHAT, "messages": msgs,
+                                                                   "return_tokens_as_token_ids": True}),
+                       await h.post("/v1/completions", json={"model": CHAT, "prompt": "x",
+                                                             "return_tokens_as_token_ids": True})]
+            return ok, refused
+    ok, refused = run(go())
+    assert [r.status_code for r in ok] == [200, 200]
+    assert [r.sampling.return_tokens_as_token_ids for r in fake.requests] == [True, True]
+    assert [(r.status_code, r.json()["error"]["param"]) for r in refused] == [(400, "return_tokens_as_token_ids")] * 2

@@ -194,3 +194,12 @@ def test_prompt_logprobs_with_max_tokens_0_and_without_echo_still_score_the_prom
     entries = deltas[0].prompt_logprobs
     assert entries[0] is None and [[e.token_id for e in x] for x in entries[1:]] == [[98], [99], [100]]
     assert deltas[0].logprobs is None     # no echo: the prompt's logprobs go only where vLLM puts them
+
+
+def test_return_tokens_as_token_ids_names_every_logprob_entry_by_id_and_keeps_its_bytes(model):
+    r = req("i", "abc", max_tokens=3, logprobs=2, echo=True, return_tokens_as_token_ids=True)
+    deltas = _deltas(make_engine(model), [r])["i"]
+    entries = [e for d in deltas for e in d.logprobs or []]
+    assert [e.token for e in entries] == [f"token_id:{t}" for t in prompt("abc") + out_ids(r)]
+    assert [e.bytes for e in entries[:3]] == [[97], [98], [99]]        # still the tokens' own bytes
+    assert all(t.startswith("token_id:") for e in entries[1:] for t, _, _ in e.top) and len(entries[4].top) == 2
