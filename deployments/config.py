@@ -615,6 +615,8 @@ class RequestLimits(StrictModel):
     max_stop_chars: int = Field(1024, ge=1, description="Longest `stop` string, in characters.")
     max_logit_bias: int = Field(1024, ge=1, description="Most `logit_bias` entries.")
     max_stop_token_ids: int = Field(64, ge=1, description="Most `stop_token_ids` (vLLM's sampling extension).")
+    max_bad_words: int = Field(64, ge=1, description="Most `bad_words` (vLLM's sampling extension); each is at most "
+                               "`max_stop_chars` long.")
     max_prompt_chars: int = Field(
         1 << 20, ge=1, description="Characters of prompt text in one chat or completions request (all messages, "
                                    "or all prompts; token-id prompts count one per id), checked before tokenizing.")

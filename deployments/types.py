@@ -36,6 +36,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)   # these end the choice like EOS
     ignore_eos: bool = False              # EOS does not end the choice
     allowed_token_ids: Optional[list[int]] = None   # only these tokens may be drawn
+    bad_words: list[str] = field(default_factory=list)   # words the output may not contain
+    bad_word_ids: list[list[int]] = field(default_factory=list)   # bad_words as the model server tokenized them
     skip_special_tokens: bool = True      # special tokens' text is left out of the output
     include_stop_str_in_output: bool = False   # a matched stop string stays at the end of the output
     truncate_prompt_tokens: Optional[int] = None   # keep k of the prompt's tokens; -1: as many as the model holds

@@ -14,7 +14,8 @@ from deployments.llm.detokenizer import TokenText
 from deployments.llm.request import EngineRequest
 from deployments.llm.sampler import compute_logprobs
 from deployments.llm.sequence import Sequence, Status
-from deployments.types import ChoiceDelta, GenerateChunk, RankedLogprob, TokenLogprob
+from deployments.errors import InvalidRequestError
+from deployments.types import ChoiceDelta, GenerateChunk, RankedLogprob, TokenLogprob, constraint_param
 
 
 class OutputProcessor:
@@ -26,6 +27,8 @@ class OutputProcessor:
 
     def take(self, seq: Sequence, token: int) -> None:
         """Appends a sampled token to `seq` and finishes it where the token ends it."""
+        if seq.no_token_left:
+            raise _no_token_left(seq)
         seq.output_ids.append(token)
         p = seq.params
         if seq.matcher is not None:
@@ -134,6 +137,20 @@ def _new_token_ids(s: Sequence) -> list[int]:
         return []
     ids, s.ids_sent = s.output_ids[s.ids_sent:], len(s.output_ids)
     return ids
+
+
+def _no_token_left(seq: Sequence) -> InvalidRequestError:
+    """The request's own constraints exclude every token it could generate next."""
+    spec = getattr(seq.owner, "grammar_spec", None)
+    if spec is not None:
+        param = constraint_param(spec)
+        what = f"every token the '{param}' constraint allows"
+    elif seq.params.allowed_token_ids:
+        param, what = "allowed_token_ids", "every token 'allowed_token_ids' lists"
+    else:
+        param, what = "logit_bias", "every token"
+    return InvalidRequestError(f"No token can be generated next: {what} is excluded by this request's 'logit_bias' "
+                               "bans or 'bad_words'.", param=param, code="invalid_parameter_combination")
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:

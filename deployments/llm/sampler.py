@@ -1,7 +1,7 @@
 """Per-row sampling vectorised over the batch.
 
 Order, as in OpenAI/vLLM: logit_bias, presence/frequency penalties (over the sequence's output
-tokens), vLLM's repetition_penalty (over its prompt and output tokens) and allowed_token_ids, EOS
+tokens), vLLM's repetition_penalty (over its prompt and output tokens), allowed_token_ids and bad_words, EOS
 and stop_token_ids held back until min_tokens, the grammar's mask (response_format,
 structured_outputs, forced tool calls), temperature, then vLLM's min_p and top_k, top_p, then a
 draw by inverse CDF (one uniform number per row: a cumsum and a searchsorted, far cheaper on CPU
@@ -34,8 +34,10 @@ class Sampler:
         self._apply_penalties(logits, seqs)
         self._apply_repetition_penalty(logits, seqs)
         self._allow_only(logits, seqs)
+        self._ban_bad_words(logits, seqs)
         self._hold_back_stops(logits, seqs)
         apply_grammars(logits, seqs)
+        self._mark_dead_ends(logits, seqs)
         temps = torch.tensor([_or(s.params.temperature, 1.0) for s in seqs], device=logits.device)
         greedy = temps == 0
         if bool(greedy.all()):
@@ -97,6 +99,14 @@ class Sampler:
                 logits[row] = float("-inf")
                 logits[row, ids] = kept
 
+    def _ban_bad_words(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """vLLM's bad_words: a token that would complete a bad word is masked out."""
+        cells = [(r, t) for r, s in enumerate(seqs) if s.params.bad_word_ids for t in s.bad_word_bans()
+                 if t < logits.shape[1]]
+        if cells:
+            rows, ids = zip(*cells)
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = float("-inf")
+
     def _hold_back_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """min_tokens: EOS (unless ignore_eos) and stop_token_ids cannot be drawn before that many tokens."""
         cells = [(r, t) for r, s in enumerate(seqs) if len(s.output_ids) < s.params.min_tokens
@@ -105,6 +115,20 @@ class Sampler:
         if cells:
             rows, ids = zip(*cells)
             logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = float("-inf")
+
+    @staticmethod
+    def _mark_dead_ends(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """A row whose masks exclude every token (a grammar against bans, or allowed_token_ids against
+        bad_words) has nothing to draw: its sequence is marked, for the output processor to fail that
+        request alone, and its row made finite so the batch's arithmetic stays finite."""
+        if not any(s.matcher is not None or s.params.allowed_token_ids or s.params.bad_word_ids or s.params.logit_bias
+                   for s in seqs):
+            return   # raw logits are finite: only masks can exclude every token
+        dead = torch.isneginf(logits.amax(dim=-1))
+        if bool(dead.any()):
+            for r in dead.nonzero().flatten().tolist():
+                seqs[r].no_token_left = True
+            logits[dead] = 0.0
 
     def _uniform(self, seqs: list[Sequence]) -> torch.Tensor:
         u = torch.rand(len(seqs))

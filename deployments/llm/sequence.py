@@ -45,6 +45,7 @@ class Sequence:
     ids_sent: int = 0             # return_token_ids: output tokens already in a delta
     prompt_ids_sent: bool = False  # return_token_ids: the prompt's ids went out (on the first delta)
     owner: Any = None   # the engine-side request this sequence belongs to
+    no_token_left: bool = False   # its masks (grammar, bans, allowed tokens) excluded every token (sampler)
     matcher: Any = None  # xgrammar GrammarMatcher: response_format, structured_outputs or a forced tool call
     _bias: Optional[tuple] = field(default=None, repr=False)
     _allowed: Optional[torch.Tensor] = field(default=None, repr=False)
@@ -72,6 +73,13 @@ class Sequence:
             ids = sorted(i for i in set(self.params.allowed_token_ids) if i < vocab_size)
             self._allowed = torch.tensor(ids, dtype=torch.long, device=device)
         return self._allowed
+
+    def bad_word_bans(self) -> list[int]:
+        """vLLM's bad_words: the last token of each bad word whose other tokens end the output so far
+        (a one-token word is always banned)."""
+        out = self.output_ids
+        return [w[-1] for w in self.params.bad_word_ids
+                if len(w) - 1 <= len(out) and out[len(out) - len(w) + 1:] == w[:-1]]
 
     def seen_tokens(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """A [vocab_size] mask of the tokens in the prompt and the output so far (repetition_penalty),

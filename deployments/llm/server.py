@@ -136,7 +136,8 @@ class LLMServer:
         self._check_token_ids(p.stop_token_ids, "stop_token_ids")
         self._check_token_ids(p.allowed_token_ids or (), "allowed_token_ids")
         p = replace(p, temperature=self.cfg.engine.default_temperature if p.temperature is None else p.temperature,
-                    top_p=self.cfg.engine.default_top_p if p.top_p is None else p.top_p)
+                    top_p=self.cfg.engine.default_top_p if p.top_p is None else p.top_p,
+                    bad_word_ids=self._bad_word_ids(p.bad_words))
         max_tokens = [self._max_tokens(len(ids), p.max_tokens, what) for ids in prompts]
         return EngineRequest(req.request_id, prompts, p, max_tokens)
 
@@ -172,6 +173,18 @@ class LLMServer:
                                       code="invalid_value")
         keep = self.max_model_len if keep == -1 else keep
         return [ids[-keep:] if side == "left" else ids[:keep] for ids in prompts]
+
+    def _bad_word_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's tokenization of bad_words: each word as it reads at the start of a text and, where that
+        is another token sequence of the same length, after a space (as inside a text)."""
+        out = []
+        for word in words:
+            plain = self.tokenizer(word.lstrip(), add_special_tokens=False)["input_ids"]
+            spaced = self.tokenizer(" " + word.lstrip(), add_special_tokens=False)["input_ids"]
+            out.append(list(plain))
+            if spaced and len(spaced) == len(plain) and spaced[0] != plain[0]:
+                out.append(list(spaced))
+        return [ids for ids in out if ids]
 
     def _tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -141,6 +141,7 @@ class SamplingFields(WireModel):
     stop_token_ids: Optional[list[StrictInt]] = None
     ignore_eos: Optional[StrictBool] = None
     allowed_token_ids: Optional[list[StrictInt]] = Field(None, min_length=1)
+    bad_words: Optional[list[StrictStr]] = None
     skip_special_tokens: Optional[StrictBool] = None
     include_stop_str_in_output: Optional[StrictBool] = None
     truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)   # -1: the model's context length; 0: 400
@@ -183,6 +184,9 @@ class SamplingFields(WireModel):
             raise InvalidRequestError("'prompt_logprobs' is not available when 'stream' is true (as in vLLM).",
                                       param="prompt_logprobs", code="invalid_parameter_combination")
         check_truncation(self.truncate_prompt_tokens)
+        if any(not w.strip() for w in self.bad_words or []):
+            raise InvalidRequestError("Invalid 'bad_words': an entry is empty or only whitespace.", param="bad_words",
+                                      code="invalid_value")
         if self.truncation_side is not None and self.truncate_prompt_tokens is None:
             raise InvalidRequestError("'truncation_side' only takes effect with 'truncate_prompt_tokens'.",
                                       param="truncation_side", code="invalid_parameter_combination")
@@ -206,6 +210,10 @@ class SamplingFields(WireModel):
             raise over_limit("stop", "a stop string's length", limits.max_stop_chars, "max_stop_chars")
         if len(self.logit_bias or {}) > limits.max_logit_bias:
             raise over_limit("logit_bias", "the number of entries", limits.max_logit_bias, "max_logit_bias")
+        if any(len(w) > limits.max_stop_chars for w in self.bad_words or []):
+            raise over_limit("bad_words", "a bad word's length", limits.max_stop_chars, "max_stop_chars")
+        if len(self.bad_words or []) > limits.max_bad_words:
+            raise over_limit("bad_words", "the number of entries", limits.max_bad_words, "max_bad_words")
         if len(self.stop_token_ids or []) > limits.max_stop_token_ids:
             raise over_limit("stop_token_ids", "the number of entries", limits.max_stop_token_ids,
                              "max_stop_token_ids")
@@ -241,7 +249,8 @@ class SamplingFields(WireModel):
             top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             min_tokens=self.min_tokens or 0, stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=bool(self.ignore_eos), allowed_token_ids=self.allowed_token_ids, skip_special_tokens=self.skip_special_tokens is not False,
+            ignore_eos=bool(self.ignore_eos), allowed_token_ids=self.allowed_token_ids, bad_words=list(self.bad_words or []),
+            skip_special_tokens=self.skip_special_tokens is not False,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             truncate_prompt_tokens=self.truncate_prompt_tokens, truncation_side=self.truncation_side or "left",
             return_token_ids=bool(self.return_token_ids), prompt_logprobs=self.prompt_logprobs,

@@ -165,8 +165,8 @@ def test_vllm_structured_outputs_through_the_openai_client(client):
 
 
 def test_vllm_text_options_through_the_openai_client(client, server_url):
-    """include_stop_str_in_output, skip_special_tokens, truncate_prompt_tokens and allowed_token_ids (extra_body)
-    on the real model."""
+    """include_stop_str_in_output, skip_special_tokens, truncate_prompt_tokens, allowed_token_ids and
+    bad_words (extra_body) on the real model."""
     def ask(**extra):
         return client.chat.completions.create(model=CHAT, messages=PARIS, temperature=0, max_tokens=24, stop=["Paris"],
                                               extra_body=extra).choices[0].message.content
@@ -192,6 +192,10 @@ def test_vllm_text_options_through_the_openai_client(client, server_url):
     picked = client.completions.create(model=CHAT, prompt="Is Paris in France? Answer:", max_tokens=4, temperature=1.5,
                                        seed=1, extra_body={"allowed_token_ids": allowed})
     assert set(picked.choices[0].text.split()) <= {"yes", "no"} and picked.usage.completion_tokens == 4
+    capital = dict(model=CHAT, prompt="The capital of France is the city of", max_tokens=6, temperature=0)
+    assert "Paris" in client.completions.create(**capital).choices[0].text
+    avoided = client.completions.create(**capital, extra_body={"bad_words": ["Paris"]}).choices[0].text
+    assert "Paris" not in avoided and avoided.strip()     # " Paris" (one token) banned as well as "Paris"
 
 
 def test_return_token_ids_on_the_real_model_match_tokenize_and_decode_to_the_reply(client, server_url):

@@ -673,3 +673,19 @@ def test_return_tokens_as_token_ids_reaches_the_engine_and_needs_logprobs():
     assert [r.status_code for r in ok] == [200, 200]
     assert [r.sampling.return_tokens_as_token_ids for r in fake.requests] == [True, True]
     assert [(r.status_code, r.json()["error"]["param"]) for r in refused] == [(400, "return_tokens_as_token_ids")] * 2
+
+
+def test_bad_words_reach_the_engine_and_bad_entries_are_400():
+    fake = FakeChatClient()
+    msgs = [{"role": "user", "content": "x"}]
+
+    async def go():
+        async with raw_client(make_app(fake)) as h:
+            ok = await h.post("/v1/completions", json={"model": CHAT, "prompt": "x", "bad_words": ["Paris", "Lyon"]})
+            refused = [await h.post("/v1/chat/completions", json={"model": CHAT, "messages": msgs, "bad_words": w})
+                       for w in ([" "], [""], ["x" * 1025], ["w"] * 65, "Paris", [1])]
+            return ok, refused
+    ok, refused = run(go())
+    assert ok.status_code == 200 and fake.requests[0].sampling.bad_words == ["Paris", "Lyon"]
+    assert [(r.status_code, r.json()["error"]["param"]) for r in refused] == [(400, "bad_words")] * 5 + [
+        (400, "bad_words[0]")]

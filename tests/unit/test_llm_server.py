@@ -347,3 +347,38 @@ def test_prompt_logprobs_reach_every_choice_of_a_whole_result():
     for c in whole.choices:
         assert c.prompt_logprobs[0] is None and [e[0].token_id for e in c.prompt_logprobs[1:]] == rendered[1:]
         assert all(len(e) in (1, 2) for e in c.prompt_logprobs[1:])
+
+
+def test_bad_words_are_tokenized_as_vllm_does_alone_and_after_a_space():
+    from types import SimpleNamespace
+    vocab = {"Paris": [1, 2], " Paris": [3, 2], "ab": [4, 5], " ab": [6], "cd": [7], " cd": [7, 8]}
+    tok = lambda text, add_special_tokens=True: {"input_ids": vocab[text]}   # noqa: E731
+    ids = LLMServer._bad_word_ids(SimpleNamespace(tokenizer=tok), ["Paris", "  ab", "cd"])
+    assert ids == [[1, 2], [3, 2], [4, 5], [7]]
+
+
+def test_bad_words_reach_the_sampler_through_the_server():
+    async def go():
+        return await make_server().generate(chat(rid="b", bad_words=["AA"], logit_bias={65: 100.0, 66: 50.0},
+                                                 max_tokens=5))
+    assert asyncio.run(go()).choices[0].text == "ABABA"
+
+
+@pytest.mark.parametrize("ban", [{"bad_words": ["A"]}, {"logit_bias": {65: -100.0}}])
+def test_a_grammar_whose_every_next_token_is_banned_fails_that_request_alone_with_a_400(ban):
+    """structured_outputs' choice "AB" with "A" banned leaves no token to draw: the request ends with a
+    400 naming the conflict (before, the sampler drew a token the grammar rejects, and the output
+    silently broke its grammar); a request beside it is unharmed."""
+    spec = {"type": "choice", "choice": ["AB"], "param": "structured_outputs"}
+
+    async def go():
+        server = tool_server()
+        conflicted = GenerateRequest("c", SamplingParams(temperature=0.0, max_tokens=4, **ban),
+                                     messages=[{"role": "user", "content": "hi"}], response_format=spec)
+        fine = GenerateRequest("f", SamplingParams(temperature=0.0, max_tokens=4),
+                               messages=[{"role": "user", "content": "hi"}], response_format=spec)
+        return await asyncio.gather(server.generate(conflicted), server.generate(fine), return_exceptions=True)
+    failed, ok = asyncio.run(go())
+    assert isinstance(failed, InvalidRequestError) and failed.param == "structured_outputs", failed
+    assert "no token" in str(failed).lower()
+    assert ok.choices[0].text == "AB"

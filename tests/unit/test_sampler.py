@@ -100,7 +100,7 @@ EOS = 256   # ByteTokenizer's
 
 
 def _ended(model, **params):
-    r = req("r", "stop here", max_tokens=8, **params)
+    r = req("r", "stop here", **{"max_tokens": 8, **params})
     texts, reasons, _ = run_all(make_engine(model), [r])
     return out_ids(r), texts["r"][0], reasons["r"][0]
 
@@ -130,3 +130,40 @@ def test_allowed_token_ids_are_the_only_tokens_drawn(model):
         assert ids and set(ids) <= set(allowed)
     free, _, _ = _ended(model, temperature=1.5, seed=4)
     assert not set(free) <= set(allowed)
+
+
+def test_bad_words_ban_the_token_that_would_complete_them():
+    """vLLM's rule over the output so far: a one-token word is always banned; a longer word's last
+    token is banned right after its other tokens."""
+    from deployments.llm.sequence import Sequence
+    from deployments.types import SamplingParams
+    seq = Sequence("r", 0, [1], SamplingParams(bad_word_ids=[[5], [1, 2], [3, 4, 6]]), 8, None, None)
+    bans = {}
+    for out in ([], [1], [3], [3, 4], [9, 3, 4], [3, 4, 7]):
+        seq.output_ids = list(out)
+        bans[tuple(out)] = seq.bad_word_bans()
+    assert bans == {(): [5], (1,): [5, 2], (3,): [5], (3, 4): [5, 6], (9, 3, 4): [5, 6], (3, 4, 7): [5]}
+
+
+def test_bad_words_are_never_completed_greedy_or_sampled(model):
+    """A bias that forces "A" every step, with "AA" a bad word: no two "A"s in a row, the bias' second
+    choice "B" in between."""
+    a, b = ord("A"), ord("B")
+    for params in ({}, {"temperature": 1.0, "seed": 2}):
+        ids, _, _ = _ended(model, logit_bias={a: 100, b: 50}, bad_word_ids=[[a, a]], max_tokens=6, **params)
+        assert ids == [a, b, a, b, a, b]
+    ids, _, _ = _ended(model, logit_bias={a: 100, b: 50}, bad_word_ids=[[a]], max_tokens=3)
+    assert ids == [b, b, b]
+
+
+def test_allowed_token_ids_all_banned_by_bad_words_fail_the_request_instead_of_drawing_another_token(model):
+    from deployments.errors import InvalidRequestError
+    engine = make_engine(model)
+    r = req("d", "abc", allowed_token_ids=[ord("A")], bad_word_ids=[[ord("A")]], max_tokens=3)
+    engine.add(r)
+    chunks = []
+    while engine.has_work():
+        chunks += [c for _, c in engine.step()]
+    assert chunks == [r.error]       # its one chunk is the error
+    assert isinstance(r.error, InvalidRequestError) and r.error.param == "allowed_token_ids"
+    assert out_ids(r) == []          # before, token 0 was drawn: outside allowed_token_ids
