@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from deployments.errors import InvalidRequestError
+
 Prompt = Union[str, list[int]]
 
 
@@ -79,6 +81,15 @@ class GenerateRequest:
     # "choice", "choice": [...]}, {"type": "grammar", "grammar": EBNF or Lark}; "param" names the field
     response_format: Optional[dict[str, Any]] = None
     template: Optional[ChatTemplateOptions] = None     # chat only; None: the defaults
+
+
+def truncation_length(keep: int, maximum: int, what: str) -> int:
+    """vLLM's truncate_prompt_tokens against a model's maximum (`what` names it): -1 means the maximum,
+    and more than it is a 400, as in vLLM."""
+    if keep > maximum:
+        raise InvalidRequestError(f"truncate_prompt_tokens ({keep}) is greater than this model's {what} ({maximum}).",
+                                  param="truncate_prompt_tokens", code="invalid_value")
+    return maximum if keep == -1 else keep
 
 
 def constraint_param(spec: dict[str, Any]) -> str:

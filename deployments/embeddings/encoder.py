@@ -11,6 +11,7 @@ import torch
 from deployments.config import EmbeddingEngineConfig
 from deployments.errors import InvalidRequestError
 from deployments.sources import resolve_source
+from deployments.types import truncation_length
 from deployments.torch_utils import pick_device, pick_dtype, set_threads
 
 
@@ -66,15 +67,13 @@ class Encoder:
     def _check_keep(self, keep: Optional[int]) -> Optional[int]:
         if keep is None:
             return None
-        if keep > self.max_length:
-            raise InvalidRequestError(f"truncate_prompt_tokens ({keep}) is greater than this model's maximum length "
-                                      f"({self.max_length}).", param="truncate_prompt_tokens", code="invalid_value")
+        keep = truncation_length(keep, self.max_length, "maximum length")
         framing = len(self._prefix) + len(self._suffix)
-        if keep != -1 and keep <= framing:
+        if keep <= framing:
             raise InvalidRequestError(f"truncate_prompt_tokens ({keep}) leaves no room for text beside this model's "
                                       f"{framing} special tokens.", param="truncate_prompt_tokens",
                                       code="invalid_value")
-        return self.max_length if keep == -1 else keep
+        return keep
 
     def _fit(self, ids: list[int], index: int) -> list[int]:
         if len(ids) <= self.max_length:

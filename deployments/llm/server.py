@@ -20,7 +20,7 @@ from deployments.llm.built_engine import BuiltEngine
 from deployments.llm.tool_calls import FORMATS, ToolCallStream, ToolFormat, default_parser
 from deployments.loading import loading, phase
 from deployments.types import (Choice, ChoiceDelta, GenerateChunk, GenerateRequest, GenerateResult,
-                               ModelCard, TokenizeRequest, TokenizeResult, constraint_param)
+                               ModelCard, TokenizeRequest, TokenizeResult, constraint_param, truncation_length)
 
 LEGACY_COMPLETIONS_MAX_TOKENS = 16   # OpenAI's default max_tokens for /v1/completions
 
@@ -167,11 +167,7 @@ class LLMServer:
         holds), its last ones (side "left") or its first ("right"); more than the window is a 400, as in vLLM."""
         if keep is None:
             return prompts
-        if keep > self.max_model_len:
-            raise InvalidRequestError(f"truncate_prompt_tokens ({keep}) is greater than this model's maximum context "
-                                      f"length ({self.max_model_len}).", param="truncate_prompt_tokens",
-                                      code="invalid_value")
-        keep = self.max_model_len if keep == -1 else keep
+        keep = truncation_length(keep, self.max_model_len, "maximum context length")
         return [ids[-keep:] if side == "left" else ids[:keep] for ids in prompts]
 
     def _bad_word_ids(self, words: list[str]) -> list[list[int]]:

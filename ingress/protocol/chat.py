@@ -158,26 +158,36 @@ class ChatCompletionRequest(SamplingFields, ChatNoOpFields, ChatTemplateFields):
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise InvalidRequestError("Setting 'max_tokens' and 'max_completion_tokens' at the same time is not "
                                       "supported.", param="max_tokens", code="invalid_parameter_combination")
+        self._check_structured_outputs()
         self._check_response_format()
         self._check_tools()
+        self.check_constrained(self.max_completion_tokens or self.max_tokens, self._constrained_by())
+
+    def _constrained_by(self) -> Optional[str]:
+        """What grammar constrains the reply, named for errors: a forced tool call, response_format json or
+        structured_outputs (check() lets at most one through), or None."""
         tools = self._tool_spec()
-        constrained_by = ("a forced tool call" if tools is not None and tools.choice != "auto" else
-                          "response_format json_object/json_schema" if self._json_format() else
-                          "structured_outputs" if self.structured_outputs is not None else None)
-        self.check_constrained(self.max_completion_tokens or self.max_tokens, constrained_by)
+        if tools is not None and tools.choice != "auto":
+            return "a forced tool call"
+        if self._json_format():
+            return "response_format json_object/json_schema"
+        return "structured_outputs" if self.structured_outputs is not None else None
 
     def _json_format(self) -> bool:
         return self.response_format is not None and self.response_format.type != "text"
 
+    def _check_structured_outputs(self) -> None:
+        if self.structured_outputs is None:
+            return
+        if self._json_format():
+            raise InvalidRequestError("'structured_outputs' and response_format json_object/json_schema cannot "
+                                      "be combined: send one.", param="structured_outputs",
+                                      code="invalid_parameter_combination")
+        if self.tools and self.tool_choice != "none":
+            raise UnsupportedParameterError("'structured_outputs' cannot be combined with tools on this server.",
+                                            param="structured_outputs")
+
     def _check_response_format(self) -> None:
-        if self.structured_outputs is not None:
-            if self._json_format():
-                raise InvalidRequestError("'structured_outputs' and response_format json_object/json_schema cannot "
-                                          "be combined: send one.", param="structured_outputs",
-                                          code="invalid_parameter_combination")
-            if self.tools and self.tool_choice != "none":
-                raise UnsupportedParameterError("'structured_outputs' cannot be combined with tools on this server.",
-                                                param="structured_outputs")
         rf = self.response_format
         if not self._json_format():
             return

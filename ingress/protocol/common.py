@@ -9,7 +9,8 @@ import json
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, field_validator,
+                      model_validator)
 
 from deployments.config import RequestLimits
 from deployments.errors import InvalidRequestError, UnsupportedParameterError
@@ -70,6 +71,7 @@ class StructuredOutputs(WireModel):
     choice: Optional[list[StrictStr]] = Field(None, min_length=1)
     grammar: Optional[StrictStr] = None
     json_object: Optional[StrictBool] = None
+    _schema: Optional[dict[str, Any]] = PrivateAttr(None)   # `json` as check() parsed it
 
     def check_limits(self, limits: RequestLimits) -> None:
         check_depth(self.schema_, "structured_outputs.json")
@@ -81,7 +83,8 @@ class StructuredOutputs(WireModel):
         """The engine's grammar spec (deployments/llm/structured.py), after check()."""
         base = {"param": "structured_outputs"}
         if self.schema_ is not None:
-            schema = json.loads(self.schema_) if isinstance(self.schema_, str) else self.schema_
+            schema = self._schema if self._schema is not None else (
+                json.loads(self.schema_) if isinstance(self.schema_, str) else self.schema_)
             return {**base, "type": "json_schema", "schema": schema}
         if self.regex is not None:
             return {**base, "type": "regex", "regex": self.regex}
@@ -113,6 +116,7 @@ class StructuredOutputs(WireModel):
             check_depth(schema, "structured_outputs.json")
         if schema is not None:
             check_json_schema(schema, "structured_outputs.json", "structured_outputs", strict=False)
+            self._schema = schema
         if self.grammar is not None and not self.grammar.strip():
             raise InvalidRequestError("'structured_outputs.grammar' is empty.", param="structured_outputs.grammar",
                                       code="invalid_value")
