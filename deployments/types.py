@@ -47,6 +47,7 @@ class SamplingParams:
     return_token_ids: bool = False        # each choice also returns its prompt's and its output's token ids
     prompt_logprobs: Optional[int] = None  # each prompt token's logprob and rank, with k alternatives
     return_tokens_as_token_ids: bool = False   # logprob entries name tokens "token_id:<id>", not by their text
+    continuous_usage: bool = False        # vLLM's continuous_usage_stats: each streamed chunk carries the usage so far
 
 
 @dataclass
@@ -181,7 +182,8 @@ class GenerateChunk:
     """What one streamed step yields: the deltas of the choices that moved, and usage at the end."""
 
     choices: list[ChoiceDelta]
-    usage: Optional[Usage] = None
+    usage: Optional[Usage] = None          # set on the request's last chunk only: it ends the stream
+    usage_so_far: Optional[Usage] = None   # continuous_usage: on every earlier chunk
 
 
 @dataclass

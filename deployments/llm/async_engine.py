@@ -258,4 +258,4 @@ def merge_chunks(chunks: list[GenerateChunk]) -> GenerateChunk:
     for chunk in chunks:
         for d in chunk.choices:
             merged.setdefault(d.index, ChoiceDelta(d.index)).extend(d)
-    return GenerateChunk(sorted(merged.values(), key=lambda d: d.index), chunks[-1].usage)
+    return GenerateChunk(sorted(merged.values(), key=lambda d: d.index), chunks[-1].usage, chunks[-1].usage_so_far)

@@ -108,7 +108,9 @@ class OutputProcessor:
             delta = self._delta(req, s)
             if delta is not None:
                 deltas.append(delta)
-        return GenerateChunk(deltas, req.usage() if req.finished else None)
+        if req.finished:
+            return GenerateChunk(deltas, req.usage())
+        return GenerateChunk(deltas, usage_so_far=req.usage() if req.params.continuous_usage else None)
 
     def _delta(self, req: EngineRequest, s: Sequence) -> Optional[ChoiceDelta]:
         text = s.stop.take_ready(final=s.finished)

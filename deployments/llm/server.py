@@ -239,4 +239,4 @@ async def _with_tool_calls(stream: AsyncIterator[GenerateChunk], fmt: ToolFormat
             out.append(replace(d, text=text + rest, finish_reason=reason, tool_calls=calls or None,
                                tool_call_deltas=(deltas + more) or None))
         if out or chunk.usage is not None:
-            yield GenerateChunk(out, chunk.usage)
+            yield replace(chunk, choices=out)

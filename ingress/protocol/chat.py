@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, StrictBool, model_validator
 
 from deployments.errors import InvalidRequestError, UnsupportedParameterError
-from deployments.types import (ChatTemplateOptions, Choice, ChoiceDelta, GenerateRequest, TokenLogprob,
+from deployments.types import (ChatTemplateOptions, Choice, ChoiceDelta, GenerateChunk, GenerateRequest, TokenLogprob,
                                ToolCall, ToolSpec, Usage)
 from deployments.config import RequestLimits
 from ingress.protocol.common import ChatNoOpFields, SamplingFields, WireModel, check_depth, over_limit
@@ -269,6 +269,13 @@ def logprobs_content(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
 def tool_calls_json(calls: list[ToolCall], single: bool) -> list[dict[str, Any]]:
     calls = calls[:1] if single else calls
     return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+
+
+def event_tail(chunk: GenerateChunk, continuous: bool, plain: str) -> str:
+    """How a stream event ends after its choices: `plain` (with include_usage, `"usage":null`), or with
+    vLLM's continuous_usage_stats the request's usage so far."""
+    so_far = (chunk.usage or chunk.usage_so_far) if continuous else None
+    return plain if so_far is None else ',"usage":' + dumps(usage_json(so_far)) + "}\n\n"
 
 
 def usage_json(u: Usage) -> dict[str, int]:

@@ -58,6 +58,7 @@ def over_limit(param: str, what: str, limit: int, setting: str) -> InvalidReques
 
 class StreamOptions(WireModel):
     include_usage: Optional[StrictBool] = False
+    continuous_usage_stats: Optional[StrictBool] = None   # vLLM's: usage on every chunk (with include_usage)
 
 
 class StructuredOutputs(WireModel):
@@ -182,6 +183,11 @@ class SamplingFields(WireModel):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                                       param="stream_options", code="invalid_value")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats \
+                and not self.stream_options.include_usage:
+            raise InvalidRequestError("'stream_options.continuous_usage_stats' only takes effect with "
+                                      "'stream_options.include_usage'.", param="stream_options.continuous_usage_stats",
+                                      code="invalid_parameter_combination")
         if self.structured_outputs is not None:
             self.structured_outputs.check()
         if self.prompt_logprobs is not None and self.stream:
@@ -253,12 +259,13 @@ class SamplingFields(WireModel):
             top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             min_tokens=self.min_tokens or 0, stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=bool(self.ignore_eos), allowed_token_ids=self.allowed_token_ids, bad_words=list(self.bad_words or []),
-            skip_special_tokens=self.skip_special_tokens is not False,
+            ignore_eos=bool(self.ignore_eos), allowed_token_ids=self.allowed_token_ids,
+            bad_words=list(self.bad_words or []), skip_special_tokens=self.skip_special_tokens is not False,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             truncate_prompt_tokens=self.truncate_prompt_tokens, truncation_side=self.truncation_side or "left",
             return_token_ids=bool(self.return_token_ids), prompt_logprobs=self.prompt_logprobs,
-            return_tokens_as_token_ids=bool(self.return_tokens_as_token_ids), **kw)
+            return_tokens_as_token_ids=bool(self.return_tokens_as_token_ids),
+            continuous_usage=self.include_usage and bool(self.stream_options.continuous_usage_stats), **kw)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

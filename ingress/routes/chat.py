@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 
 from deployments.types import Choice, ChoiceDelta, GenerateChunk, GenerateResult
 from ingress.pipeline import bounded, new_id, now, parse_body, sse_response
-from ingress.protocol.chat import ChatCompletionRequest, choice_json, delta_events, dumps, usage_json
+from ingress.protocol.chat import ChatCompletionRequest, choice_json, delta_events, dumps, event_tail, usage_json
 from ingress.protocol.common import prompt_logprobs_json
 
 router = APIRouter()
@@ -60,6 +60,7 @@ class ChatStream:
         self.state = state   # the request's: the usage goes there for the access log
         self.prefix = dumps({**head, "object": "chat.completion.chunk"})[:-1] + ',"choices":['
         self.tail = ',"usage":null}\n\n' if body.include_usage else "}\n\n"
+        self.continuous = body.include_usage and bool(body.stream_options.continuous_usage_stats)
         self.head = head
         self.include_usage = body.include_usage
         self.with_logprobs = bool(body.logprobs)
@@ -70,11 +71,12 @@ class ChatStream:
 
     def render(self, chunk: GenerateChunk) -> str:
         parts = []
+        tail = event_tail(chunk, self.continuous, self.tail)
         for d in chunk.choices:
             first = d.index not in self.started
             self.started.add(d.index)
             for event in delta_events(d, first, self.with_logprobs, self.single_tool_call):
-                parts.append("data: " + self.prefix + dumps(event) + "]" + self._top_level(d) + self.tail)
+                parts.append("data: " + self.prefix + dumps(event) + "]" + self._top_level(d) + tail)
         self.usage = self.state.usage = chunk.usage or self.usage
         return "".join(parts)
 

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 
 from deployments.types import ChoiceDelta, GenerateChunk
 from ingress.pipeline import bounded, new_id, now, parse_body, sse_response
-from ingress.protocol.chat import dumps, usage_json
+from ingress.protocol.chat import dumps, event_tail, usage_json
 from ingress.protocol.common import prompt_logprobs_json
 from ingress.protocol.completions import CompletionRequest, LogprobsAccumulator, token_ids_json
 
@@ -50,7 +50,8 @@ class CompletionStream:
     def __init__(self, head: dict, body: CompletionRequest, state: Any):
         self.state = state   # the request's: the usage goes there for the access log
         self.prefix = dumps(head)[:-1] + ',"choices":['
-        self.suffix = '],"usage":null}\n\n' if body.include_usage else "]}\n\n"
+        self.tail = ',"usage":null}\n\n' if body.include_usage else "}\n\n"
+        self.continuous = body.include_usage and bool(body.stream_options.continuous_usage_stats)
         self.head = head
         self.include_usage = body.include_usage
         self.offsets: dict[int, LogprobsAccumulator] = {}
@@ -58,7 +59,8 @@ class CompletionStream:
 
     def render(self, chunk: GenerateChunk) -> str:
         self.usage = self.state.usage = chunk.usage or self.usage
-        return "".join("data: " + self.prefix + dumps(self._choice(d)) + self.suffix for d in chunk.choices)
+        tail = "]" + event_tail(chunk, self.continuous, self.tail)
+        return "".join("data: " + self.prefix + dumps(self._choice(d)) + tail for d in chunk.choices)
 
     def _choice(self, d: ChoiceDelta) -> dict:
         logprobs = None

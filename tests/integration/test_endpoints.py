@@ -243,6 +243,16 @@ def test_prompt_logprobs_on_the_real_model_agree_with_echoed_logprobs(client):
     assert err.value.body["param"] == "prompt_logprobs"
 
 
+def test_continuous_usage_stats_on_the_real_model(client):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far, growing to
+    the total that the last (usage-only) chunk reports."""
+    events = list(client.chat.completions.create(model=CHAT, messages=PARIS, max_tokens=12, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [e.usage.completion_tokens for e in events]
+    assert counts == sorted(counts) and counts[-1] == events[-1].usage.completion_tokens > 1
+    assert len(set(counts)) > 2 and {e.usage.prompt_tokens for e in events} == {events[-1].usage.prompt_tokens}
+
+
 def test_an_assistant_prefill_is_continued_and_tokenized_alike(client, server_url):
     """vLLM's continue_final_message: the reply continues the last (assistant) message, and /tokenize
     with the same fields counts the prompt generation saw. A chat_template_kwargs variable SmolLM2's

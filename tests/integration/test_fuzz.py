@@ -101,6 +101,8 @@ chat_template = {"add_generation_prompt": st.booleans(), "continue_final_message
 vllm_text = {"skip_special_tokens": st.booleans(), "include_stop_str_in_output": st.booleans(),
              "return_token_ids": st.one_of(st.booleans(), st.just("yes")), "prompt_logprobs": st.integers(-2, 25),
              "return_tokens_as_token_ids": st.booleans(), "bad_words": st.lists(st.text(max_size=6), max_size=3),
+             "stream_options": st.fixed_dictionaries({"include_usage": st.booleans(),
+                                                     "continuous_usage_stats": st.booleans()}),
              "truncate_prompt_tokens": st.integers(-3, 10000), "truncation_side": st.sampled_from(["left", "right", "up"]),
              "structured_outputs": structured_outputs}
 tool = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(

@@ -103,8 +103,9 @@ class FakeChatClient:
             lp = [TokenLogprob(c, -0.5, list(c.encode()))] if req.sampling.logprobs is not None else None
             ids = {"token_ids": list(c.encode()), "prompt_token_ids": None if k else PROMPT_IDS} \
                 if req.sampling.return_token_ids else {}
+            so_far = Usage(3, (k + 1) * req.sampling.n) if req.sampling.continuous_usage and not last else None
             yield GenerateChunk([ChoiceDelta(i, c, lp, "stop" if last else None, **ids) for i in range(req.sampling.n)],
-                                Usage(3, len(text) * req.sampling.n) if last else None)
+                                Usage(3, len(text) * req.sampling.n) if last else None, so_far)
             await asyncio.sleep(0)
 
 

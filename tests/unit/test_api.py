@@ -689,3 +689,28 @@ def test_bad_words_reach_the_engine_and_bad_entries_are_400():
     assert ok.status_code == 200 and fake.requests[0].sampling.bad_words == ["Paris", "Lyon"]
     assert [(r.status_code, r.json()["error"]["param"]) for r in refused] == [(400, "bad_words")] * 5 + [
         (400, "bad_words[0]")]
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_event_and_need_include_usage():
+    """vLLM's stream_options.continuous_usage_stats: each streamed event carries the usage so far, then
+    the usual usage-only event; without include_usage it could not take effect: 400."""
+    on = {"include_usage": True, "continuous_usage_stats": True}
+
+    async def go():
+        c = client_for(make_app())
+        chat = [e async for e in await c.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": "abc"}], stream=True, stream_options=on)]
+        legacy = [e async for e in await c.completions.create(model=CHAT, prompt="abc", stream=True, stream_options=on)]
+        plain = [e async for e in await c.completions.create(model=CHAT, prompt="abc", stream=True,
+                                                             stream_options={"include_usage": True})]
+        async with raw_client(make_app()) as h:
+            refused = await h.post("/v1/completions", json={"model": CHAT, "prompt": "x", "stream": True,
+                                                            "stream_options": {"continuous_usage_stats": True}})
+        return chat, legacy, plain, refused
+    chat, legacy, plain, refused = run(go())
+    for events in (chat, legacy):
+        counts = [e.usage.completion_tokens for e in events]
+        assert counts[-2:] == [3, 3] and counts == sorted(counts) and counts[0] >= 1   # so far, then the total
+        assert all(e.usage.prompt_tokens == 3 for e in events)
+    assert [e.usage is None for e in plain] == [True] * 3 + [False]
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream_options.continuous_usage_stats"

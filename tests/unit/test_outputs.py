@@ -203,3 +203,20 @@ def test_return_tokens_as_token_ids_names_every_logprob_entry_by_id_and_keeps_it
     assert [e.token for e in entries] == [f"token_id:{t}" for t in prompt("abc") + out_ids(r)]
     assert [e.bytes for e in entries[:3]] == [[97], [98], [99]]        # still the tokens' own bytes
     assert all(t.startswith("token_id:") for e in entries[1:] for t, _, _ in e.top) and len(entries[4].top) == 2
+
+
+def test_continuous_usage_puts_the_usage_so_far_on_every_chunk_before_the_last(model):
+    chunks = _chunks(make_engine(model), req("u", "abc", max_tokens=4, continuous_usage=True, n=2, temperature=1.0,
+                                             seed=1))
+    assert [c.usage is None for c in chunks] == [True] * (len(chunks) - 1) + [False]   # usage still ends the stream
+    assert [c.usage_so_far.completion_tokens for c in chunks[:-1]] == [2 * k for k in range(1, len(chunks))]
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[0].usage_so_far.prompt_tokens == 3
+    assert all(c.usage_so_far is None for c in _chunks(make_engine(model), req("p", "abc", max_tokens=4)))
+
+
+def _chunks(engine, r):
+    engine.add(r)
+    chunks = []
+    while engine.has_work():
+        chunks += [c for _, c in engine.step()]
+    return chunks
