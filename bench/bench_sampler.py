@@ -4,7 +4,7 @@ Random logits over SmolLM2's vocabulary (49,152) for a batch of B rows; every ro
 option. Each option's median time per sampler call is compared with plain sampling (temperature 1)
 measured in the same rounds, interleaved, so the ratios hold on a noisy machine.
 
-    python bench/bench_sampler.py --batches 1,32 --rounds 5 --calls 20
+    python bench/bench_sampler.py --batches 1,32 --rounds 5 --calls 20 [--options "top_k 50,min_p 0.05"]
 """
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ OPTIONS = {   # what each row of the batch asks for (beside temperature 1)
     "repetition_penalty 1.1": {"repetition_penalty": 1.1},
     "min_tokens 100 (EOS held back)": {"min_tokens": 100},
     "presence + frequency penalty": {"presence_penalty": 0.5, "frequency_penalty": 0.5},
+    "allowed_token_ids (1004 ids)": {"allowed_token_ids": list(range(0, VOCAB, 49))},
+    "logit_bias (10 entries)": {"logit_bias": {i: 1.0 for i in range(10)}},
+    "bad_words (16 two-token words)": {"bad_word_ids": [[i, i + 1] for i in range(100, 132, 2)]},
     "all of them": {"top_p": 0.9, "top_k": 50, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 100,
                     "presence_penalty": 0.5, "frequency_penalty": 0.5},
 }
@@ -58,22 +61,25 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20, help="sampler calls per option per round")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--options", default="", help="comma-separated option names to run (default: all; plain always)")
     args = ap.parse_args()
+    options = {name: p for name, p in OPTIONS.items()
+               if not args.options or name == "plain" or name in args.options.split(",")}
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     sampler = Sampler(VOCAB, torch.device("cpu"), eos_ids=[0, 2])
     table = []
     for batch in [int(b) for b in args.batches.split(",")]:
         logits = torch.randn(batch, VOCAB) * 3
-        seqs = {name: rows(batch, p, args.prompt_len, args.output_len) for name, p in OPTIONS.items()}
-        times: dict[str, list[float]] = {name: [] for name in OPTIONS}
+        seqs = {name: rows(batch, p, args.prompt_len, args.output_len) for name, p in options.items()}
+        times: dict[str, list[float]] = {name: [] for name in options}
         for _ in range(args.rounds):
-            for name in OPTIONS:   # interleaved: every option sees the same machine state
+            for name in options:   # interleaved: every option sees the same machine state
                 start = time.perf_counter()
                 for _ in range(args.calls):
                     sampler(logits, seqs[name])
                 times[name].append((time.perf_counter() - start) / args.calls * 1000)
         plain = statistics.median(times["plain"])
-        for name in OPTIONS:
+        for name in options:
             ms = statistics.median(times[name])
             table.append([batch, name, f"{ms:.2f}", f"{ms / plain:.2f}x"])
     print_table(["batch", "every row asks for", "ms per call (median)", "vs plain"], table)

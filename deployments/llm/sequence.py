@@ -67,12 +67,11 @@ class Sequence:
                           torch.tensor(list(self.params.logit_bias.values()), dtype=torch.float32))
         return self._bias
 
-    def allowed_mask(self, vocab_size: int, device: torch.device) -> torch.Tensor:
-        """allowed_token_ids as a [vocab_size] mask, built once per sequence (without ids the model's head lacks)."""
+    def allowed_tokens(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """allowed_token_ids as a tensor, built once per sequence (without ids the model's head lacks)."""
         if self._allowed is None:
-            self._allowed = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            ids = torch.tensor(self.params.allowed_token_ids, dtype=torch.long, device=device)
-            self._allowed[ids[ids < vocab_size]] = True
+            ids = sorted(i for i in set(self.params.allowed_token_ids) if i < vocab_size)
+            self._allowed = torch.tensor(ids, dtype=torch.long, device=device)
         return self._allowed
 
     def bad_word_bans(self) -> list[int]:
