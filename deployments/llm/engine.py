@@ -196,7 +196,9 @@ class LLMEngine:
         chunk becomes logprob entries."""
         p = group.seqs[0].params
         as_ids = p.return_tokens_as_token_ids
-        echo = [self.outputs.logprob(group.prompt_ids[0], None, [], as_ids)] if p.echo and p.logprobs is not None else None
+        echo = None
+        if p.echo and p.logprobs is not None:   # the first prompt token has no logprob
+            echo = [self.outputs.logprob(group.prompt_ids[0], None, [], as_ids)]
         ranked: Optional[list] = [None] if p.prompt_logprobs is not None else None   # vLLM: none for the first token
 
         def score(start: int, end: int, logits: torch.Tensor, targets: torch.Tensor) -> None:
