@@ -45,7 +45,8 @@ class EngineMetrics:
 
     def record_step(self, engine: Any, outputs: list, started: float, now: float) -> None:
         """After one engine step (monotonic times): the step's duration, occupancy, and the
-        requests that got their first token or finished in it."""
+        requests that got their first token or finished in it. A request that failed alone in the
+        step has its error for a chunk, and no usage to count."""
         self.step.observe(now - started)
         self.running.set(engine.num_running_seqs())
         self.waiting.set(engine.num_waiting_seqs())
@@ -56,7 +57,7 @@ class EngineMetrics:
                 self.ttft.observe(now - req.arrival)
                 if req.scheduled_at is not None:
                     self.queue.observe(req.scheduled_at - req.arrival)
-            if chunk.usage is not None:
+            if not isinstance(chunk, BaseException) and chunk.usage is not None:
                 self.e2e.observe(now - req.arrival)
                 prompt += chunk.usage.prompt_tokens
                 generated += chunk.usage.completion_tokens

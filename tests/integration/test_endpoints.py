@@ -164,6 +164,15 @@ def test_vllm_structured_outputs_through_the_openai_client(client):
     assert err.value.body["param"] == "structured_outputs" and "regular expression" in err.value.body["message"]
 
 
+def token_ids_of(server_url: str, text: str):
+    """`text`'s token ids (a list), or its one token id, from /tokenize."""
+    import httpx2
+    with httpx2.Client(timeout=60) as h:
+        ids = h.post(server_url.removesuffix("/v1") + "/tokenize", json={"model": CHAT, "prompt": text,
+                                                                        "add_special_tokens": False}).json()["tokens"]
+    return ids[0] if len(ids) == 1 else ids
+
+
 def test_vllm_text_options_through_the_openai_client(client, server_url):
     """include_stop_str_in_output, skip_special_tokens, truncate_prompt_tokens, allowed_token_ids and
     bad_words (extra_body) on the real model."""
@@ -184,10 +193,7 @@ def test_vllm_text_options_through_the_openai_client(client, server_url):
     with pytest.raises(openai.BadRequestError) as err:
         echo(truncate_prompt_tokens=10**6)
     assert err.value.body["param"] == "truncate_prompt_tokens"
-    import httpx2
-    with httpx2.Client(timeout=60) as h:   # " yes" and " no", a token each
-        allowed = h.post(server_url.removesuffix("/v1") + "/tokenize", json={"model": CHAT, "prompt": " yes no",
-                                                                             "add_special_tokens": False}).json()["tokens"]
+    allowed = token_ids_of(server_url, " yes no")   # " yes" and " no", a token each
     assert len(allowed) == 2
     picked = client.completions.create(model=CHAT, prompt="Is Paris in France? Answer:", max_tokens=4, temperature=1.5,
                                        seed=1, extra_body={"allowed_token_ids": allowed})
@@ -196,6 +202,12 @@ def test_vllm_text_options_through_the_openai_client(client, server_url):
     assert "Paris" in client.completions.create(**capital).choices[0].text
     avoided = client.completions.create(**capital, extra_body={"bad_words": ["Paris"]}).choices[0].text
     assert "Paris" not in avoided and avoided.strip()     # " Paris" (one token) banned as well as "Paris"
+    s_id = token_ids_of(server_url, "S")
+    with pytest.raises(openai.BadRequestError) as err:    # its grammar's only next token is banned: the request
+        client.chat.completions.create(model=CHAT, messages=PARIS, max_tokens=4, logit_bias={str(s_id): -100},
+                                       extra_body={"structured_outputs": {"choice": ["S"]}})
+    assert err.value.body["code"] == "invalid_parameter_combination"
+    assert client.chat.completions.create(model=CHAT, messages=PARIS, max_tokens=2).choices   # the engine runs on
 
 
 def test_return_token_ids_on_the_real_model_match_tokenize_and_decode_to_the_reply(client, server_url):

@@ -312,3 +312,28 @@ def test_merged_chunks_keep_every_token_id_and_the_prompts_ids_once():
     assert [(d.text, d.token_ids, d.prompt_token_ids, d.finish_reason) for d in merged.choices] == [
         ("ac", [1, 3, 4], [7, 8], "stop"), ("bd", [2, 5], [7, 8], "length")]
     assert chunks[0].choices[0].token_ids == [1] and merged.usage.completion_tokens == 5   # the inputs are not changed
+
+
+def test_with_metrics_on_a_request_that_fails_alone_leaves_the_engine_running():
+    """A request that fails inside a step (here: its allowed_token_ids all banned by bad_words) hands
+    the metrics its error for a chunk. Before, recording that step raised AttributeError and stopped
+    the engine thread: every request in flight failed and the replica was replaced."""
+    from deployments.errors import InvalidRequestError
+    from deployments.llm.metrics import EngineMetrics
+    metrics = EngineMetrics("tiny", metrics=_FakeMetricsModule())
+
+    def factory(_cfg):
+        tok = ByteTokenizer()
+        engine = LLMEngine(MODEL, tok, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=4096)
+        return BuiltEngine(AsyncLLMEngine(engine, max_in_flight_seqs=8, metrics=metrics), tok, 64)
+
+    async def go():
+        server = LLMServer(ChatModelConfig(id="tiny", kind="chat", source="x"), engine_factory=factory)
+        results = await asyncio.gather(server.generate(chat(rid="bad", allowed_token_ids=[65], bad_words=["A"])),
+                                       server.generate(chat(rid="good", max_tokens=5)), return_exceptions=True)
+        after = await server.generate(chat(rid="after", max_tokens=3))
+        return server, results, after
+    server, (bad, good), after = asyncio.run(go())
+    assert isinstance(bad, InvalidRequestError) and bad.param == "allowed_token_ids"
+    assert good.usage.completion_tokens == 5 and after.usage.completion_tokens == 3 and server.engine.is_alive()
+    assert sum(metrics.generation_tokens.values) == 8 and len(metrics.e2e.values) == 2
