@@ -26,7 +26,7 @@ from deployments.llm.built_engine import EngineLoad
 from deployments.llm.detokenizer import IncrementalDetokenizer, StopMatcher
 from deployments.llm.kv_cache import SlotKVCache, prompt_cache
 from deployments.llm.model_runner import ModelRunner, supports_mixed_steps
-from deployments.llm.outputs import OutputProcessor
+from deployments.llm.outputs import OutputProcessor, no_token_left
 from deployments.llm.request import EngineRequest
 from deployments.llm.sampler import Sampler, make_generator
 from deployments.llm.scheduler import PromptGroup, Scheduler, StepPlan
@@ -273,6 +273,9 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int) -> None:
         """Takes a sampled token. A failure here (detokenizing, stop strings, the grammar) concerns
         this request only: it ends with the error and the batch goes on."""
+        if seq.no_token_left:   # its own masks excluded every token (sampler): a 400 for it alone. This
+            # follows from its params and tokens only, so under TP every rank fails it alike and goes on
+            return self._fail(seq.owner, no_token_left(seq))
         if self.lockstep is not None:   # under TP every rank must take the same path: a failure stops all
             return self.outputs.take(seq, token)
         try:

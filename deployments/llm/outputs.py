@@ -10,11 +10,11 @@ from typing import Any, Optional, Union
 
 import torch
 
+from deployments.errors import InvalidRequestError
 from deployments.llm.detokenizer import TokenText
 from deployments.llm.request import EngineRequest
 from deployments.llm.sampler import compute_logprobs
 from deployments.llm.sequence import Sequence, Status
-from deployments.errors import InvalidRequestError
 from deployments.types import ChoiceDelta, GenerateChunk, RankedLogprob, TokenLogprob, constraint_param
 
 
@@ -27,8 +27,6 @@ class OutputProcessor:
 
     def take(self, seq: Sequence, token: int) -> None:
         """Appends a sampled token to `seq` and finishes it where the token ends it."""
-        if seq.no_token_left:
-            raise _no_token_left(seq)
         seq.output_ids.append(token)
         p = seq.params
         if seq.matcher is not None:
@@ -141,8 +139,8 @@ def _new_token_ids(s: Sequence) -> list[int]:
     return ids
 
 
-def _no_token_left(seq: Sequence) -> InvalidRequestError:
-    """The request's own constraints exclude every token it could generate next."""
+def no_token_left(seq: Sequence) -> InvalidRequestError:
+    """The 400 for a sequence whose own constraints exclude every token it could generate next."""
     spec = getattr(seq.owner, "grammar_spec", None)
     if spec is not None:
         param = constraint_param(spec)

@@ -21,7 +21,8 @@ def _requests():
         return EngineRequest(rid, [list(text.encode())], p, [p.max_tokens])
     return [r("greedy", "hello there"), r("seeded", "abc", temperature=1.0, seed=7, n=2),
             r("unseeded", "tp", temperature=1.0, top_p=0.9), r("stop", "stop me", stop=["e"], max_tokens=20),
-            r("aborted", "abort me", max_tokens=30), r("late", "joins late", max_tokens=8)]
+            r("aborted", "abort me", max_tokens=30), r("late", "joins late", max_tokens=8),
+            r("no token left", "banned", allowed_token_ids=[65], bad_word_ids=[[65]])]   # a 400 for it alone
 
 
 def _engine(model, lockstep=None):
@@ -101,6 +102,7 @@ def test_two_ranks_stay_in_lockstep_and_match_the_whole_model(tmp_path):
         assert leader[rid] == reference[rid]
     assert leader["seeded"] == reference["seeded"]      # a seed reproduces across sharding too
     assert len(leader["aborted"][0]) < 30
+    assert leader["no token left"] == reference["no token left"] == [[]]   # failed alone; every rank went on
 
 
 def test_rank_zero_fails_fast_when_another_rank_fails_to_set_up():
