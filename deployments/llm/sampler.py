@@ -120,7 +120,7 @@ class Sampler:
     @staticmethod
     def _mark_dead_ends(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """A row whose masks exclude every token (a grammar against bans, or allowed_token_ids against
-        bad_words) has nothing to draw: its sequence is marked, for the output processor to fail that
+        bad_words) has nothing to draw: its sequence is marked, for the engine to fail that
         request alone, and its row made finite so the batch's arithmetic stays finite."""
         if not any(s.matcher is not None or s.params.allowed_token_ids or s.params.bad_word_ids or s.params.logit_bias
                    for s in seqs):
