@@ -273,11 +273,8 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int) -> None:
         """Takes a sampled token. A failure here (detokenizing, stop strings, the grammar) concerns
         this request only: it ends with the error and the batch goes on."""
-        if seq.no_token_left:   # its own masks excluded every token (sampler): a 400 for it alone. This
-            # follows from its params and tokens only, so under TP every rank fails it alike and goes on
+        if seq.no_token_left:   # its own masks excluded every token (sampler): a 400 for it alone
             return self._fail(seq.owner, no_token_left(seq))
-        if self.lockstep is not None:   # under TP every rank must take the same path: a failure stops all
-            return self.outputs.take(seq, token)
         try:
             self.outputs.take(seq, token)
         except Exception as exc:
@@ -285,8 +282,11 @@ class LLMEngine:
             self._fail(seq.owner, exc)
 
     def _fail(self, req: EngineRequest, exc: Exception) -> None:
-        """Ends every sequence of `req`, waiting or running; its next chunk is `exc`."""
+        """Ends every sequence of `req`, waiting or running; its next chunk is `exc`. Under TP every
+        rank ends up failing it: rank 0 tells the others (tp.Lockstep.failed)."""
         req.error = exc
+        if self.lockstep is not None:
+            self.lockstep.failed(req.request_id)
         self.scheduler.abort(req.request_id)
         for s in req.seqs:
             if not s.finished:

@@ -8,6 +8,9 @@ Every rank holds a shard of the model and runs the same LLMEngine over it: SPMD 
   broadcasts its tokens over the model's group.
 - **Lockstep.** Every rank's scheduler, batch, cache and stop checks therefore stay the same,
   whatever the floating-point details of each rank's logits.
+- **A request that fails alone** (its token could not be processed) fails on every rank: rank 0
+  sends its failures with the next step's aborts, and a follower aborts any it did not fail itself.
+  A follower that failed a request rank 0 did not has diverged, and its loop stops (below).
 - **Ranks 1.. are Ray actors** in the replica's placement group, one bundle each. The deployment
   asks for the bundles (builder.py), STRICT_PACK on one node. On GPUs each rank has its own GPU
   and NCCL carries the collectives; on CPU, gloo.
@@ -56,6 +59,7 @@ class Lockstep:
     def __init__(self, control: Any, leader: bool):
         self.control, self.leader = control, leader
         self._pending: list[tuple[str, Any]] = []
+        self._failed_here: set[str] = set()   # a follower's own failures since the last step
 
     def added(self, req: Any) -> None:
         if self.leader:
@@ -66,6 +70,14 @@ class Lockstep:
         if self.leader:
             self._pending.append(("abort", request_id))
 
+    def failed(self, request_id: str) -> None:
+        """The engine failed this request alone. Rank 0's verdict goes to the other ranks as an abort;
+        a follower's own is checked against it (receive)."""
+        if self.leader:
+            self._pending.append(("abort", request_id))
+        else:
+            self._failed_here.add(request_id)
+
     def before_step(self) -> None:
         if self.leader:
             msg, self._pending = [self._pending], []
@@ -75,7 +87,17 @@ class Lockstep:
         """A follower's next step's operations (None: stop)."""
         msg: list[Any] = [None]
         dist.broadcast_object_list(msg, src=0, group=self.control)
+        if msg[0] is not None:
+            self.check_failures(msg[0])
         return msg[0]
+
+    def check_failures(self, ops: list[tuple[str, Any]]) -> None:
+        """Raises when this follower failed a request that rank 0 went on with: their batches differ,
+        and no later step could match."""
+        diverged = self._failed_here - {arg for op, arg in ops if op == "abort"}
+        self._failed_here = set()
+        if diverged:
+            raise RuntimeError(f"this rank failed {len(diverged)} request(s) that rank 0 did not; the ranks diverged")
 
     def stop(self) -> None:
         if self.leader:

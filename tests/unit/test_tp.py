@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -22,7 +23,21 @@ def _requests():
     return [r("greedy", "hello there"), r("seeded", "abc", temperature=1.0, seed=7, n=2),
             r("unseeded", "tp", temperature=1.0, top_p=0.9), r("stop", "stop me", stop=["e"], max_tokens=20),
             r("aborted", "abort me", max_tokens=30), r("late", "joins late", max_tokens=8),
+            r("fails everywhere", "boom", max_tokens=12), r("fails on rank 0", "bang", max_tokens=12),
             r("no token left", "banned", allowed_token_ids=[65], bad_word_ids=[[65]])]   # a 400 for it alone
+
+
+def _failing_take(engine, rank: int) -> None:
+    """Processing a request's third token raises: for one request on every rank, for another on
+    rank 0 only (a failure that is not a function of the request, such as running out of memory)."""
+    take = engine.outputs.take
+
+    def failing(seq, token):
+        take(seq, token)
+        if len(seq.output_ids) == 3 and (seq.request_id == "fails everywhere"
+                                         or (seq.request_id == "fails on rank 0" and rank == 0)):
+            raise RuntimeError("processing this token failed")
+    engine.outputs.take = failing
 
 
 def _engine(model, lockstep=None):
@@ -32,8 +47,9 @@ def _engine(model, lockstep=None):
                      max_prefill_tokens=12, lockstep=lockstep)
 
 
-def _drive(engine):
+def _drive(engine, rank: int = 0):
     """Adds requests over several steps, aborts one mid-way; returns {request_id: [output ids per choice]}."""
+    _failing_take(engine, rank)
     reqs = _requests()
     pending = list(reqs[:-1])
     steps = 0
@@ -70,6 +86,7 @@ def _rank(rank: int, port: int, path: str, results) -> None:
         def make_request(rid, prompts, params, max_tokens, grammar_spec):
             seen[rid] = EngineRequest(rid, prompts, params, max_tokens, grammar_spec=grammar_spec)
             return seen[rid]
+        _failing_take(engine, rank)
         follow(engine, lockstep, make_request)
         out = {rid: [s.output_ids for s in r.seqs] for rid, r in seen.items()}
     heads = model.model.layers[0].self_attn.q_proj.weight.to_local().shape[0]
@@ -103,6 +120,8 @@ def test_two_ranks_stay_in_lockstep_and_match_the_whole_model(tmp_path):
     assert leader["seeded"] == reference["seeded"]      # a seed reproduces across sharding too
     assert len(leader["aborted"][0]) < 30
     assert leader["no token left"] == reference["no token left"] == [[]]   # failed alone; every rank went on
+    for rid in ("fails everywhere", "fails on rank 0"):   # failed alone on the third token; the rest went on
+        assert [len(ids) for ids in leader[rid]] == [3]
 
 
 def test_rank_zero_fails_fast_when_another_rank_fails_to_set_up():
@@ -143,3 +162,16 @@ def test_a_replica_with_such_a_rank_count_fails_to_start_with_that_message(tmp_p
     cfg = ChatModelConfig(id="tiny", kind="chat", source=str(tmp_path), engine={"tensor_parallel_size": 3})
     with pytest.raises(ValueError, match="must divide the model's heads"):
         build_async_engine(cfg)
+
+
+def test_a_follower_that_failed_a_request_rank_zero_went_on_with_stops():
+    """Its batch no longer matches rank 0's, so no later step could: its loop must end (which fails
+    rank 0's next collective and the replica's health check) rather than run on out of step."""
+    from deployments.llm.tp import Lockstep
+    follower = Lockstep(control=None, leader=False)
+    follower.failed("a")
+    follower.check_failures([("add", ("b", [], None, [], None)), ("abort", "a")])   # rank 0 failed it too
+    follower.failed("c")
+    with pytest.raises(RuntimeError, match="diverged"):
+        follower.check_failures([("abort", "a")])
+    follower.check_failures([])   # checked once: the next step starts clean
