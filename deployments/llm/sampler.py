@@ -102,20 +102,12 @@ class Sampler:
 
     def _ban_bad_words(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """vLLM's bad_words: a token that would complete a bad word is masked out."""
-        cells = [(r, t) for r, s in enumerate(seqs) if s.params.bad_word_ids for t in s.bad_word_bans()
-                 if t < logits.shape[1]]
-        if cells:
-            rows, ids = zip(*cells)
-            logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = float("-inf")
+        _mask_cells(logits, [(r, t) for r, s in enumerate(seqs) if s.params.bad_word_ids for t in s.bad_word_bans()])
 
     def _hold_back_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """min_tokens: EOS (unless ignore_eos) and stop_token_ids cannot be drawn before that many tokens."""
-        cells = [(r, t) for r, s in enumerate(seqs) if len(s.output_ids) < s.params.min_tokens
-                 for t in (s.params.stop_token_ids + ([] if s.params.ignore_eos else self.eos_ids))
-                 if t < logits.shape[1]]
-        if cells:
-            rows, ids = zip(*cells)
-            logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = float("-inf")
+        _mask_cells(logits, [(r, t) for r, s in enumerate(seqs) if len(s.output_ids) < s.params.min_tokens
+                             for t in (s.params.stop_token_ids + ([] if s.params.ignore_eos else self.eos_ids))])
 
     @staticmethod
     def _mark_dead_ends(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -137,6 +129,15 @@ class Sampler:
             if s.generator is not None:
                 u[row] = torch.rand(1, generator=s.generator)[0]
         return u.to(self.device)
+
+
+def _mask_cells(logits: torch.Tensor, cells: list[tuple[int, int]]) -> None:
+    """Sets each (row, token) cell to -inf; tokens past the logits' width (ids the model has no
+    logit for) are skipped."""
+    cells = [(r, t) for r, t in cells if t < logits.shape[1]]
+    if cells:
+        rows, ids = zip(*cells)
+        logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = float("-inf")
 
 
 def _or(value: Optional[float], default: float) -> float:

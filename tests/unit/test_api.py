@@ -654,22 +654,27 @@ def test_prompt_logprobs_are_vllms_shape_on_chat_and_completions_and_400_where_v
     assert [(r.status_code, r.json()["error"]["param"]) for r in refused] == [(400, "prompt_logprobs")] * 4
 
 
-def test_return_tokens_as_token_ids_reaches_the_engine_and_needs_logprobs():
-    fake = FakeChatClient()
-    msgs = [{"role": "user", "content": "x"}]
-
+def _post_each(fake, *groups):
+    """POSTs each group of (path, body) requests in turn to one app over `fake`; the responses, by group."""
     async def go():
         async with raw_client(make_app(fake)) as h:
-            ok = [await h.post("/v1/chat/completions", json={"model": CHAT, "messages": msgs, "logprobs": True,
-                                                              "return_tokens_as_token_ids": True}),
-                  await h.post("/v1/completions", json={"model": CHAT, "prompt": "x", "logprobs": 0,
-                                                        "return_tokens_as_token_ids": True})]
-            refused = [await h.post("/v1/chat/completions", json={"model": CHAT, "messages": msgs,
-                                                                   "return_tokens_as_token_ids": True}),
-                       await h.post("/v1/completions", json={"model": CHAT, "prompt": "x",
-                                                             "return_tokens_as_token_ids": True})]
-            return ok, refused
-    ok, refused = run(go())
+            return [[await h.post(path, json=body) for path, body in group] for group in groups]
+    return run(go())
+
+
+def _chat(**body):
+    return "/v1/chat/completions", {"model": CHAT, "messages": [{"role": "user", "content": "x"}], **body}
+
+
+def _completion(**body):
+    return "/v1/completions", {"model": CHAT, "prompt": "x", **body}
+
+
+def test_return_tokens_as_token_ids_reaches_the_engine_and_needs_logprobs():
+    fake = FakeChatClient()
+    ok, refused = _post_each(fake, [_chat(logprobs=True, return_tokens_as_token_ids=True),
+                                    _completion(logprobs=0, return_tokens_as_token_ids=True)],
+                             [_chat(return_tokens_as_token_ids=True), _completion(return_tokens_as_token_ids=True)])
     assert [r.status_code for r in ok] == [200, 200]
     assert [r.sampling.return_tokens_as_token_ids for r in fake.requests] == [True, True]
     assert [(r.status_code, r.json()["error"]["param"]) for r in refused] == [(400, "return_tokens_as_token_ids")] * 2
@@ -677,15 +682,8 @@ def test_return_tokens_as_token_ids_reaches_the_engine_and_needs_logprobs():
 
 def test_bad_words_reach_the_engine_and_bad_entries_are_400():
     fake = FakeChatClient()
-    msgs = [{"role": "user", "content": "x"}]
-
-    async def go():
-        async with raw_client(make_app(fake)) as h:
-            ok = await h.post("/v1/completions", json={"model": CHAT, "prompt": "x", "bad_words": ["Paris", "Lyon"]})
-            refused = [await h.post("/v1/chat/completions", json={"model": CHAT, "messages": msgs, "bad_words": w})
-                       for w in ([" "], [""], ["x" * 1025], ["w"] * 65, "Paris", [1])]
-            return ok, refused
-    ok, refused = run(go())
+    (ok,), refused = _post_each(fake, [_completion(bad_words=["Paris", "Lyon"])],
+                                [_chat(bad_words=w) for w in ([" "], [""], ["x" * 1025], ["w"] * 65, "Paris", [1])])
     assert ok.status_code == 200 and fake.requests[0].sampling.bad_words == ["Paris", "Lyon"]
     assert [(r.status_code, r.json()["error"]["param"]) for r in refused] == [(400, "bad_words")] * 5 + [
         (400, "bad_words[0]")]

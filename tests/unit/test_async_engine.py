@@ -108,19 +108,23 @@ class _FakeMetricsModule:
     Histogram = Counter = Gauge = _FakeMetric
 
 
-def test_engine_metrics_record_ttft_queue_latency_tokens_and_occupancy():
+def _server_with_metrics(max_num_seqs: int):
+    """An LLMServer over the tiny model whose engine records into fake metrics; returns both."""
     from deployments.llm.metrics import EngineMetrics
     metrics = EngineMetrics("tiny", metrics=_FakeMetricsModule())
 
     def factory(_cfg):
         tok = ByteTokenizer()
-        engine = LLMEngine(MODEL, tok, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=4096)
+        engine = LLMEngine(MODEL, tok, max_model_len=64, max_num_seqs=max_num_seqs, max_num_batched_tokens=4096)
         return BuiltEngine(AsyncLLMEngine(engine, max_in_flight_seqs=8, metrics=metrics), tok, 64)
+    return LLMServer(ChatModelConfig(id="tiny", kind="chat", source="x"), engine_factory=factory), metrics
 
+
+def test_engine_metrics_record_ttft_queue_latency_tokens_and_occupancy():
     async def go():
-        server = LLMServer(ChatModelConfig(id="tiny", kind="chat", source="x"), engine_factory=factory)
-        return await asyncio.gather(*(server.generate(chat(rid=f"r{i}", max_tokens=5)) for i in range(3)))
-    results = asyncio.run(go())
+        server, metrics = _server_with_metrics(max_num_seqs=2)
+        return metrics, await asyncio.gather(*(server.generate(chat(rid=f"r{i}", max_tokens=5)) for i in range(3)))
+    metrics, results = asyncio.run(go())
     assert metrics.ttft.tags == {"model": "tiny"}
     assert len(metrics.ttft.values) == len(metrics.queue.values) == len(metrics.e2e.values) == 3
     assert max(metrics.queue.values) > 0                      # 3 requests, 2 slots: one waited
@@ -316,24 +320,17 @@ def test_merged_chunks_keep_every_token_id_and_the_prompts_ids_once():
 
 def test_with_metrics_on_a_request_that_fails_alone_leaves_the_engine_running():
     """A request that fails inside a step (here: its allowed_token_ids all banned by bad_words) hands
-    the metrics its error for a chunk. Before, recording that step raised AttributeError and stopped
-    the engine thread: every request in flight failed and the replica was replaced."""
+    the metrics its error for a chunk; recording that step must not stop the engine thread, which
+    would fail every request in flight and replace the replica."""
     from deployments.errors import InvalidRequestError
-    from deployments.llm.metrics import EngineMetrics
-    metrics = EngineMetrics("tiny", metrics=_FakeMetricsModule())
-
-    def factory(_cfg):
-        tok = ByteTokenizer()
-        engine = LLMEngine(MODEL, tok, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=4096)
-        return BuiltEngine(AsyncLLMEngine(engine, max_in_flight_seqs=8, metrics=metrics), tok, 64)
 
     async def go():
-        server = LLMServer(ChatModelConfig(id="tiny", kind="chat", source="x"), engine_factory=factory)
+        server, metrics = _server_with_metrics(max_num_seqs=4)
         results = await asyncio.gather(server.generate(chat(rid="bad", allowed_token_ids=[65], bad_words=["A"])),
                                        server.generate(chat(rid="good", max_tokens=5)), return_exceptions=True)
         after = await server.generate(chat(rid="after", max_tokens=3))
-        return server, results, after
-    server, (bad, good), after = asyncio.run(go())
+        return server, metrics, results, after
+    server, metrics, (bad, good), after = asyncio.run(go())
     assert isinstance(bad, InvalidRequestError) and bad.param == "allowed_token_ids"
     assert good.usage.completion_tokens == 5 and after.usage.completion_tokens == 3 and server.engine.is_alive()
     assert sum(metrics.generation_tokens.values) == 8 and len(metrics.e2e.values) == 2

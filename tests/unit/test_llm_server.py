@@ -367,8 +367,8 @@ def test_bad_words_reach_the_sampler_through_the_server():
 @pytest.mark.parametrize("ban", [{"bad_words": ["A"]}, {"logit_bias": {65: -100.0}}])
 def test_a_grammar_whose_every_next_token_is_banned_fails_that_request_alone_with_a_400(ban):
     """structured_outputs' choice "AB" with "A" banned leaves no token to draw: the request ends with a
-    400 naming the conflict (before, the sampler drew a token the grammar rejects, and the output
-    silently broke its grammar); a request beside it is unharmed."""
+    400 naming the conflict, rather than a token the grammar rejects, which would silently break the
+    output's grammar; a request beside it is unharmed."""
     spec = {"type": "choice", "choice": ["AB"], "param": "structured_outputs"}
 
     async def go():
