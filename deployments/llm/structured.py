@@ -1,6 +1,6 @@
 """Constrained decoding with xgrammar: `response_format` json_object / json_schema, vLLM's
-`structured_outputs` (json, regex, choice, grammar, json_object), and forced tool calls (a structural
-tag built by tool_calls.py).
+`structured_outputs` (json, regex, choice, grammar, json_object, structural_tag), and forced tool
+calls (a structural tag built by tool_calls.py).
 
 xgrammar compiles a JSON schema (json_object: any JSON object), regex or grammar against the
 tokenizer's vocabulary once; each sequence then gets its own GrammarMatcher. Before sampling, the
@@ -47,8 +47,8 @@ class Grammars:
         compiler = self._get_compiler(param)
         kind, schema = spec["type"], spec.get("schema")
         try:
-            if kind == "structural_tag":
-                return compiler.compile_structural_tag(_compact_json(spec))
+            if kind == "structural_tag":   # a forced tool call's, or structured_outputs'
+                return compiler.compile_structural_tag(_compact_json({"type": kind, "format": spec["format"]}))
             if kind == "regex":
                 return compiler.compile_regex(spec["regex"])
             if kind == "choice":
@@ -62,7 +62,8 @@ class Grammars:
             # json_object), not any JSON value: a weak model otherwise answers "[null]"
             return compiler.compile_grammar(_schema_ebnf(_ANY_OBJECT, param))
         except Exception as exc:  # xgrammar reports bad schemas, regexes and grammars as RuntimeError/ValueError
-            what = {"regex": "regular expression", "choice": "choice", "grammar": "grammar"}.get(kind, "JSON schema")
+            what = {"regex": "regular expression", "choice": "choice", "grammar": "grammar",
+                    "structural_tag": "structural tag"}.get(kind, "JSON schema")
             raise InvalidRequestError(f"Invalid {what} in '{param}': {_reason(exc)}", param=param) from None
 
     @classmethod

@@ -65,17 +65,21 @@ class StructuredOutputs(WireModel):
     """vLLM's `structured_outputs`: exactly one constraint the output must match, enforced while
     decoding by a grammar (xgrammar), as `response_format` is. `json`: a JSON schema (an object, or
     its JSON text); `regex`; `choice`: the output is exactly one of these strings; `grammar`: EBNF
-    (xgrammar's GBNF dialect, told by its `::=`) or Lark; `json_object`: any JSON object."""
+    (xgrammar's GBNF dialect, told by its `::=`) or Lark; `json_object`: any JSON object;
+    `structural_tag`: an xgrammar structural tag (or its JSON text), see _structural_tag."""
 
     schema_: Optional[Union[dict[str, Any], StrictStr]] = Field(None, alias="json")
     regex: Optional[StrictStr] = None
     choice: Optional[list[StrictStr]] = Field(None, min_length=1)
     grammar: Optional[StrictStr] = None
     json_object: Optional[StrictBool] = None
+    structural_tag: Optional[Union[dict[str, Any], StrictStr]] = None
     _schema: Optional[dict[str, Any]] = PrivateAttr(None)   # `json` as check() parsed it
+    _tag: Optional[dict[str, Any]] = PrivateAttr(None)      # `structural_tag` as check() read it
 
     def check_limits(self, limits: RequestLimits) -> None:
         check_depth(self.schema_, "structured_outputs.json")
+        check_depth(self.structural_tag, "structured_outputs.structural_tag")
         if len(json.dumps(self.model_dump(by_alias=True, exclude_none=True))) > limits.max_schema_bytes:
             raise over_limit("structured_outputs", "the constraint's size in bytes", limits.max_schema_bytes,
                              "max_schema_bytes")
@@ -93,15 +97,20 @@ class StructuredOutputs(WireModel):
             return {**base, "type": "choice", "choice": list(self.choice)}
         if self.grammar is not None:
             return {**base, "type": "grammar", "grammar": self.grammar}
+        if self._tag is not None:
+            return {**base, "type": "structural_tag", "format": self._tag["format"]}
         return {**base, "type": "json_object"}
 
     def check(self) -> None:
         kinds = [k for k, v in (("json", self.schema_), ("regex", self.regex), ("choice", self.choice),
-                                ("grammar", self.grammar), ("json_object", self.json_object)) if v is not None]
+                                ("grammar", self.grammar), ("json_object", self.json_object),
+                                ("structural_tag", self.structural_tag)) if v is not None]
         if len(kinds) != 1:
-            raise InvalidRequestError("'structured_outputs' takes exactly one of 'json', 'regex', 'choice', 'grammar' "
-                                      f"or 'json_object'; got {len(kinds)}.", param="structured_outputs",
-                                      code="invalid_value")
+            raise InvalidRequestError("'structured_outputs' takes exactly one of 'json', 'regex', 'choice', 'grammar', "
+                                      f"'json_object' or 'structural_tag'; got {len(kinds)}.",
+                                      param="structured_outputs", code="invalid_value")
+        if self.structural_tag is not None:
+            self._tag = _structural_tag(self.structural_tag)
         if self.json_object is False:
             raise InvalidRequestError("'structured_outputs.json_object' may only be true.",
                                       param="structured_outputs.json_object", code="invalid_value")
@@ -121,6 +130,45 @@ class StructuredOutputs(WireModel):
         if self.grammar is not None and not self.grammar.strip():
             raise InvalidRequestError("'structured_outputs.grammar' is empty.", param="structured_outputs.grammar",
                                       code="invalid_value")
+
+
+def _structural_tag(value: Union[dict[str, Any], str]) -> dict[str, Any]:
+    """vLLM's structured_outputs.structural_tag, as xgrammar's current format
+    {"type": "structural_tag", "format": {...}}. The legacy form vLLM's examples use,
+    {"structures": [{"begin", "schema", "end"}], "triggers": [...]} (free text until a trigger, then
+    one of the structures whose begin it starts, its JSON, its end), becomes the "triggered_tags"
+    format it stands for, as xgrammar's own conversion does. xgrammar checks the rest when it compiles."""
+    param = "structured_outputs.structural_tag"
+    tag: Any = value
+    if isinstance(value, str):
+        try:
+            tag = json.loads(value)
+        except ValueError:
+            tag = None
+        check_depth(tag, param)
+    if not isinstance(tag, dict):
+        raise InvalidRequestError(f"Invalid '{param}': expected a structural tag (an object, or its JSON text).",
+                                  param=param, code="invalid_type")
+    if "structures" not in tag:
+        if tag.get("type") != "structural_tag" or not isinstance(tag.get("format"), dict):
+            raise InvalidRequestError(f"Invalid '{param}': expected {{\"type\": \"structural_tag\", \"format\": "
+                                      "{...}} (xgrammar's structural tag) or {\"structures\": [...], \"triggers\": "
+                                      "[...]}.", param=param, code="invalid_value")
+        return tag
+    structures, triggers = tag.get("structures"), tag.get("triggers")
+    if not (isinstance(structures, list) and structures and isinstance(triggers, list) and triggers
+            and all(isinstance(t, str) and t for t in triggers)
+            and all(isinstance(s, dict) and isinstance(s.get("begin"), str) and isinstance(s.get("end"), str)
+                    and isinstance(s.get("schema"), dict) for s in structures)):
+        raise InvalidRequestError(f"Invalid '{param}': 'structures' must be objects with string 'begin' and 'end' "
+                                  "and a JSON schema 'schema', and 'triggers' non-empty strings.",
+                                  param=param, code="invalid_value")
+    for i, s in enumerate(structures):
+        check_json_schema(s["schema"], param, f"{param} structures[{i}]", strict=False)
+    return {"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": triggers,
+        "tags": [{"type": "tag", "begin": s["begin"], "content": {"type": "json_schema", "json_schema": s["schema"]},
+                  "end": s["end"]} for s in structures]}}
 
 
 class SamplingFields(WireModel):

@@ -159,6 +159,15 @@ def test_vllm_structured_outputs_through_the_openai_client(client):
     answer = client.chat.completions.create(model=CHAT, messages=PARIS, temperature=0, max_tokens=60,
                                             extra_body={"structured_outputs": {"json": person}})
     assert set(json.loads(answer.choices[0].message.content)) == {"name", "age"}
+    city = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+            "additionalProperties": False}
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<city>", "end": "</city>",
+                                                "content": {"type": "json_schema", "json_schema": city}}}
+    tagged = client.chat.completions.create(model=CHAT, messages=PARIS, temperature=0, max_tokens=40,
+                                            extra_body={"structured_outputs": {"structural_tag": json.dumps(tag)}})
+    text = tagged.choices[0].message.content
+    assert text.startswith("<city>") and text.endswith("</city>") and tagged.choices[0].finish_reason == "stop", text
+    assert isinstance(json.loads(text[len("<city>"):-len("</city>")])["city"], str)
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=CHAT, messages=PARIS, extra_body={"structured_outputs": {"regex": "((("}})
     assert err.value.body["param"] == "structured_outputs" and "regular expression" in err.value.body["message"]

@@ -295,6 +295,11 @@ def test_images_b64_and_url_roundtrip_and_expiry():
       "structured_outputs": {"json": {"type": "objekt"}}}, 400, "structured_outputs.json", "invalid_value"),
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"grammar": " "}},
      400, "structured_outputs.grammar", "invalid_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"structural_tag": "{"}},
+     400, "structured_outputs.structural_tag", "invalid_type"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+      "structured_outputs": {"structural_tag": {"structures": [], "triggers": ["<"]}}}, 400,
+     "structured_outputs.structural_tag", "invalid_value"),
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}],
       "structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, 400, "structured_outputs.whitespace_pattern",
      None),
@@ -478,11 +483,16 @@ def test_vllm_sampling_extensions_reach_the_engine():
 def test_structured_outputs_reach_the_engine_as_a_grammar_spec_on_both_endpoints():
     fake = FakeChatClient()
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    tag = {"type": "tag", "begin": "<a>", "content": {"type": "json_schema", "json_schema": schema}, "end": "</a>"}
+    legacy = {"structures": [{"begin": "<a>", "schema": schema, "end": "</a>"}], "triggers": ["<a"]}
+
     async def go():
         async with raw_client(make_app(fake)) as h:
             out = []
             for so in ({"choice": ["yes", "no"]}, {"regex": "[0-9]+"}, {"json": schema}, {"json": json.dumps(schema)},
-                       {"grammar": 'root ::= "a"'}, {"json_object": True}):
+                       {"grammar": 'root ::= "a"'}, {"json_object": True},
+                       {"structural_tag": {"type": "structural_tag", "format": tag}},
+                       {"structural_tag": json.dumps(legacy)}):
                 out.append(await h.post("/v1/chat/completions", json={
                     "model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": so}))
             out.append(await h.post("/v1/completions", json={"model": CHAT, "prompt": "x", "n": 2,
@@ -497,6 +507,8 @@ def test_structured_outputs_reach_the_engine_as_a_grammar_spec_on_both_endpoints
     assert specs == [{"type": "choice", "choice": ["yes", "no"]}, {"type": "regex", "regex": "[0-9]+"},
                      {"type": "json_schema", "schema": schema}, {"type": "json_schema", "schema": schema},
                      {"type": "grammar", "grammar": 'root ::= "a"'}, {"type": "json_object"},
+                     {"type": "structural_tag", "format": tag},
+                     {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<a"], "tags": [tag]}},
                      {"type": "choice", "choice": ["a"]}]
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "min_tokens"
 

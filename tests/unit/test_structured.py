@@ -1,6 +1,8 @@
 """Grammar-constrained decoding (structured.py) through the engine."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.unit.fakes import tiny_llama
@@ -84,6 +86,50 @@ def test_structured_outputs_regex_choice_and_grammars_admit_exactly_their_langua
     assert _accepts(ebnf, "n=42") and not _accepts(ebnf, "n=")
     lark = g.compile({"type": "grammar", "grammar": 'start: "up" | "down"'})
     assert _accepts(lark, "down") and not _accepts(lark, "left")
+
+
+def test_structured_outputs_structural_tags_in_either_form_admit_exactly_their_language():
+    """vLLM's structured_outputs.structural_tag: xgrammar's format (here one tag the whole output must
+    be), and the legacy structures-and-triggers form (free text; after a trigger, one structure)."""
+    from ingress.protocol.common import StructuredOutputs
+    from tests.unit.fakes import byte_grammars
+    city = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+            "additionalProperties": False}
+
+    def compiled(tag):
+        so = StructuredOutputs.model_validate({"structural_tag": tag})
+        so.check()
+        return byte_grammars().compile(so.spec())
+    whole = compiled({"type": "structural_tag", "format": {"type": "tag", "begin": "<w>", "end": "</w>",
+                                                           "content": {"type": "json_schema", "json_schema": city}}})
+    assert _accepts(whole, '<w>{"city": "Paris"}</w>')
+    assert not any(_accepts(whole, t) for t in ('<w>{"city": 1}</w>', '{"city": "Paris"}', 'Paris'))
+    legacy = compiled(json.dumps({"structures": [{"begin": "<f=weather>", "schema": city, "end": "</f>"}],
+                                  "triggers": ["<f="]}))
+    assert _accepts(legacy, 'Let me look. <f=weather>{"city": "Paris"}</f> Done.') and _accepts(legacy, "no call")
+    assert not _accepts(legacy, 'x <f=weather>{"town": "Paris"}</f>') and not _accepts(legacy, "x <f=time>{}</f>")
+
+
+@pytest.mark.parametrize("tag", ["not json", "[1]", {"format": {"type": "tag"}},
+                                 {"structures": [{"begin": "<a>", "end": "</a>"}], "triggers": ["<a"]},
+                                 {"structures": [{"begin": "<a>", "schema": {}, "end": "</a>"}], "triggers": []},
+                                 {"structures": [{"begin": "<a>", "schema": {"type": 5}, "end": "</a>"}],
+                                  "triggers": ["<a"]}])
+def test_a_malformed_structural_tag_is_a_400_before_compiling(tag):
+    from deployments.errors import InvalidRequestError
+    from ingress.protocol.common import StructuredOutputs
+    with pytest.raises(InvalidRequestError) as err:
+        StructuredOutputs.model_validate({"structural_tag": tag}).check()
+    assert err.value.param == "structured_outputs.structural_tag"
+
+
+def test_a_structural_tag_xgrammar_refuses_is_a_400_naming_structured_outputs():
+    from deployments.errors import InvalidRequestError
+    from tests.unit.fakes import byte_grammars
+    with pytest.raises(InvalidRequestError) as err:
+        byte_grammars().compile({"type": "structural_tag", "param": "structured_outputs",
+                                 "format": {"type": "no_such_format"}})
+    assert err.value.param == "structured_outputs" and str(err.value).startswith("Invalid structural tag")
 
 
 @pytest.mark.parametrize("spec,what", [
