@@ -46,9 +46,12 @@ class Grammars:
         param = constraint_param(spec)
         compiler = self._get_compiler(param)
         kind, schema = spec["type"], spec.get("schema")
+        # how JSON is written: single spaces after ',' and ':', nothing unasked for, unless
+        # structured_outputs' disable_any_whitespace / disable_additional_properties say otherwise
+        style = (spec.get("any_whitespace", False), spec.get("strict", True))
         try:
             if kind == "structural_tag":   # a forced tool call's, or structured_outputs'
-                return compiler.compile_structural_tag(_compact_json({"type": kind, "format": spec["format"]}))
+                return compiler.compile_structural_tag(_compact_json({"type": kind, "format": spec["format"]}, style))
             if kind == "regex":
                 return compiler.compile_regex(spec["regex"])
             if kind == "choice":
@@ -57,10 +60,10 @@ class Grammars:
                 text = spec["grammar"]
                 return compiler.compile_grammar(text) if "::=" in text else compiler.compile_lark(text)
             if kind == "json_schema" and schema is not None:
-                return compiler.compile_grammar(_schema_ebnf(json.dumps(schema), param))
+                return compiler.compile_grammar(_schema_ebnf(json.dumps(schema), param, *style))
             # json_object, or a json_schema without a schema: a JSON object (OpenAI's JSON mode, vLLM's
             # json_object), not any JSON value: a weak model otherwise answers "[null]"
-            return compiler.compile_grammar(_schema_ebnf(_ANY_OBJECT, param))
+            return compiler.compile_grammar(_schema_ebnf(_ANY_OBJECT, param, *style))
         except Exception as exc:  # xgrammar reports bad schemas, regexes and grammars as RuntimeError/ValueError
             what = {"regex": "regular expression", "choice": "choice", "grammar": "grammar",
                     "structural_tag": "structural tag"}.get(kind, "JSON schema")
@@ -87,18 +90,19 @@ def _choice_ebnf(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
-def _compact_json(node: Any) -> Any:
+def _compact_json(node: Any, style: tuple[bool, bool] = (False, True)) -> Any:
     """The structural tag with each JSON-schema part as a grammar that writes JSON with single
     spaces after ',' and ':' (as response_format does), not any whitespace anywhere: a weak model
-    would otherwise fill its calls with runs of whitespace."""
+    would otherwise fill its calls with runs of whitespace. `style`: _schema_ebnf's any_whitespace
+    and strict."""
     if isinstance(node, list):
-        return [_compact_json(x) for x in node]
+        return [_compact_json(x, style) for x in node]
     if not isinstance(node, dict):
         return node
     if node.get("type") == "json_schema":
         schema = json.dumps(node["json_schema"])   # not sorted: the key order is the order properties are written in
-        return {"type": "grammar", "grammar": _schema_ebnf(schema)}
-    return {k: _compact_json(v) for k, v in node.items()}
+        return {"type": "grammar", "grammar": _schema_ebnf(schema, "tools", *style)}
+    return {k: _compact_json(v, style) for k, v in node.items()}
 
 
 # xgrammar 0.2.8 writes the characters of a string with minLength/maxLength as this class, which lets
@@ -108,9 +112,11 @@ _JSON_CHARS = r'[^\0-\x1f\"\\]'
 
 
 @functools.lru_cache(maxsize=1024)
-def _schema_ebnf(schema: str, param: str = "tools") -> str:
-    """The grammar of JSON text matching `schema`, single spaces after ',' and ':'."""
-    ebnf = str(_xgrammar(param).Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True))
+def _schema_ebnf(schema: str, param: str = "tools", any_whitespace: bool = False, strict: bool = True) -> str:
+    """The grammar of JSON text matching `schema`: single spaces after ',' and ':' (any whitespace
+    between tokens with `any_whitespace`); with `strict`, no property or item the schema does not
+    name (unless it allows them itself)."""
+    ebnf = str(_xgrammar(param).Grammar.from_json_schema(schema, any_whitespace=any_whitespace, strict_mode=strict))
     return ebnf.replace(_LOOSE_CHARS, _JSON_CHARS)
 
 

@@ -74,6 +74,9 @@ class StructuredOutputs(WireModel):
     grammar: Optional[StrictStr] = None
     json_object: Optional[StrictBool] = None
     structural_tag: Optional[Union[dict[str, Any], StrictStr]] = None
+    # how JSON is written (json, json_object, and JSON inside a structural tag); vLLM's names
+    disable_any_whitespace: Optional[StrictBool] = None          # default true here: single spaces
+    disable_additional_properties: Optional[StrictBool] = None   # default true here: nothing unasked for
     _schema: Optional[dict[str, Any]] = PrivateAttr(None)   # `json` as check() parsed it
     _tag: Optional[dict[str, Any]] = PrivateAttr(None)      # `structural_tag` as check() read it
 
@@ -86,7 +89,11 @@ class StructuredOutputs(WireModel):
 
     def spec(self) -> dict[str, Any]:
         """The engine's grammar spec (deployments/llm/structured.py), after check()."""
-        base = {"param": "structured_outputs"}
+        base: dict[str, Any] = {"param": "structured_outputs"}
+        if self.disable_any_whitespace is False:
+            base["any_whitespace"] = True
+        if self.disable_additional_properties is False:
+            base["strict"] = False
         if self.schema_ is not None:
             schema = self._schema if self._schema is not None else (
                 json.loads(self.schema_) if isinstance(self.schema_, str) else self.schema_)
@@ -111,6 +118,11 @@ class StructuredOutputs(WireModel):
                                       param="structured_outputs", code="invalid_value")
         if self.structural_tag is not None:
             self._tag = _structural_tag(self.structural_tag)
+        json_style = [k for k in ("disable_any_whitespace", "disable_additional_properties") if getattr(self, k) is not None]
+        if json_style and kinds[0] not in ("json", "json_object", "structural_tag"):
+            raise InvalidRequestError(f"'structured_outputs.{json_style[0]}' shapes JSON output; with "
+                                      f"'{kinds[0]}' it could not take effect.", param=f"structured_outputs.{json_style[0]}",
+                                      code="invalid_parameter_combination")
         if self.json_object is False:
             raise InvalidRequestError("'structured_outputs.json_object' may only be true.",
                                       param="structured_outputs.json_object", code="invalid_value")

@@ -295,6 +295,12 @@ def test_images_b64_and_url_roundtrip_and_expiry():
       "structured_outputs": {"json": {"type": "objekt"}}}, 400, "structured_outputs.json", "invalid_value"),
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"grammar": " "}},
      400, "structured_outputs.grammar", "invalid_value"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+      "structured_outputs": {"regex": "a", "disable_any_whitespace": False}}, 400,
+     "structured_outputs.disable_any_whitespace", "invalid_parameter_combination"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+      "structured_outputs": {"choice": ["a"], "disable_additional_properties": True}}, 400,
+     "structured_outputs.disable_additional_properties", "invalid_parameter_combination"),
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"structural_tag": "{"}},
      400, "structured_outputs.structural_tag", "invalid_type"),
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}],
@@ -492,7 +498,9 @@ def test_structured_outputs_reach_the_engine_as_a_grammar_spec_on_both_endpoints
             for so in ({"choice": ["yes", "no"]}, {"regex": "[0-9]+"}, {"json": schema}, {"json": json.dumps(schema)},
                        {"grammar": 'root ::= "a"'}, {"json_object": True},
                        {"structural_tag": {"type": "structural_tag", "format": tag}},
-                       {"structural_tag": json.dumps(legacy)}):
+                       {"structural_tag": json.dumps(legacy)},
+                       {"json": schema, "disable_any_whitespace": False, "disable_additional_properties": False},
+                       {"json_object": True, "disable_any_whitespace": True, "disable_additional_properties": True}):
                 out.append(await h.post("/v1/chat/completions", json={
                     "model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": so}))
             out.append(await h.post("/v1/completions", json={"model": CHAT, "prompt": "x", "n": 2,
@@ -509,6 +517,8 @@ def test_structured_outputs_reach_the_engine_as_a_grammar_spec_on_both_endpoints
                      {"type": "grammar", "grammar": 'root ::= "a"'}, {"type": "json_object"},
                      {"type": "structural_tag", "format": tag},
                      {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<a"], "tags": [tag]}},
+                     {"type": "json_schema", "schema": schema, "any_whitespace": True, "strict": False},
+                     {"type": "json_object"},
                      {"type": "choice", "choice": ["a"]}]
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "min_tokens"
 

@@ -110,6 +110,30 @@ def test_structured_outputs_structural_tags_in_either_form_admit_exactly_their_l
     assert not _accepts(legacy, 'x <f=weather>{"town": "Paris"}</f>') and not _accepts(legacy, "x <f=time>{}</f>")
 
 
+@pytest.mark.parametrize("so,accepted", [
+    ({}, [True, False, False, False]),
+    ({"disable_any_whitespace": True, "disable_additional_properties": True}, [True, False, False, False]),
+    ({"disable_any_whitespace": False}, [True, True, False, True]),
+    ({"disable_additional_properties": False}, [True, False, True, False]),
+])
+def test_structured_outputs_json_style_flags_decide_whitespace_and_unnamed_properties(so, accepted):
+    """vLLM's disable_any_whitespace and disable_additional_properties; here both default to true
+    (single spaces, nothing the schema does not name), and false loosens each. They reach JSON inside
+    a structural tag too."""
+    from ingress.protocol.common import StructuredOutputs
+    from tests.unit.fakes import byte_grammars
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    texts = ['{"a": 1}', '{ "a" :1 }', '{"a": 1, "b": 2}']
+    grammars = []
+    for body in ({"json": schema}, {"structural_tag": {"type": "structural_tag", "format": {
+            "type": "tag", "begin": "<t>", "content": {"type": "json_schema", "json_schema": schema}, "end": "</t>"}}}):
+        model = StructuredOutputs.model_validate({**body, **so})
+        model.check()
+        grammars.append(byte_grammars().compile(model.spec()))
+    assert [_accepts(grammars[0], t) for t in texts] == accepted[:3]
+    assert _accepts(grammars[1], '<t>{\n"a":1}</t>') == accepted[3]
+
+
 @pytest.mark.parametrize("tag", ["not json", "[1]", {"format": {"type": "tag"}},
                                  {"structures": [{"begin": "<a>", "end": "</a>"}], "triggers": ["<a"]},
                                  {"structures": [{"begin": "<a>", "schema": {}, "end": "</a>"}], "triggers": []},
