@@ -121,9 +121,11 @@ def _schema_ebnf(schema: str, param: str = "tools", any_whitespace: bool = False
 
 
 def _reason(exc: Exception) -> str:
-    """xgrammar's message without its C++ source location ('[time] path.cc:123: ')."""
+    """xgrammar's message without its C++ source location ('[time] path.cc:123: ') or internal
+    assertion ('Check failed: (...) is false: ')."""
     line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", line)[:300]
+    line = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", line)
+    return re.sub(r"^Check failed: \(.*?\) is false:\s*", "", line)[:300]
 
 
 def new_matcher(grammar: Optional[Any]) -> Optional[Any]:
