@@ -99,7 +99,7 @@ def _compact_json(node: Any, style: tuple[bool, bool] = (False, True)) -> Any:
         return [_compact_json(x, style) for x in node]
     if not isinstance(node, dict):
         return node
-    if node.get("type") == "json_schema":
+    if node.get("type") == "json_schema" and "json_schema" in node:   # without one: xgrammar says what is wrong
         schema = json.dumps(node["json_schema"])   # not sorted: the key order is the order properties are written in
         return {"type": "grammar", "grammar": _schema_ebnf(schema, "tools", *style)}
     return {k: _compact_json(v, style) for k, v in node.items()}

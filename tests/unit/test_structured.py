@@ -147,14 +147,16 @@ def test_a_malformed_structural_tag_is_a_400_before_compiling(tag):
     assert err.value.param == "structured_outputs.structural_tag"
 
 
-def test_a_structural_tag_xgrammar_refuses_is_a_400_naming_structured_outputs():
+@pytest.mark.parametrize("fmt,says", [({"type": "no_such_format"}, "no_such_format"),
+                                      ({"type": "tag", "begin": "a", "content": {"type": "json_schema"}, "end": "b"},
+                                       "json_schema field")])
+def test_a_structural_tag_xgrammar_refuses_is_a_400_naming_structured_outputs(fmt, says):
     from deployments.errors import InvalidRequestError
     from tests.unit.fakes import byte_grammars
     with pytest.raises(InvalidRequestError) as err:
-        byte_grammars().compile({"type": "structural_tag", "param": "structured_outputs",
-                                 "format": {"type": "no_such_format"}})
+        byte_grammars().compile({"type": "structural_tag", "param": "structured_outputs", "format": fmt})
     assert err.value.param == "structured_outputs" and str(err.value).startswith("Invalid structural tag")
-    assert "no_such_format" in str(err.value) and "Check failed" not in str(err.value)   # no C++ internals
+    assert says in str(err.value) and "Check failed" not in str(err.value)   # what is wrong, no C++ internals
 
 
 @pytest.mark.parametrize("spec,what", [
