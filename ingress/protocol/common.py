@@ -118,11 +118,12 @@ class StructuredOutputs(WireModel):
                                       param="structured_outputs", code="invalid_value")
         if self.structural_tag is not None:
             self._tag = _structural_tag(self.structural_tag)
-        json_style = [k for k in ("disable_any_whitespace", "disable_additional_properties") if getattr(self, k) is not None]
+        json_style = [k for k in ("disable_any_whitespace", "disable_additional_properties")
+                      if getattr(self, k) is not None]
         if json_style and kinds[0] not in ("json", "json_object", "structural_tag"):
-            raise InvalidRequestError(f"'structured_outputs.{json_style[0]}' shapes JSON output; with "
-                                      f"'{kinds[0]}' it could not take effect.", param=f"structured_outputs.{json_style[0]}",
-                                      code="invalid_parameter_combination")
+            param = f"structured_outputs.{json_style[0]}"
+            raise InvalidRequestError(f"'{param}' shapes JSON output; with '{kinds[0]}' it could not take effect.",
+                                      param=param, code="invalid_parameter_combination")
         if self.json_object is False:
             raise InvalidRequestError("'structured_outputs.json_object' may only be true.",
                                       param="structured_outputs.json_object", code="invalid_value")

@@ -516,7 +516,8 @@ def test_structured_outputs_reach_the_engine_as_a_grammar_spec_on_both_endpoints
                      {"type": "json_schema", "schema": schema}, {"type": "json_schema", "schema": schema},
                      {"type": "grammar", "grammar": 'root ::= "a"'}, {"type": "json_object"},
                      {"type": "structural_tag", "format": tag},
-                     {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<a"], "tags": [tag]}},
+                     {"type": "structural_tag",
+                      "format": {"type": "triggered_tags", "triggers": ["<a"], "tags": [tag]}},
                      {"type": "json_schema", "schema": schema, "any_whitespace": True, "strict": False},
                      {"type": "json_object"},
                      {"type": "choice", "choice": ["a"]}]
