@@ -30,6 +30,20 @@ class WireModel(BaseModel):
 MAX_JSON_DEPTH = 32   # free-form JSON (schemas) deeper than this is a 400: later steps recurse over it
 
 
+def json_object_text(text: str, param: str, what: str) -> dict[str, Any]:
+    """A JSON object a client sent as text inside a field; a 400 naming `param` unless it parses to an
+    object nested at most MAX_JSON_DEPTH deep (text nested past the parser's own limit included)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"Invalid '{param}': expected {what} (an object, or its JSON text).",
+                                  param=param, code="invalid_type")
+    check_depth(value, param)
+    return value
+
+
 def check_depth(value: Any, param: str) -> None:
     """Free-form JSON (a tool's parameters, a response schema) nested too deeply is a 400; typed
     fields cannot nest, so this is the only place depth needs a bound."""
@@ -129,14 +143,7 @@ class StructuredOutputs(WireModel):
                                       param="structured_outputs.json_object", code="invalid_value")
         schema = self.schema_
         if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except ValueError:
-                schema = None
-            if not isinstance(schema, dict):
-                raise InvalidRequestError("Invalid 'structured_outputs.json': expected a JSON schema (an object, "
-                                          "or its JSON text).", param="structured_outputs.json", code="invalid_type")
-            check_depth(schema, "structured_outputs.json")
+            schema = json_object_text(schema, "structured_outputs.json", "a JSON schema")
         if schema is not None:
             check_json_schema(schema, "structured_outputs.json", "structured_outputs", strict=False)
             self._schema = schema
@@ -152,16 +159,7 @@ def _structural_tag(value: Union[dict[str, Any], str]) -> dict[str, Any]:
     one of the structures whose begin it starts, its JSON, its end), becomes the "triggered_tags"
     format it stands for, as xgrammar's own conversion does. xgrammar checks the rest when it compiles."""
     param = "structured_outputs.structural_tag"
-    tag: Any = value
-    if isinstance(value, str):
-        try:
-            tag = json.loads(value)
-        except ValueError:
-            tag = None
-        check_depth(tag, param)
-    if not isinstance(tag, dict):
-        raise InvalidRequestError(f"Invalid '{param}': expected a structural tag (an object, or its JSON text).",
-                                  param=param, code="invalid_type")
+    tag = json_object_text(value, param, "a structural tag") if isinstance(value, str) else value
     if "structures" not in tag:
         if tag.get("type") != "structural_tag" or not isinstance(tag.get("format"), dict):
             raise InvalidRequestError(f"Invalid '{param}': expected {{\"type\": \"structural_tag\", \"format\": "

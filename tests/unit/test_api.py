@@ -301,6 +301,10 @@ def test_images_b64_and_url_roundtrip_and_expiry():
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}],
       "structured_outputs": {"choice": ["a"], "disable_additional_properties": True}}, 400,
      "structured_outputs.disable_additional_properties", "invalid_parameter_combination"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"json": "[" * 5000}},
+     400, "structured_outputs.json", "invalid_type"),   # past the JSON parser's own nesting limit
+    ({"model": CHAT, "messages": [{"role": "user", "content": "x"}],
+      "structured_outputs": {"structural_tag": "[" * 5000}}, 400, "structured_outputs.structural_tag", "invalid_type"),
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"structural_tag": "{"}},
      400, "structured_outputs.structural_tag", "invalid_type"),
     ({"model": CHAT, "messages": [{"role": "user", "content": "x"}],
