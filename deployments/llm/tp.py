@@ -74,7 +74,7 @@ class Lockstep:
         """The engine failed this request alone. Rank 0's verdict goes to the other ranks as an abort;
         a follower's own is checked against it (receive)."""
         if self.leader:
-            self._pending.append(("abort", request_id))
+            self.aborted(request_id)
         else:
             self._failed_here.add(request_id)
 
